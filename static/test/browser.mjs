@@ -1,0 +1,166 @@
+// Browser test of the fleet page: loads the page served by the ui binary in
+// headless Debian Chromium (software GL), checks the offline map renders and
+// the MQTT state, and saves a screenshot.
+//
+// Usage: node test/browser.mjs [URL] [--expect-broker] [--fake-broker PORT] [--out PATH] [--wait-ms N]
+//   URL              page to load (default http://127.0.0.1:8080/)
+//   --expect-broker  a broker + truck-sim + directions job are running: expect
+//                    live trucks and stats, and a refused test publish.
+//                    Without it, expect a graceful connection failure.
+//   --fake-broker P  start test/fake-broker.mjs on 127.0.0.1:P first (the ui
+//                    must have been started with that WebSocket URL); implies
+//                    --expect-broker.
+//   --out PATH       screenshot path (default ../target/ui-screenshot.png)
+//   --wait-ms N      extra time to let markers move before the screenshot
+// Env: CHROMIUM (default /usr/bin/chromium).
+// Ends with a "N passed, N failed" line; exit code 1 on any failure.
+
+import { mkdtemp, rm, mkdir } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import puppeteer from 'puppeteer-core';
+import { startFakeBroker } from './fake-broker.mjs';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const argv = process.argv.slice(2);
+const flag = (name) => argv.includes(name);
+const opt = (name, def) => {
+  const i = argv.indexOf(name);
+  return i >= 0 && i + 1 < argv.length ? argv[i + 1] : def;
+};
+const url = argv.find((a) => /^https?:\/\//.test(a)) || 'http://127.0.0.1:8080/';
+const fakePort = opt('--fake-broker', null);
+const expectBroker = flag('--expect-broker') || fakePort !== null;
+const out = resolve(opt('--out', join(here, '../../target/ui-screenshot.png')));
+const extraWait = Number(opt('--wait-ms', expectBroker ? '4000' : '0'));
+
+let passed = 0;
+let failed = 0;
+function check(name, ok, detail = '') {
+  if (ok) passed++;
+  else failed++;
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail ? ` — ${detail}` : ''}`);
+}
+
+const fake = fakePort !== null ? await startFakeBroker({ port: Number(fakePort) }) : null;
+if (fake) console.log(`fake broker on ${fake.url}`);
+
+const profile = await mkdtemp(join(tmpdir(), 'lodestream-chromium-'));
+const browser = await puppeteer.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: [
+    '--no-sandbox',
+    '--use-angle=swiftshader',
+    '--enable-unsafe-swiftshader',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    '--no-first-run',
+    `--user-data-dir=${profile}`,
+    '--window-size=1400,900',
+  ],
+  defaultViewport: { width: 1400, height: 900 },
+});
+
+const pageErrors = [];
+const badResponses = [];
+const consoleErrors = [];
+try {
+  const page = await browser.newPage();
+  page.on('pageerror', (e) => pageErrors.push(String(e.message || e)));
+  page.on('console', (m) => {
+    if (m.type() === 'error') consoleErrors.push(m.text());
+  });
+  page.on('response', (r) => {
+    // Same-origin assets must all load: the page fetches nothing else.
+    if (r.url().startsWith(new URL(url).origin) && r.status() >= 400) badResponses.push(`${r.status()} ${r.url()}`);
+  });
+  const started = Date.now();
+  await page.goto(url, { waitUntil: 'load', timeout: 60_000 });
+
+  await page.waitForFunction(() => window.__lodestream && window.__lodestream.ready, { timeout: 90_000 }).catch(() => {});
+  const readyMs = Date.now() - started;
+  const ready = await page.evaluate(() => !!(window.__lodestream && window.__lodestream.ready));
+  check('map style and offline basemap loaded', ready, `${readyMs} ms`);
+
+  // Did the basemap actually draw? Look for the land colour in the canvas.
+  const land = await page.evaluate(() => {
+    const c = document.querySelector('#map canvas');
+    if (!c) return { found: false };
+    const gl = c.getContext('webgl2', { preserveDrawingBuffer: true }) || c.getContext('webgl');
+    return { found: true, w: c.width, h: c.height, gl: !!gl };
+  });
+  check('map canvas present', land.found, JSON.stringify(land));
+
+  // Connection: either live (with a broker) or a graceful failure.
+  await page
+    .waitForFunction(() => window.__lodestream.connected || window.__lodestream.connectError, { timeout: 30_000 })
+    .catch(() => {});
+  const st = await page.evaluate(() => ({ ...window.__lodestream, tryPublish: undefined }));
+  const pill = await page.$eval('#conn', (e) => ({ cls: e.className, text: e.textContent }));
+
+  if (expectBroker) {
+    check('connected to the broker over WebSocket', st.connected, st.connectError || '');
+    await page.waitForFunction(() => window.__lodestream.trucksSeen > 0, { timeout: 30_000 }).catch(() => {});
+    await page.waitForFunction(() => window.__lodestream.statsReceived > 0, { timeout: 30_000 }).catch(() => {});
+    await new Promise((r) => setTimeout(r, extraWait));
+    const s2 = await page.evaluate(() => ({ ...window.__lodestream, tryPublish: undefined }));
+    check('truck positions received', s2.trucksSeen > 0, `trucksSeen=${s2.trucksSeen} msgs=${s2.msgs} msgs/s=${s2.msgsPerSec}`);
+    check('direction stats received', s2.statsReceived > 0, JSON.stringify(s2.lastStats));
+    check('followed trucks', s2.followed.length > 0, s2.followed.join(','));
+    const markers = await page.$$eval('.truck', (els) => els.length);
+    check('truck markers on the map', markers > 0, `${markers} markers`);
+    // Smooth movement: a followed marker's screen position changes between
+    // two animation frames that fall between MQTT updates.
+    const pos = () =>
+      page.$$eval('.truck:not(.stopped)', (els) => els.map((e) => e.getBoundingClientRect()).map((r) => [r.x, r.y]));
+    // Zoom in on a moving truck: at country scale a second of driving is
+    // less than a pixel.
+    await page.evaluate(() => window.__lodestream.focus(window.__lodestream.followed[0], 13));
+    await new Promise((r) => setTimeout(r, 800));
+    const p1 = await pos();
+    await new Promise((r) => setTimeout(r, 120));
+    const p2 = await pos();
+    const moved = p1.filter((p, i) => p2[i] && (p[0] !== p2[i][0] || p[1] !== p2[i][1])).length;
+    check('followed markers glide between updates', moved > 0, `${moved}/${p1.length} moved in 120 ms`);
+    const pub = await page.evaluate(() => window.__lodestream.tryPublish());
+    check('broker refuses a publish from the read-only identity', pub.denied === true, pub.reason);
+    // For the screenshot: all-trucks layer on, one truck selected (waypoint line).
+    await page.evaluate(() => window.__lodestream.showItaly());
+    await page.click('#toggle-all');
+    const first = await page.$('.truck:not(.stopped)');
+    if (first) await first.click();
+    await page.evaluate(() => window.__lodestream.showItaly());
+    await new Promise((r) => setTimeout(r, 1500));
+    // Markers must sit on their trucks: compare marker centres with the
+    // projected positions of the same trucks.
+    const off = await page.evaluate(() => window.__lodestream.markerOffsets());
+    check('markers are drawn at their trucks\' positions', off.length > 0 && Math.max(...off) < 25, `max offset ${Math.max(...off).toFixed(1)} px over ${off.length}`);
+    const wp = await page.evaluate(() => document.querySelectorAll('.truck.sel').length);
+    check('clicking a truck selects it (waypoint line)', wp === 1);
+  } else {
+    check('reports the connection failure', !st.connected && !!st.connectError, st.connectError || '');
+    check('status pill shows the failure', pill.cls.includes('conn-failed'), pill.text);
+    const pub = await page.evaluate(() => window.__lodestream.tryPublish());
+    check('test publish reports "not connected" without a broker', pub.denied === null, pub.reason);
+  }
+  check('no uncaught page errors', pageErrors.length === 0, pageErrors.join(' | '));
+  check('all same-origin requests succeeded', badResponses.length === 0, badResponses.join(' | '));
+  if (consoleErrors.length) console.log(`console errors (not failures): ${consoleErrors.slice(0, 5).join(' | ')}`);
+
+  await mkdir(dirname(out), { recursive: true });
+  await page.screenshot({ path: out });
+  console.log(`screenshot: ${out}`);
+} finally {
+  await browser.close();
+  if (fake) {
+    console.log(`fake broker: ${fake.stats.sent} messages sent, ${fake.stats.refusedPublishes} publishes refused`);
+    await fake.close();
+  }
+  await rm(profile, { recursive: true, force: true });
+}
+
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
