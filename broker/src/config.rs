@@ -1,0 +1,317 @@
+//! Broker configuration: defaults, then a TOML file, then environment
+//! variables (`LODESTREAM_SECTION__KEY`, e.g. `LODESTREAM_KAFKA__BOOTSTRAP_SERVERS`),
+//! then command-line flags. `Config::validate` turns every mistake into one
+//! clear message before any socket is opened.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+use thiserror::Error;
+
+use crate::mapping::{valid_kafka_topic, Mapping, MappingError, Rule};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Mapping(#[from] MappingError),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Unique per node; a random one is generated when empty.
+    pub node_id: String,
+    pub listeners: Listeners,
+    pub kafka: KafkaConfig,
+    pub mqtt: MqttLimits,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listeners {
+    /// Plain MQTT over TCP; empty string disables it.
+    pub tcp: String,
+    /// Prometheus `/metrics`, `/health`, `/ready`; empty disables it.
+    pub metrics: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    /// Where PUBLISHes that match no rule go.
+    pub default_topic: String,
+    /// Ordered `kafkaTopic:mqttPattern` rules; first match wins. Also accepts
+    /// one comma-separated string (handy in environment variables).
+    #[serde(deserialize_with = "rules_from_list_or_csv")]
+    pub mappings: Vec<String>,
+    /// Compacted topic holding retained messages (key = MQTT topic).
+    pub retained_topic: String,
+    /// Create missing message/retained topics at start-up.
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub replication_factor: i32,
+    /// Producer linger: small batching window for throughput.
+    pub linger_ms: u32,
+    /// How long a produce may take before it fails (and the QoS>0 PUBLISH
+    /// stays unacknowledged).
+    pub delivery_timeout_ms: u32,
+    /// Consumer `fetch.wait.max.ms`: bounds end-to-end latency when idle.
+    pub fetch_wait_max_ms: u32,
+    /// Extra librdkafka properties, applied to producer and consumers.
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttLimits {
+    /// Largest packet accepted from a client, bytes (fixed header included).
+    pub max_packet_size: u32,
+    /// Inbound QoS 1/2 PUBLISHes a client may have unacknowledged; advertised
+    /// as MQTT 5 Receive Maximum, exceeding it is a protocol error (0x93).
+    pub receive_maximum: u16,
+    /// Outbound QoS 1/2 deliveries in flight per client when the client does
+    /// not ask for less (v3 clients get this many).
+    pub max_inflight_out: u16,
+    /// Messages queued per session between Kafka fan-out and the socket. At
+    /// the limit QoS 0 messages are dropped (counted) and a session missing a
+    /// QoS 1/2 message is disconnected (v5 reason 0x97 quota exceeded).
+    pub session_queue: usize,
+    pub max_connections: usize,
+    /// Seconds a new connection has to send CONNECT.
+    pub connect_timeout_s: u64,
+    /// Upper bound for a session's expiry interval (s); 3.1.1 persistent
+    /// sessions get this value.
+    pub max_session_expiry_s: u32,
+    /// Server Keep Alive imposed on v5 clients asking for more (0 = accept).
+    pub max_keep_alive_s: u16,
+    pub topic_alias_maximum: u16,
+    pub max_topic_levels: usize,
+    pub max_subscriptions_per_client: usize,
+    /// Seconds a write to a client may block before it is disconnected.
+    pub write_timeout_s: u64,
+    /// Persistent sessions remembered by this node (bounded map).
+    pub max_sessions: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` env-filter syntax, e.g. `info,lodestream_broker=debug`.
+    pub level: String,
+    pub json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: String::new(),
+            listeners: Listeners::default(),
+            kafka: KafkaConfig::default(),
+            mqtt: MqttLimits::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        // Same default ports as the broker this one replaces: MQTT 1883, monitoring 1884.
+        Listeners {
+            tcp: "0.0.0.0:1883".into(),
+            metrics: "0.0.0.0:1884".into(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            default_topic: "mqtt_messages".into(),
+            mappings: Vec::new(),
+            retained_topic: "lodestream.retained".into(),
+            create_topics: true,
+            topic_partitions: 3,
+            replication_factor: 1,
+            linger_ms: 5,
+            delivery_timeout_ms: 30_000,
+            fetch_wait_max_ms: 20,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for MqttLimits {
+    fn default() -> Self {
+        MqttLimits {
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 256,
+            max_inflight_out: 64,
+            session_queue: 1000,
+            max_connections: 200_000,
+            connect_timeout_s: 10,
+            max_session_expiry_s: 7 * 24 * 3600,
+            max_keep_alive_s: 0,
+            topic_alias_maximum: 64,
+            max_topic_levels: 32,
+            max_subscriptions_per_client: 256,
+            write_timeout_s: 30,
+            max_sessions: 1_000_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            json: false,
+        }
+    }
+}
+
+fn rules_from_list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match ListOrCsv::deserialize(d)? {
+        ListOrCsv::List(v) => v,
+        ListOrCsv::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+impl Config {
+    /// Defaults <- optional TOML file <- `LODESTREAM_*` environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig.merge(Env::prefixed("LODESTREAM_").split("__"));
+        let cfg: Config = fig.extract().map_err(Box::new)?;
+        Ok(cfg)
+    }
+
+    /// Checks cross-field rules and builds the topic mapping.
+    pub fn validate(&self) -> Result<Mapping, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (name, addr) in [("listeners.tcp", &self.listeners.tcp), ("listeners.metrics", &self.listeners.metrics)] {
+            if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
+                return bad(format!("{name} = {addr:?} is not an ip:port socket address"));
+            }
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return bad("kafka.bootstrap_servers is empty".into());
+        }
+        for (name, t) in [
+            ("kafka.default_topic", &self.kafka.default_topic),
+            ("kafka.retained_topic", &self.kafka.retained_topic),
+        ] {
+            if !valid_kafka_topic(t) {
+                return bad(format!("{name} = {t:?} is not a valid Kafka topic name"));
+            }
+        }
+        let m = &self.mqtt;
+        if m.max_packet_size < 64 || m.max_packet_size > 268_435_460 {
+            return bad(format!(
+                "mqtt.max_packet_size = {} must be within 64..=268435460",
+                m.max_packet_size
+            ));
+        }
+        if m.receive_maximum == 0 || m.max_inflight_out == 0 {
+            return bad("mqtt.receive_maximum and mqtt.max_inflight_out must be at least 1".into());
+        }
+        if m.session_queue == 0 || m.max_connections == 0 || m.max_sessions == 0 {
+            return bad("mqtt.session_queue, max_connections and max_sessions must be at least 1".into());
+        }
+        if self.kafka.topic_partitions < 1 || self.kafka.replication_factor < 1 {
+            return bad("kafka.topic_partitions and kafka.replication_factor must be at least 1".into());
+        }
+        let rules = self
+            .kafka
+            .mappings
+            .iter()
+            .map(|r| Rule::parse(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Mapping::new(rules, self.kafka.default_topic.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let m = Config::default().validate().unwrap();
+        assert_eq!(m.default_topic(), "mqtt_messages");
+    }
+
+    #[test]
+    fn toml_and_env_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "b.toml",
+                r#"
+                node_id = "n1"
+                [kafka]
+                default_topic = "d"
+                mappings = ["k1:cars/speed/+", "k2:cars/#"]
+                [mqtt]
+                receive_maximum = 10
+                "#,
+            )?;
+            jail.set_env("LODESTREAM_MQTT__SESSION_QUEUE", "7");
+            jail.set_env("LODESTREAM_KAFKA__MAPPINGS", "a:x/#,b:y/+");
+            let c = Config::load(Some(Path::new("b.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.node_id, "n1");
+            assert_eq!(c.mqtt.receive_maximum, 10);
+            assert_eq!(c.mqtt.session_queue, 7);
+            assert_eq!(c.kafka.mappings, vec!["a:x/#", "b:y/+"]);
+            let m = c.validate().map_err(|e| e.to_string())?;
+            assert_eq!(m.kafka_topic_for("y/1"), "b");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("b.toml", "[mqtt]\nrecieve_maximum = 3\n")?;
+            let e = Config::load(Some(Path::new("b.toml"))).unwrap_err().to_string();
+            assert!(e.contains("recieve_maximum"), "{e}");
+            Ok(())
+        });
+        let mut c = Config::default();
+        c.kafka.mappings = vec!["oops".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("oops"));
+        let mut c = Config::default();
+        c.listeners.tcp = "localhost".into();
+        assert!(c.validate().unwrap_err().to_string().contains("listeners.tcp"));
+        assert!(Config::load(Some(Path::new("/nonexistent.toml"))).is_err());
+    }
+}

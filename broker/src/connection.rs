@@ -1,0 +1,1075 @@
+//! One MQTT connection, from the first byte to the close: reads CONNECT,
+//! claims the session, then runs one event loop over the socket, the
+//! session's mailbox, Kafka acknowledgements and control messages.
+//!
+//! Transport-agnostic: TCP, TLS and WebSocket all arrive as a byte stream.
+//!
+//! Bounded behaviour:
+//! - read buffer: one packet of at most `max_packet_size` (bigger ones are
+//!   refused from their fixed header, reason 0x95);
+//! - inbound QoS 1/2 awaiting Kafka: at most `receive_maximum`; the socket is
+//!   not read past that (TCP back-pressure) and a v5 client exceeding it is
+//!   disconnected with 0x93 [MQTT-3.3.4-9];
+//! - outbound QoS 1/2 in flight: the client's Receive Maximum (v5) or
+//!   `max_inflight_out`; the rest waits in the session's bounded mailbox;
+//! - a write blocked for `write_timeout_s` closes the connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use lodestream_mqtt::codec::{reason_allowed_in, Decoder};
+use lodestream_mqtt::topic::SharedFilter;
+use lodestream_mqtt::{
+    encode, Ack, ConnAck, Connect, Disconnect, LastWill, Packet, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+
+use crate::kafka::{ProduceError, Producer};
+use crate::message::Message;
+use crate::node::{now_ms, sub_key, Node};
+use crate::registry::Control;
+use crate::session::{Delivery, OutFlow, Session, Subscription};
+use crate::subscriptions::SubEntry;
+
+/// Why a connection ends.
+enum End {
+    /// Client sent DISCONNECT; `keep_will` for v5 reason 0x04.
+    Client { keep_will: bool },
+    /// Network closed or failed.
+    Io(String),
+    /// We close it, telling a v5 client why.
+    Server(ReasonCode, String),
+    TakenOver {
+        clean_start: bool,
+        reply: tokio::sync::oneshot::Sender<Option<Box<Session>>>,
+    },
+}
+
+impl End {
+    fn label(&self) -> &'static str {
+        match self {
+            End::Client { .. } => "client",
+            End::Io(_) => "network",
+            End::Server(ReasonCode::KeepAliveTimeout, _) => "keep_alive",
+            End::Server(ReasonCode::ServerShuttingDown, _) => "shutdown",
+            End::Server(ReasonCode::QuotaExceeded, _) => "quota",
+            End::Server(_, _) => "protocol",
+            End::TakenOver { .. } => "taken_over",
+        }
+    }
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = AckDone> + Send>>;
+
+/// A QoS 1/2 PUBLISH whose Kafka write finished.
+struct AckDone {
+    packet_id: u16,
+    qos: QoS,
+    result: Result<(), ProduceError>,
+    msg: Arc<Message>,
+    started: Instant,
+}
+
+/// Counts the connection in the node's gauges for as long as it lives.
+struct ConnGuard(Arc<Node>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.connections.dec();
+    }
+}
+
+/// Serves one client connection until it closes. Never panics on input.
+pub async fn serve<S>(node: Arc<Node>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    node.open_connections.fetch_add(1, Ordering::Relaxed);
+    node.metrics.connections.inc();
+    node.metrics.connections_total.inc();
+    let _guard = ConnGuard(node.clone());
+    let (rd, wr) = tokio::io::split(stream);
+    let mut io = Io {
+        rd,
+        wr,
+        rbuf: BytesMut::with_capacity(1024),
+        wbuf: BytesMut::new(),
+        decoder: Decoder::new(node.config.mqtt.max_packet_size),
+        node: node.clone(),
+    };
+    let timeout = Duration::from_secs(node.config.mqtt.connect_timeout_s);
+    let connect = match tokio::time::timeout(timeout, io.read_connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection closed before CONNECT completed");
+            node.metrics.connect_rejected.with_label_values(&["invalid"]).inc();
+            let _ = io.flush().await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT within {timeout:?}");
+            node.metrics.connect_rejected.with_label_values(&["timeout"]).inc();
+            return;
+        }
+    };
+    if let Some(conn) = Conn::accept(io, *connect, peer).await {
+        conn.run().await;
+    }
+}
+
+/// Socket halves, buffers and codec.
+struct Io<S> {
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    decoder: Decoder,
+    node: Arc<Node>,
+}
+
+impl<S: AsyncRead + AsyncWrite> Io<S> {
+    fn version(&self) -> ProtocolVersion {
+        self.decoder.version().unwrap_or(ProtocolVersion::V311)
+    }
+
+    fn send(&mut self, p: &Packet) {
+        let v = self.version();
+        let before = self.wbuf.len();
+        match encode(p, v, &mut self.wbuf) {
+            Ok(()) => {
+                self.node.metrics.packets_out.with_label_values(&[p.kind()]).inc();
+                self.node.metrics.bytes_out.inc_by((self.wbuf.len() - before) as u64);
+            }
+            // Our own packets are built to be valid; an error here is a bug,
+            // logged rather than sent malformed.
+            Err(e) => tracing::error!(packet = p.kind(), error = %e, "could not encode packet"),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let t = Duration::from_secs(self.node.config.mqtt.write_timeout_s);
+        match tokio::time::timeout(t, async {
+            self.wr.write_all_buf(&mut self.wbuf).await?;
+            self.wr.flush().await
+        })
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("write blocked for {t:?}")),
+        }
+    }
+
+    /// Reads more bytes; `Ok(false)` on end of stream.
+    async fn fill(&mut self) -> Result<bool, String> {
+        if self.rbuf.capacity() - self.rbuf.len() < 512 {
+            self.rbuf.reserve(4096);
+        }
+        match self.rd.read_buf(&mut self.rbuf).await {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                self.node.metrics.bytes_in.inc_by(n as u64);
+                Ok(true)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Reads the first packet, which must be CONNECT [MQTT-3.1.0-1]. On a
+    /// bad CONNECT, queues the CONNACK refusal the client's version allows.
+    async fn read_connect(&mut self) -> Result<Box<Connect>, String> {
+        loop {
+            match self.decoder.decode(&mut self.rbuf) {
+                Ok(Some(Packet::Connect(c))) => {
+                    self.node.metrics.packets_in.with_label_values(&["connect"]).inc();
+                    return Ok(c);
+                }
+                Ok(Some(p)) => return Err(format!("first packet is {}, not CONNECT", p.kind())),
+                Ok(None) => {
+                    if !self.fill().await? {
+                        return Err("closed".into());
+                    }
+                }
+                Err(e) => {
+                    let reason = e.reason_code();
+                    match self.decoder.version() {
+                        // [MQTT-3.1.2-2] unknown level: answer as 3.1.1 with code 1.
+                        None if reason == ReasonCode::UnsupportedProtocolVersion => {
+                            self.decoder.set_version(ProtocolVersion::V311);
+                            self.send(&connack(false, reason));
+                        }
+                        Some(ProtocolVersion::V5) => {
+                            let r = if reason_allowed_in("connack", reason) {
+                                reason
+                            } else {
+                                ReasonCode::UnspecifiedError
+                            };
+                            self.send(&connack(false, r));
+                        }
+                        // [MQTT-3.1.3-9] (3.1.1) identifier rejected.
+                        Some(_) if reason == ReasonCode::ClientIdentifierNotValid => {
+                            self.send(&connack(false, reason));
+                        }
+                        _ => {}
+                    }
+                    return Err(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+fn connack(session_present: bool, reason: ReasonCode) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present,
+        reason,
+        properties: Properties::default(),
+    })
+}
+
+fn ack_with(packet_id: u16, reason: ReasonCode, why: Option<String>) -> Ack {
+    Ack {
+        packet_id,
+        reason,
+        properties: Properties {
+            reason_string: why,
+            ..Properties::default()
+        },
+    }
+}
+
+struct Conn<S> {
+    io: Io<S>,
+    node: Arc<Node>,
+    peer: SocketAddr,
+    conn_id: u64,
+    version: ProtocolVersion,
+    session: Box<Session>,
+    ctrl: mpsc::Receiver<Control>,
+    keep_alive: Option<Duration>,
+    last_recv: Instant,
+    acks: FuturesOrdered<AckFuture>,
+    /// QoS 2 ids whose Kafka write is still in progress.
+    pending_qos2: HashSet<u16>,
+    /// Inbound topic aliases [MQTT-3.3.2-7]: per connection.
+    aliases_in: HashMap<u16, String>,
+    aliases_out: HashMap<String, u16>,
+    client_alias_max: u16,
+    client_receive_max: usize,
+    client_max_packet: usize,
+    /// Deliveries taken from the mailbox (or retained) waiting for window.
+    backlog: VecDeque<Delivery>,
+    will_delay: u32,
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    /// Validates CONNECT, claims the session and sends CONNACK.
+    async fn accept(mut io: Io<S>, c: Connect, peer: SocketAddr) -> Option<Conn<S>> {
+        let node = io.node.clone();
+        let limits = &node.config.mqtt;
+        let v5 = c.protocol.is_v5();
+        let refuse = |io: &mut Io<S>, reason: ReasonCode, label: &str| {
+            node.metrics.connect_rejected.with_label_values(&[label]).inc();
+            io.send(&connack(false, reason));
+        };
+        if v5 && c.properties.authentication_method.is_some() {
+            // Enhanced authentication is not offered [MQTT-4.12.0-1].
+            refuse(&mut io, ReasonCode::BadAuthenticationMethod, "auth_method");
+            let _ = io.flush().await;
+            return None;
+        }
+        if node.open_connections.load(Ordering::Relaxed) > limits.max_connections {
+            refuse(&mut io, ReasonCode::ServerBusy, "max_connections");
+            let _ = io.flush().await;
+            return None;
+        }
+        let assigned = c.client_id.is_empty();
+        let client_id: Arc<str> = if assigned {
+            Arc::from(format!("auto-{}", uuid::Uuid::new_v4().simple()))
+        } else {
+            Arc::from(c.client_id.as_str())
+        };
+        let expiry_s = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0).min(limits.max_session_expiry_s)
+        } else if c.clean_start {
+            0
+        } else {
+            limits.max_session_expiry_s
+        };
+        let conn_id = node.next_conn_id();
+        let (ctrl_tx, ctrl) = mpsc::channel(4);
+        let existing = match node.registry.claim(&client_id, conn_id, ctrl_tx, c.clean_start).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, client_id = %client_id, error = %e, "CONNECT refused");
+                refuse(&mut io, ReasonCode::ServerBusy, "max_sessions");
+                let _ = io.flush().await;
+                return None;
+            }
+        };
+        // [MQTT-3.1.2-4/5] clean start discards, otherwise the session resumes.
+        let (mut session, present) = match existing {
+            Some(s) if !c.clean_start => (s, true),
+            Some(s) => {
+                node.discard_session(s);
+                (Box::new(Session::new(client_id.clone(), limits.session_queue)), false)
+            }
+            None => (Box::new(Session::new(client_id.clone(), limits.session_queue)), false),
+        };
+        node.metrics.sessions.set(node.registry.len() as i64);
+        if session.take_overflow() {
+            tracing::warn!(client_id = %client_id, "session queue overflowed while offline: QoS 1/2 messages were lost");
+        }
+        session.expiry_s = expiry_s;
+        session.will = c.will.clone();
+        let will_delay = c
+            .will
+            .as_ref()
+            .and_then(|w| w.properties.will_delay_interval)
+            .unwrap_or(0);
+        let mut keep_alive = c.keep_alive;
+        let mut props = Properties::default();
+        if v5 {
+            if limits.max_keep_alive_s > 0 && (keep_alive == 0 || keep_alive > limits.max_keep_alive_s) {
+                keep_alive = limits.max_keep_alive_s;
+                props.server_keep_alive = Some(keep_alive);
+            }
+            if assigned {
+                props.assigned_client_identifier = Some(client_id.to_string());
+            }
+            if c.properties.session_expiry_interval.unwrap_or(0) != expiry_s {
+                props.session_expiry_interval = Some(expiry_s);
+            }
+            props.receive_maximum = Some(limits.receive_maximum);
+            props.maximum_packet_size = Some(limits.max_packet_size);
+            props.topic_alias_maximum = Some(limits.topic_alias_maximum);
+            props.retain_available = Some(1);
+            props.wildcard_subscription_available = Some(1);
+            props.subscription_identifier_available = Some(1);
+            props.shared_subscription_available = Some(1);
+        }
+        io.send(&Packet::ConnAck(ConnAck {
+            session_present: present,
+            reason: ReasonCode::Success,
+            properties: props,
+        }));
+        let client_receive_max = if v5 {
+            c.properties
+                .receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(limits.max_inflight_out)
+        } else {
+            limits.max_inflight_out
+        } as usize;
+        tracing::debug!(%peer, client_id = %client_id, version = ?c.protocol, present, "client connected");
+        let mut conn = Conn {
+            node: node.clone(),
+            peer,
+            conn_id,
+            version: c.protocol,
+            session,
+            ctrl,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
+            last_recv: Instant::now(),
+            acks: FuturesOrdered::new(),
+            pending_qos2: HashSet::new(),
+            aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
+            client_alias_max: if v5 {
+                c.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
+            client_receive_max,
+            client_max_packet: c
+                .properties
+                .maximum_packet_size
+                .map(|m| m as usize)
+                .unwrap_or(usize::MAX),
+            backlog: VecDeque::new(),
+            will_delay,
+            io,
+        };
+        // [MQTT-4.4.0-1] resend unacknowledged PUBLISH (DUP) and PUBREL in order.
+        for (id, flow) in conn.session.outbound.resend() {
+            match flow {
+                OutFlow::Published(p) => conn.io.send(&Packet::Publish(p)),
+                OutFlow::Released => conn.io.send(&Packet::PubRel(Ack::new(id))),
+            }
+        }
+        Some(conn)
+    }
+
+    fn v5(&self) -> bool {
+        self.version.is_v5()
+    }
+
+    fn window_open(&self) -> bool {
+        self.session.outbound.len() < self.client_receive_max
+    }
+
+    async fn run(mut self) {
+        let mut shutdown = self.node.shutdown.subscribe();
+        let recv_max = self.node.config.mqtt.receive_maximum as usize;
+        let end = loop {
+            if let Err(e) = self.io.flush().await {
+                break End::Io(e);
+            }
+            let ka_deadline = self
+                .keep_alive
+                .map(|ka| tokio::time::Instant::from_std(self.last_recv + ka));
+            let can_deliver = self.backlog.is_empty() && self.window_open();
+            let step = tokio::select! {
+                biased;
+                c = self.ctrl.recv() => match c {
+                    Some(Control::TakeOver { clean_start, reply }) => Err(End::TakenOver { clean_start, reply }),
+                    Some(Control::Close(r)) => Err(End::Server(r, "server closing".into())),
+                    None => Ok(()),
+                },
+                _ = shutdown.changed() => Err(End::Server(ReasonCode::ServerShuttingDown, "server shutting down".into())),
+                Some(done) = self.acks.next(), if !self.acks.is_empty() => self.on_kafka_ack(done),
+                r = self.io.fill(), if self.acks.len() < recv_max => match r {
+                    Ok(true) => {
+                        self.last_recv = Instant::now();
+                        self.on_bytes().await
+                    }
+                    Ok(false) => Err(End::Io("closed by peer".into())),
+                    Err(e) => Err(End::Io(e)),
+                },
+                d = self.session.inbox.recv(), if can_deliver => {
+                    if let Some(d) = d {
+                        self.backlog.push_back(d);
+                    }
+                    Ok(())
+                },
+                _ = sleep_until(ka_deadline), if ka_deadline.is_some() => {
+                    // [MQTT-3.1.2-22/24] 1.5 x keep alive without a packet.
+                    Err(End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout".into()))
+                }
+            };
+            if let Err(end) = step {
+                break end;
+            }
+            self.drain_backlog();
+            if self.session.take_overflow() {
+                break End::Server(
+                    ReasonCode::QuotaExceeded,
+                    "session queue full: client is not reading fast enough".into(),
+                );
+            }
+        };
+        self.finish(end).await;
+    }
+
+    /// Sends queued deliveries while the outbound window has room; also pulls
+    /// whatever is already waiting in the mailbox, to batch writes.
+    fn drain_backlog(&mut self) {
+        loop {
+            if !self.window_open() {
+                return;
+            }
+            let d = match self.backlog.pop_front() {
+                Some(d) => d,
+                None => match self.session.inbox.try_recv() {
+                    Ok(d) => d,
+                    Err(_) => return,
+                },
+            };
+            self.deliver(d);
+            if self.io.wbuf.len() > 64 * 1024 {
+                return;
+            }
+        }
+    }
+
+    /// Sends one message to the client.
+    fn deliver(&mut self, d: Delivery) {
+        let now = now_ms();
+        let msg = &d.msg;
+        if msg.is_expired(now) {
+            self.node.metrics.dropped_messages.with_label_values(&["expired"]).inc();
+            return;
+        }
+        let mut properties = if self.v5() {
+            Properties {
+                message_expiry_interval: msg.remaining_expiry(now),
+                subscription_identifiers: d.subscription_ids.clone(),
+                ..msg.properties.clone()
+            }
+        } else {
+            Properties::default()
+        };
+        let packet_id = if d.qos > QoS::AtMostOnce {
+            match self.session.outbound.next_packet_id() {
+                Some(id) => Some(id),
+                None => {
+                    self.backlog.push_front(d);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let full = Publish {
+            dup: false,
+            qos: d.qos,
+            retain: d.retain,
+            topic: msg.topic.clone(),
+            packet_id,
+            payload: msg.payload.clone(),
+            properties: properties.clone(),
+        };
+        let size = lodestream_mqtt::encoded_len(&Packet::Publish(full.clone()), self.version).unwrap_or(usize::MAX);
+        if size > self.client_max_packet {
+            // [MQTT-3.1.2-25] never send more than the client accepts: discard.
+            self.node.metrics.dropped_messages.with_label_values(&["too_large_for_client"]).inc();
+            return;
+        }
+        let mut wire = full.clone();
+        if self.client_alias_max > 0 {
+            if let Some(a) = self.aliases_out.get(&msg.topic) {
+                properties.topic_alias = Some(*a);
+                wire.topic = String::new();
+            } else if self.aliases_out.len() < self.client_alias_max as usize {
+                let a = self.aliases_out.len() as u16 + 1;
+                self.aliases_out.insert(msg.topic.clone(), a);
+                properties.topic_alias = Some(a);
+            }
+            wire.properties = properties;
+        }
+        if let Some(id) = packet_id {
+            // Stored without alias: aliases do not survive a reconnect.
+            self.session.outbound.start(id, full);
+        }
+        self.io.send(&Packet::Publish(wire));
+        self.node.metrics.delivered.inc();
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    async fn on_bytes(&mut self) -> Result<(), End> {
+        loop {
+            let p = match self.io.decoder.decode(&mut self.io.rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let r = e.reason_code();
+                    let r = if reason_allowed_in("disconnect", r) {
+                        r
+                    } else {
+                        ReasonCode::ProtocolError
+                    };
+                    return Err(End::Server(r, e.to_string()));
+                }
+            };
+            self.node.metrics.packets_in.with_label_values(&[p.kind()]).inc();
+            self.on_packet(p).await?;
+        }
+    }
+
+    async fn on_packet(&mut self, p: Packet) -> Result<(), End> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(a) => {
+                if !self.session.outbound.puback(a.packet_id) {
+                    tracing::debug!(client_id = %self.session.client_id, id = a.packet_id, "PUBACK for unknown packet id");
+                }
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                match self.session.outbound.pubrec(a.packet_id, a.reason.is_error()) {
+                    Some(true) => self.io.send(&Packet::PubRel(Ack::new(a.packet_id))),
+                    Some(false) => {}
+                    None if self.v5() => self.io.send(&Packet::PubRel(ack_with(
+                        a.packet_id,
+                        ReasonCode::PacketIdentifierNotFound,
+                        None,
+                    ))),
+                    None => self.io.send(&Packet::PubRel(Ack::new(a.packet_id))),
+                }
+                Ok(())
+            }
+            Packet::PubComp(a) => {
+                self.session.outbound.pubcomp(a.packet_id);
+                Ok(())
+            }
+            Packet::PubRel(a) => {
+                let id = a.packet_id;
+                if self.session.inbound_qos2.remove(&id) {
+                    self.io.send(&Packet::PubComp(Ack::new(id)));
+                } else if self.pending_qos2.contains(&id) {
+                    // PUBREL before our PUBREC: the PUBCOMP follows the Kafka ack.
+                    return Err(End::Server(ReasonCode::ProtocolError, "PUBREL before PUBREC".into()));
+                } else if self.v5() {
+                    self.io.send(&Packet::PubComp(ack_with(id, ReasonCode::PacketIdentifierNotFound, None)));
+                } else {
+                    // [MQTT-4.3.3-11] (3.1.1) answer PUBCOMP even if already completed.
+                    self.io.send(&Packet::PubComp(Ack::new(id)));
+                }
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.io.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry_interval {
+                    // [MQTT-3.14.2-2] 0 at CONNECT cannot become non-zero.
+                    if self.session.expiry_s == 0 && e != 0 {
+                        return Err(End::Server(
+                            ReasonCode::ProtocolError,
+                            "session expiry set on DISCONNECT after 0 at CONNECT".into(),
+                        ));
+                    }
+                    self.session.expiry_s = e.min(self.node.config.mqtt.max_session_expiry_s);
+                }
+                Err(End::Client {
+                    keep_will: d.reason == ReasonCode::DisconnectWithWillMessage,
+                })
+            }
+            Packet::Auth(_) => Err(End::Server(
+                ReasonCode::ProtocolError,
+                "AUTH without enhanced authentication".into(),
+            )),
+            other => Err(End::Server(
+                ReasonCode::ProtocolError,
+                format!("a client may not send {}", other.kind()),
+            )),
+        }
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        let v5 = self.v5();
+        if !p.properties.subscription_identifiers.is_empty() {
+            // [MQTT-3.3.4-6]
+            return Err(End::Server(
+                ReasonCode::ProtocolError,
+                "PUBLISH from a client carries a subscription identifier".into(),
+            ));
+        }
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > self.node.config.mqtt.topic_alias_maximum {
+                // [MQTT-3.3.2-9/10]
+                return Err(End::Server(ReasonCode::TopicAliasInvalid, format!("topic alias {alias}")));
+            }
+            if p.topic.is_empty() {
+                match self.aliases_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        return Err(End::Server(
+                            ReasonCode::ProtocolError,
+                            format!("unknown topic alias {alias}"),
+                        ))
+                    }
+                }
+            } else {
+                self.aliases_in.insert(alias, p.topic.clone());
+            }
+        } else if p.topic.is_empty() {
+            return Err(End::Server(ReasonCode::TopicNameInvalid, "empty topic".into()));
+        }
+        if p.topic.split('/').count() > self.node.config.mqtt.max_topic_levels {
+            return Err(End::Server(
+                ReasonCode::TopicNameInvalid,
+                format!("more than {} topic levels", self.node.config.mqtt.max_topic_levels),
+            ));
+        }
+        let packet_id = p.packet_id.unwrap_or(0);
+        if p.qos > QoS::AtMostOnce {
+            let in_flight = self.acks.len() + self.session.inbound_qos2.len();
+            if v5 && in_flight >= self.node.config.mqtt.receive_maximum as usize {
+                return Err(End::Server(
+                    ReasonCode::ReceiveMaximumExceeded,
+                    "more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum".into(),
+                ));
+            }
+        }
+        if p.qos == QoS::ExactlyOnce {
+            // [MQTT-4.3.3-9/10] a known id is a retransmission: never written twice.
+            if self.pending_qos2.contains(&packet_id) {
+                return Ok(());
+            }
+            if self.session.inbound_qos2.contains(&packet_id) {
+                self.io.send(&Packet::PubRec(Ack::new(packet_id)));
+                return Ok(());
+            }
+        }
+        let msg = Arc::new(Message {
+            properties: Message::forwardable_properties(&p.properties),
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            publisher: Some(self.session.client_id.to_string()),
+            timestamp_ms: now_ms(),
+        });
+        let started = Instant::now();
+        let sent = self.node.send(&msg).await;
+        let qos = p.qos;
+        if qos == QoS::AtMostOnce {
+            match sent {
+                Ok(futs) => {
+                    let node = self.node.clone();
+                    // Nobody waits for a QoS 0 write, but its outcome is still counted.
+                    tokio::spawn(async move {
+                        for f in futs {
+                            if Producer::delivered(f).await.is_err() {
+                                node.metrics.kafka_produce_errors.inc();
+                                return;
+                            }
+                        }
+                        if msg.retain {
+                            node.retained.apply(msg);
+                        }
+                    });
+                }
+                Err(e) => {
+                    self.node.metrics.kafka_produce_errors.inc();
+                    tracing::warn!(error = %e, "QoS 0 message not written to Kafka");
+                }
+            }
+            return Ok(());
+        }
+        if qos == QoS::ExactlyOnce {
+            self.pending_qos2.insert(packet_id);
+        }
+        self.acks.push_back(Box::pin(async move {
+            let result = match sent {
+                Ok(futs) => {
+                    let mut r = Ok(());
+                    for f in futs {
+                        if let Err(e) = Producer::delivered(f).await {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            AckDone {
+                packet_id,
+                qos,
+                result,
+                msg,
+                started,
+            }
+        }));
+        Ok(())
+    }
+
+    /// Kafka answered for a QoS 1/2 PUBLISH: acknowledge it now, in the order
+    /// received [MQTT-4.6.0-2] (FuturesOrdered keeps that order).
+    fn on_kafka_ack(&mut self, done: AckDone) -> Result<(), End> {
+        let id = done.packet_id;
+        if done.qos == QoS::ExactlyOnce {
+            self.pending_qos2.remove(&id);
+        }
+        match done.result {
+            Ok(()) => {
+                self.node
+                    .metrics
+                    .publish_to_kafka_seconds
+                    .observe(done.started.elapsed().as_secs_f64());
+                if done.msg.retain {
+                    self.node.retained.apply(done.msg);
+                }
+                if done.qos == QoS::AtLeastOnce {
+                    self.io.send(&Packet::PubAck(Ack::new(id)));
+                } else {
+                    self.session.inbound_qos2.insert(id);
+                    self.io.send(&Packet::PubRec(Ack::new(id)));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.node.metrics.kafka_produce_errors.inc();
+                tracing::warn!(client_id = %self.session.client_id, error = %e, "Kafka write failed; PUBLISH not acknowledged as success");
+                if self.v5() {
+                    let a = ack_with(id, ReasonCode::UnspecifiedError, Some(format!("Kafka write failed: {e}")));
+                    self.io.send(&if done.qos == QoS::AtLeastOnce {
+                        Packet::PubAck(a)
+                    } else {
+                        Packet::PubRec(a)
+                    });
+                    Ok(())
+                } else {
+                    // 3.1.1 has no negative ack: close so the client retransmits.
+                    Err(End::Io(format!("Kafka write failed: {e}")))
+                }
+            }
+        }
+    }
+
+    async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
+        let v5 = self.v5();
+        let identifier = s.properties.subscription_identifiers.first().copied();
+        let limits = &self.node.config.mqtt;
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let now = now_ms();
+        for (filter, opts) in s.filters {
+            let shared = if v5 { SharedFilter::parse(&filter) } else { None };
+            if v5 && filter.starts_with(lodestream_mqtt::topic::SHARE_PREFIX) && shared.is_none() {
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            let (key, inner) = if shared.is_some() {
+                sub_key(&self.session.client_id, &filter)
+            } else {
+                (
+                    crate::subscriptions::SubKey {
+                        client_id: self.session.client_id.clone(),
+                        share_group: None,
+                    },
+                    filter.as_str(),
+                )
+            };
+            if inner.split('/').count() > limits.max_topic_levels {
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            let existed = self.session.subscriptions.contains_key(&filter);
+            if !existed && self.session.subscriptions.len() >= limits.max_subscriptions_per_client {
+                reasons.push(ReasonCode::QuotaExceeded);
+                continue;
+            }
+            if let Err(e) = self.node.ensure_readers(inner).await {
+                tracing::warn!(filter = %filter, error = %e, "cannot read Kafka for subscription");
+                reasons.push(ReasonCode::UnspecifiedError);
+                continue;
+            }
+            let entry = SubEntry {
+                options: opts.clone(),
+                identifier,
+                filter: Arc::from(inner),
+                mailbox: self.session.mailbox.clone(),
+            };
+            if let Err(e) = self.node.subs.insert(inner, key, entry) {
+                tracing::debug!(filter = %filter, error = %e, "invalid filter");
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            if !existed {
+                self.node.metrics.subscriptions.inc();
+            }
+            self.session.subscriptions.insert(
+                filter.clone(),
+                Subscription {
+                    options: opts.clone(),
+                    identifier,
+                },
+            );
+            reasons.push(match opts.qos {
+                QoS::AtMostOnce => ReasonCode::Success,
+                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            });
+            // [MQTT-3.3.1-9..11] retained messages, per Retain Handling; none
+            // for shared subscriptions [MQTT-4.8.2-*].
+            let send_retained = shared.is_none()
+                && match opts.retain_handling {
+                    RetainHandling::SendAtSubscribe => true,
+                    RetainHandling::SendIfNew => !existed,
+                    RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                for m in self.node.retained.matching(inner, now) {
+                    self.backlog.push_back(Delivery {
+                        qos: m.qos.min(opts.qos),
+                        msg: m,
+                        retain: true,
+                        subscription_ids: identifier.into_iter().collect(),
+                    });
+                }
+            }
+        }
+        self.io.send(&Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties: Properties::default(),
+        }));
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for filter in u.filters {
+            if self.session.subscriptions.remove(&filter).is_some() {
+                let (key, inner) = sub_key(&self.session.client_id, &filter);
+                let (key, inner) = if self.v5() {
+                    (key, inner)
+                } else {
+                    (
+                        crate::subscriptions::SubKey {
+                            client_id: self.session.client_id.clone(),
+                            share_group: None,
+                        },
+                        filter.as_str(),
+                    )
+                };
+                if self.node.subs.remove(inner, &key) {
+                    self.node.metrics.subscriptions.dec();
+                }
+                reasons.push(ReasonCode::Success);
+            } else {
+                reasons.push(ReasonCode::NoSubscriptionExisted);
+            }
+        }
+        self.io.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reasons: if self.v5() { reasons } else { Vec::new() },
+            properties: Properties::default(),
+        }));
+    }
+
+    /// Closes the connection and settles the session and the will.
+    async fn finish(mut self, end: End) {
+        let node = self.node.clone();
+        node.metrics.disconnects.with_label_values(&[end.label()]).inc();
+        let client_id = self.session.client_id.clone();
+        match &end {
+            End::Server(r, why) => {
+                tracing::debug!(client_id = %client_id, peer = %self.peer, reason = ?r, why, "closing connection");
+                if self.v5() {
+                    let r = if reason_allowed_in("disconnect", *r) {
+                        *r
+                    } else {
+                        ReasonCode::UnspecifiedError
+                    };
+                    self.io.send(&Packet::Disconnect(Disconnect {
+                        reason: r,
+                        properties: Properties {
+                            reason_string: Some(why.clone()),
+                            ..Properties::default()
+                        },
+                    }));
+                }
+            }
+            End::TakenOver { .. } if self.v5() => {
+                // [MQTT-3.1.4-3]
+                self.io.send(&Packet::Disconnect(Disconnect::new(ReasonCode::SessionTakenOver)));
+            }
+            End::Io(e) => tracing::debug!(client_id = %client_id, peer = %self.peer, error = %e, "connection lost"),
+            _ => {}
+        }
+        let _ = self.io.flush().await;
+        let _ = self.io.wr.shutdown().await;
+
+        // Let in-flight Kafka writes settle so QoS 2 ids that reached Kafka
+        // stay known: a retransmission after reconnect is then not written twice.
+        let settle = if matches!(end, End::TakenOver { .. }) {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(10)
+        };
+        let deadline = tokio::time::Instant::now() + settle;
+        while !self.acks.is_empty() {
+            match tokio::time::timeout_at(deadline, self.acks.next()).await {
+                Ok(Some(done)) => {
+                    if done.result.is_ok() && done.qos == QoS::ExactlyOnce {
+                        self.session.inbound_qos2.insert(done.packet_id);
+                    }
+                    if done.result.is_ok() && done.msg.retain {
+                        node.retained.apply(done.msg);
+                    }
+                }
+                _ => break,
+            }
+        }
+        // Undelivered work goes back to the front of the session queue order:
+        // the backlog is lost only for QoS 0 (counted) since QoS 1/2 in the
+        // backlog were never started; re-queue what fits.
+        for d in self.backlog.drain(..) {
+            if self.session.mailbox.tx.try_send(d).is_err() {
+                node.metrics.dropped_messages.with_label_values(&["connection_closed"]).inc();
+            }
+        }
+
+        let will_delay = self.will_delay;
+        let mut will: Option<LastWill> = self.session.will.take();
+        let session = self.session;
+        match end {
+            // [MQTT-3.14.4-3] normal DISCONNECT deletes the will.
+            End::Client { keep_will: false } => will = None,
+            End::TakenOver { clean_start, reply } => {
+                // The new connection opened before any will delay ran out; the
+                // will goes only if it has no delay or the session ends.
+                if let Some(w) = will.take() {
+                    if will_delay == 0 || clean_start {
+                        node.publish_will(&client_id, w).await;
+                    }
+                }
+                if reply.send(Some(session)).is_err() {
+                    tracing::debug!(client_id = %client_id, "take-over requester gone");
+                }
+                return;
+            }
+            _ => {}
+        }
+        let persistent = session.expiry_s > 0;
+        let expiry_s = session.expiry_s;
+        let to_park = if persistent {
+            Some(session)
+        } else {
+            node.discard_session(session);
+            None
+        };
+        match node.registry.release(&client_id, self.conn_id, to_park) {
+            Ok(Some(generation)) => {
+                let delayed = match will {
+                    Some(w) if will_delay > 0 => Some((w, will_delay)),
+                    Some(w) => {
+                        node.publish_will(&client_id, w).await;
+                        None
+                    }
+                    None => None,
+                };
+                node.park_session(generation, client_id.clone(), expiry_s, delayed);
+            }
+            Ok(None) => {
+                if let Some(w) = will {
+                    node.publish_will(&client_id, w).await;
+                }
+            }
+            Err(returned) => {
+                // Another connection claimed the id while we were closing; it
+                // is waiting for our session on the control channel.
+                if let Some(w) = will {
+                    node.publish_will(&client_id, w).await;
+                }
+                let wait = tokio::time::timeout(Duration::from_secs(5), self.ctrl.recv()).await;
+                if let Ok(Some(Control::TakeOver { reply, .. })) = wait {
+                    let _ = reply.send(returned);
+                } else if let Some(s) = returned {
+                    node.discard_session(s);
+                }
+            }
+        }
+        node.metrics.sessions.set(node.registry.len() as i64);
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,70 @@
+//! Creates the broker's Kafka topics when missing and checks that existing
+//! ones fit (a retained-message topic that is not compacted would lose
+//! retained messages to retention, so that is an error, not a warning).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::types::RDKafkaErrorCode as Code;
+
+use crate::config::KafkaConfig;
+
+/// A topic the broker needs, and whether it must be compacted.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    pub name: String,
+    pub compacted: bool,
+}
+
+pub async fn ensure_topics(cfg: &KafkaConfig, node_id: &str, topics: &[TopicSpec]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        super::client_config(cfg, &format!("lodestream-admin-{node_id}")).create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    if cfg.create_topics {
+        let partitions = cfg.topic_partitions;
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|t| {
+                let nt = NewTopic::new(&t.name, partitions, TopicReplication::Fixed(cfg.replication_factor));
+                if t.compacted {
+                    nt.set("cleanup.policy", "compact")
+                } else {
+                    nt
+                }
+            })
+            .collect();
+        for r in admin.create_topics(new.iter(), &opts).await? {
+            match r {
+                Ok(name) => tracing::info!(topic = %name, "created Kafka topic"),
+                Err((_, Code::TopicAlreadyExists)) => {}
+                Err((name, e)) => anyhow::bail!("cannot create Kafka topic {name}: {e}"),
+            }
+        }
+    }
+    let compacted: Vec<&TopicSpec> = topics.iter().filter(|t| t.compacted).collect();
+    if compacted.is_empty() {
+        return Ok(());
+    }
+    let specs: Vec<ResourceSpecifier> = compacted.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
+    for (spec, res) in compacted.iter().zip(admin.describe_configs(specs.iter(), &opts).await?) {
+        let res = match res {
+            Ok(r) => r,
+            Err(RDKafkaErrorCode::UnknownTopicOrPartition) => {
+                anyhow::bail!("Kafka topic {} is missing and kafka.create_topics is false", spec.name)
+            }
+            Err(e) => anyhow::bail!("cannot describe Kafka topic {}: {e}", spec.name),
+        };
+        let policy = res.get("cleanup.policy").and_then(|e| e.value.clone()).unwrap_or_default();
+        if !policy.split(',').any(|p| p.trim() == "compact") {
+            anyhow::bail!(
+                "Kafka topic {} must have cleanup.policy=compact (it has {policy:?}); fix it with \
+                 kafka-configs --alter --entity-type topics --entity-name {} --add-config cleanup.policy=compact",
+                spec.name,
+                spec.name
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Reads every partition of one Kafka topic, outside any consumer group, and
+//! hands each record to a callback. A node runs one reader per Kafka topic
+//! that its subscriptions need (fan-out happens in the callback), and one
+//! for the retained-message topic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use crate::config::KafkaConfig;
+
+/// A record as the reader hands it over (owned: librdkafka's buffer is reused).
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub timestamp_ms: i64,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// Each partition's high watermark when the reader starts: records
+    /// written after `start` returns are all seen.
+    End,
+    Beginning,
+}
+
+pub struct TopicReader {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TopicReader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TopicReader {
+    /// Assigns all partitions of `topic` and starts reading. Returns after
+    /// the start offsets are fixed, plus a signal fired once the reader has
+    /// caught up with the high watermarks seen at start.
+    pub async fn start<F>(
+        cfg: &KafkaConfig,
+        node_id: &str,
+        topic: &str,
+        from: StartAt,
+        mut on_record: F,
+    ) -> anyhow::Result<(TopicReader, oneshot::Receiver<()>)>
+    where
+        F: FnMut(Record) + Send + 'static,
+    {
+        let mut c = super::client_config(cfg, &format!("lodestream-{node_id}-{topic}"));
+        // A group id is required by librdkafka, but nothing is committed: the
+        // reader always starts from explicit offsets.
+        c.set("group.id", format!("lodestream-reader-{node_id}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
+            .set("auto.offset.reset", "earliest");
+        let consumer: StreamConsumer = c.create()?;
+        let consumer = Arc::new(consumer);
+        let topic_owned = topic.to_string();
+        let c2 = consumer.clone();
+        // Metadata and watermark calls block; keep them off the runtime threads.
+        let (tpl, targets) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let timeout = Duration::from_secs(15);
+            let md = c2.fetch_metadata(Some(&topic_owned), timeout)?;
+            let t = md
+                .topics()
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("no metadata for Kafka topic {topic_owned}"))?;
+            if let Some(e) = t.error() {
+                anyhow::bail!("Kafka topic {topic_owned}: {:?}", e);
+            }
+            let mut tpl = TopicPartitionList::new();
+            let mut targets = HashMap::new();
+            for p in t.partitions() {
+                let (low, high) = c2.fetch_watermarks(&topic_owned, p.id(), timeout)?;
+                let start = match from {
+                    StartAt::End => high,
+                    StartAt::Beginning => low,
+                };
+                tpl.add_partition_offset(&topic_owned, p.id(), Offset::Offset(start))?;
+                if high > start {
+                    targets.insert(p.id(), high);
+                }
+            }
+            if tpl.count() == 0 {
+                anyhow::bail!("Kafka topic {topic_owned} has no partitions");
+            }
+            Ok((tpl, targets))
+        })
+        .await??;
+        consumer.assign(&tpl)?;
+        let (caught_up_tx, caught_up_rx) = oneshot::channel();
+        let mut caught_up_tx = Some(caught_up_tx);
+        let mut targets = targets;
+        if targets.is_empty() {
+            if let Some(tx) = caught_up_tx.take() {
+                let _ = tx.send(());
+            }
+        }
+        let topic_name = topic.to_string();
+        let task = tokio::spawn(async move {
+            let mut stream = consumer.stream();
+            while let Some(item) = stream.next().await {
+                let m = match item {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // librdkafka keeps retrying on its own; log and go on.
+                        tracing::warn!(topic = %topic_name, error = %e, "Kafka read error");
+                        continue;
+                    }
+                };
+                let rec = Record {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(Bytes::copy_from_slice),
+                    value: m.payload().map(Bytes::copy_from_slice),
+                    timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                let (p, o) = (rec.partition, rec.offset);
+                on_record(rec);
+                if let Some(t) = targets.get(&p) {
+                    if o + 1 >= *t {
+                        targets.remove(&p);
+                    }
+                }
+                if targets.is_empty() {
+                    if let Some(tx) = caught_up_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        Ok((TopicReader { task }, caught_up_rx))
+    }
+}

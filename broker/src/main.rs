@@ -1,0 +1,103 @@
+//! `broker` binary: parses flags, loads configuration, runs a node until
+//! SIGINT/SIGTERM, then shuts down gracefully.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use lodestream_broker::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "broker", version, about = "Lodestream: a Kafka-native MQTT broker")]
+struct Cli {
+    /// TOML configuration file (see broker/broker.example.toml).
+    #[arg(short, long, env = "LODESTREAM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers (overrides kafka.bootstrap_servers).
+    #[arg(long)]
+    kafka: Option<String>,
+    /// MQTT/TCP listen address (overrides listeners.tcp).
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Metrics/health listen address (overrides listeners.metrics).
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Node id (overrides node_id).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Default Kafka topic (overrides kafka.default_topic).
+    #[arg(long)]
+    default_topic: Option<String>,
+    /// Mapping rule `kafkaTopic:mqttPattern`; repeat for several, in order
+    /// (replaces kafka.mappings).
+    #[arg(long = "map")]
+    mappings: Vec<String>,
+    /// Seconds to wait for clients and Kafka on shutdown.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace_s: u64,
+}
+
+fn init_logs(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    if cfg.log.json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(k) = cli.kafka {
+        cfg.kafka.bootstrap_servers = k;
+    }
+    if let Some(a) = cli.tcp {
+        cfg.listeners.tcp = a;
+    }
+    if let Some(a) = cli.metrics {
+        cfg.listeners.metrics = a;
+    }
+    if let Some(n) = cli.node_id {
+        cfg.node_id = n;
+    }
+    if let Some(t) = cli.default_topic {
+        cfg.kafka.default_topic = t;
+    }
+    if !cli.mappings.is_empty() {
+        cfg.kafka.mappings = cli.mappings;
+    }
+    init_logs(&cfg);
+    cfg.validate()?;
+    let running = lodestream_broker::start(cfg).await.context("broker failed to start")?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.node.shutdown(Duration::from_secs(cli.shutdown_grace_s)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

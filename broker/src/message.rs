@@ -1,0 +1,236 @@
+//! An application message as the broker moves it between MQTT and Kafka, and
+//! its Kafka record form (key = MQTT topic, value = payload, metadata in
+//! headers). Pure logic: the Kafka client code lives in `kafka/`.
+//!
+//! Header schema (version 1), all values UTF-8 unless noted:
+//! - `mqtt.qos`: "0" | "1" | "2" (QoS the publisher used)
+//! - `mqtt.retain`: "1" when the publisher set RETAIN (absent otherwise)
+//! - `mqtt.client_id`: publishing client id (absent for records from other producers)
+//! - `mqtt.content_type`, `mqtt.response_topic`: MQTT 5 properties
+//! - `mqtt.payload_format`: "0" | "1"
+//! - `mqtt.correlation_data`: raw bytes
+//! - `mqtt.message_expiry`: seconds, counted from the record timestamp
+//! - any header whose name does not start with `mqtt.` is an MQTT 5 user
+//!   property (so plain Kafka producers can set user properties); a user
+//!   property whose name starts with `mqtt.` is escaped as `mqtt.user.<name>`.
+
+use bytes::Bytes;
+use lodestream_mqtt::{Properties, QoS};
+
+pub const H_QOS: &str = "mqtt.qos";
+pub const H_RETAIN: &str = "mqtt.retain";
+pub const H_CLIENT_ID: &str = "mqtt.client_id";
+pub const H_CONTENT_TYPE: &str = "mqtt.content_type";
+pub const H_RESPONSE_TOPIC: &str = "mqtt.response_topic";
+pub const H_PAYLOAD_FORMAT: &str = "mqtt.payload_format";
+pub const H_CORRELATION: &str = "mqtt.correlation_data";
+pub const H_EXPIRY: &str = "mqtt.message_expiry";
+const USER_ESCAPE: &str = "mqtt.user.";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// Only the properties that travel with a message: payload format,
+    /// expiry, content type, response topic, correlation data, user properties.
+    pub properties: Properties,
+    pub publisher: Option<String>,
+    /// Milliseconds since the epoch when the broker (or a Kafka producer)
+    /// wrote the message; expiry counts from here.
+    pub timestamp_ms: i64,
+}
+
+impl Message {
+    /// Properties a PUBLISH carries on to subscribers [MQTT-3.3.2-*]: topic
+    /// alias and subscription identifiers are per-connection and dropped.
+    pub fn forwardable_properties(p: &Properties) -> Properties {
+        Properties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            content_type: p.content_type.clone(),
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.clone(),
+            user_properties: p.user_properties.clone(),
+            ..Properties::default()
+        }
+    }
+
+    /// Seconds of lifetime left at `now_ms`: `None` = never expires,
+    /// `Some(0)` = expired [MQTT-3.3.2-5].
+    pub fn remaining_expiry(&self, now_ms: i64) -> Option<u32> {
+        let interval = self.properties.message_expiry_interval?;
+        let elapsed_s = ((now_ms - self.timestamp_ms).max(0) / 1000) as u64;
+        Some((interval as u64).saturating_sub(elapsed_s) as u32)
+    }
+
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.properties.message_expiry_interval.is_some() && self.remaining_expiry(now_ms) == Some(0)
+    }
+
+    /// Kafka record headers for this message, in a stable order.
+    pub fn to_headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut h: Vec<(String, Vec<u8>)> = Vec::with_capacity(4);
+        h.push((H_QOS.into(), vec![b'0' + self.qos as u8]));
+        if self.retain {
+            h.push((H_RETAIN.into(), b"1".to_vec()));
+        }
+        if let Some(c) = &self.publisher {
+            h.push((H_CLIENT_ID.into(), c.as_bytes().to_vec()));
+        }
+        let p = &self.properties;
+        if let Some(v) = p.payload_format_indicator {
+            h.push((H_PAYLOAD_FORMAT.into(), vec![b'0' + v.min(9)]));
+        }
+        if let Some(v) = p.message_expiry_interval {
+            h.push((H_EXPIRY.into(), v.to_string().into_bytes()));
+        }
+        if let Some(v) = &p.content_type {
+            h.push((H_CONTENT_TYPE.into(), v.as_bytes().to_vec()));
+        }
+        if let Some(v) = &p.response_topic {
+            h.push((H_RESPONSE_TOPIC.into(), v.as_bytes().to_vec()));
+        }
+        if let Some(v) = &p.correlation_data {
+            h.push((H_CORRELATION.into(), v.to_vec()));
+        }
+        for (k, v) in &p.user_properties {
+            let name = if k.starts_with("mqtt.") {
+                format!("{USER_ESCAPE}{k}")
+            } else {
+                k.clone()
+            };
+            h.push((name, v.as_bytes().to_vec()));
+        }
+        h
+    }
+
+    /// Rebuilds a message from a Kafka record. Records from producers other
+    /// than the broker may lack every header: they become QoS 0 (unless
+    /// `mqtt.qos` says otherwise), non-retained messages. Headers that are not
+    /// valid UTF-8 where UTF-8 is required are skipped rather than
+    /// forwarded, because MQTT forbids invalid UTF-8 strings [MQTT-1.5.4-1].
+    pub fn from_record<'a>(
+        topic: String,
+        payload: Bytes,
+        timestamp_ms: i64,
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Message {
+        let mut m = Message {
+            topic,
+            payload,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+            publisher: None,
+            timestamp_ms,
+        };
+        for (name, value) in headers {
+            let raw = value.unwrap_or(&[]);
+            let text = std::str::from_utf8(raw).ok();
+            match name {
+                H_QOS => {
+                    if let Some(q) = text.and_then(|t| t.parse::<u8>().ok()).and_then(QoS::from_u8) {
+                        m.qos = q;
+                    }
+                }
+                H_RETAIN => m.retain = raw == b"1",
+                H_CLIENT_ID => m.publisher = text.map(str::to_string),
+                H_PAYLOAD_FORMAT => {
+                    m.properties.payload_format_indicator =
+                        text.and_then(|t| t.parse::<u8>().ok()).filter(|v| *v <= 1)
+                }
+                H_EXPIRY => {
+                    m.properties.message_expiry_interval = text.and_then(|t| t.parse().ok())
+                }
+                H_CONTENT_TYPE => m.properties.content_type = text.map(str::to_string),
+                H_RESPONSE_TOPIC => {
+                    m.properties.response_topic = text
+                        .filter(|t| lodestream_mqtt::topic::validate_topic_name(t).is_ok())
+                        .map(str::to_string)
+                }
+                H_CORRELATION => m.properties.correlation_data = Some(Bytes::copy_from_slice(raw)),
+                _ => {
+                    let key = match name.strip_prefix(USER_ESCAPE) {
+                        Some(k) => k,
+                        None if name.starts_with("mqtt.") => continue,
+                        None => name,
+                    };
+                    if let Some(v) = text {
+                        if !key.contains('\0') && !v.contains('\0') {
+                            m.properties
+                                .user_properties
+                                .push((key.to_string(), v.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Message {
+        Message {
+            topic: "cars/speed/1".into(),
+            payload: Bytes::from_static(b"42"),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            properties: Properties {
+                payload_format_indicator: Some(1),
+                message_expiry_interval: Some(60),
+                content_type: Some("text/plain".into()),
+                response_topic: Some("reply/1".into()),
+                correlation_data: Some(Bytes::from_static(&[0, 1, 255])),
+                user_properties: vec![
+                    ("a".into(), "1".into()),
+                    ("mqtt.qos".into(), "spoof".into()),
+                    ("a".into(), "2".into()),
+                ],
+                ..Properties::default()
+            },
+            publisher: Some("c1".into()),
+            timestamp_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_all_metadata() {
+        let m = sample();
+        let h = m.to_headers();
+        let back = Message::from_record(
+            m.topic.clone(),
+            m.payload.clone(),
+            m.timestamp_ms,
+            h.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))),
+        );
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn foreign_record_defaults_to_qos0_and_headers_become_user_properties() {
+        let m = Message::from_record(
+            "t".into(),
+            Bytes::new(),
+            0,
+            [("trace", Some(&b"x"[..])), ("bin", Some(&[0xff][..])), ("mqtt.unknown", Some(&b"1"[..]))],
+        );
+        assert_eq!(m.qos, QoS::AtMostOnce);
+        assert!(!m.retain);
+        assert_eq!(m.properties.user_properties, vec![("trace".into(), "x".into())]);
+    }
+
+    #[test]
+    fn expiry_counts_from_timestamp() {
+        let m = sample();
+        assert_eq!(m.remaining_expiry(1_000), Some(60));
+        assert_eq!(m.remaining_expiry(31_500), Some(30));
+        assert!(!m.is_expired(60_999));
+        assert!(m.is_expired(61_000));
+    }
+}

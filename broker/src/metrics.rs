@@ -1,0 +1,124 @@
+//! Prometheus metrics of one node. Names follow the `lodestream_` prefix;
+//! counters end in `_total`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections: IntGauge,
+    pub connections_total: IntCounter,
+    pub connect_rejected: IntCounterVec,
+    pub sessions: IntGauge,
+    pub subscriptions: IntGauge,
+    pub packets_in: IntCounterVec,
+    pub packets_out: IntCounterVec,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub published_to_kafka: IntCounterVec,
+    pub kafka_produce_errors: IntCounter,
+    pub publish_to_kafka_seconds: Histogram,
+    pub kafka_records_read: IntCounterVec,
+    pub delivered: IntCounter,
+    pub dropped_messages: IntCounterVec,
+    pub auth_failures: IntCounter,
+    pub disconnects: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+impl Metrics {
+    /// Registration only fails on a programming error (duplicate or invalid
+    /// name, fixed at compile time), hence the panics: they fire in every test.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let h = Histogram::with_opts(
+            HistogramOpts::new(
+                "lodestream_publish_to_kafka_seconds",
+                "Time from a QoS>0 PUBLISH received to Kafka's acknowledgement",
+            )
+            .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+        )
+        .unwrap_or_else(|e| panic!("histogram: {e}"));
+        r.register(Box::new(h.clone())).unwrap_or_else(|e| panic!("histogram: {e}"));
+        Metrics {
+            connections: gauge(&r, "lodestream_connections", "Open MQTT connections"),
+            connections_total: counter(&r, "lodestream_connections_total", "Accepted MQTT connections"),
+            connect_rejected: counter_vec(
+                &r,
+                "lodestream_connect_rejected_total",
+                "CONNECTs refused, by reason",
+                &["reason"],
+            ),
+            sessions: gauge(&r, "lodestream_sessions", "Sessions known to this node (online and offline)"),
+            subscriptions: gauge(&r, "lodestream_subscriptions", "Subscriptions held by this node"),
+            packets_in: counter_vec(&r, "lodestream_packets_received_total", "MQTT packets received", &["type"]),
+            packets_out: counter_vec(&r, "lodestream_packets_sent_total", "MQTT packets sent", &["type"]),
+            bytes_in: counter(&r, "lodestream_bytes_received_total", "MQTT bytes received"),
+            bytes_out: counter(&r, "lodestream_bytes_sent_total", "MQTT bytes sent"),
+            published_to_kafka: counter_vec(
+                &r,
+                "lodestream_published_to_kafka_total",
+                "Records written to Kafka, by Kafka topic",
+                &["topic"],
+            ),
+            kafka_produce_errors: counter(
+                &r,
+                "lodestream_kafka_produce_errors_total",
+                "Kafka writes that failed (the PUBLISH was not acknowledged as success)",
+            ),
+            publish_to_kafka_seconds: h,
+            kafka_records_read: counter_vec(
+                &r,
+                "lodestream_kafka_records_read_total",
+                "Records read from Kafka for fan-out, by Kafka topic",
+                &["topic"],
+            ),
+            delivered: counter(&r, "lodestream_messages_delivered_total", "PUBLISHes sent to subscribers"),
+            dropped_messages: counter_vec(
+                &r,
+                "lodestream_messages_dropped_total",
+                "Messages not delivered, by reason",
+                &["reason"],
+            ),
+            auth_failures: counter(&r, "lodestream_auth_failures_total", "Failed authentications"),
+            disconnects: counter_vec(
+                &r,
+                "lodestream_disconnects_total",
+                "Connections closed, by reason",
+                &["reason"],
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,315 @@
+//! One broker node: the state every connection shares (Kafka producer,
+//! per-Kafka-topic readers, subscription index, retained store, session
+//! registry, metrics) and the operations that span connections (wills,
+//! session expiry, shutdown).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use lodestream_mqtt::{LastWill, ReasonCode};
+use tokio::sync::{watch, Mutex};
+
+use crate::config::Config;
+use crate::kafka::{self, Producer, TopicReader};
+use crate::mapping::Mapping;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::registry::{Control, Registry};
+use crate::retained::RetainedStore;
+use crate::session::Session;
+use crate::subscriptions::{SubKey, SubscriptionIndex};
+
+pub struct Node {
+    pub config: Config,
+    pub mapping: Mapping,
+    pub producer: Producer,
+    pub subs: Arc<SubscriptionIndex>,
+    pub retained: Arc<RetainedStore>,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    readers: Mutex<HashMap<String, TopicReader>>,
+    _retained_reader: TopicReader,
+    conn_ids: AtomicU64,
+    pub open_connections: AtomicUsize,
+    /// Flips to true when the node shuts down.
+    pub shutdown: watch::Sender<bool>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Connects to Kafka, creates missing topics and loads the retained
+    /// messages; fails with a clear message when Kafka is unusable.
+    pub async fn start(mut config: Config) -> anyhow::Result<Arc<Node>> {
+        let mapping = config.validate()?;
+        if config.node_id.is_empty() {
+            config.node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
+        }
+        let kcfg = &config.kafka;
+        let mut topics: Vec<kafka::admin::TopicSpec> = mapping
+            .all_kafka_topics()
+            .into_iter()
+            .map(|t| kafka::admin::TopicSpec {
+                name: t.to_string(),
+                compacted: false,
+            })
+            .collect();
+        topics.push(kafka::admin::TopicSpec {
+            name: kcfg.retained_topic.clone(),
+            compacted: true,
+        });
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            kafka::ensure_topics(kcfg, &config.node_id, &topics),
+        )
+        .await
+        .with_context(|| format!("Kafka at {} did not answer within 60 s", kcfg.bootstrap_servers))??;
+        let producer = Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
+        let metrics = Arc::new(Metrics::new());
+        let retained = Arc::new(RetainedStore::new());
+        let r2 = retained.clone();
+        let (retained_reader, caught_up) = kafka::TopicReader::start(
+            kcfg,
+            &config.node_id,
+            &kcfg.retained_topic,
+            kafka::StartAt::Beginning,
+            move |rec| r2.apply_record(rec),
+        )
+        .await
+        .context("reading the retained-message topic")?;
+        if tokio::time::timeout(Duration::from_secs(60), caught_up).await.is_err() {
+            tracing::warn!("retained messages not fully loaded after 60 s; serving what is loaded");
+        }
+        tracing::info!(retained = retained.len(), "retained messages loaded");
+        let max_sessions = config.mqtt.max_sessions;
+        let (shutdown, _) = watch::channel(false);
+        Ok(Arc::new(Node {
+            subs: Arc::new(SubscriptionIndex::new(metrics.clone())),
+            registry: Registry::new(max_sessions),
+            readers: Mutex::new(HashMap::new()),
+            _retained_reader: retained_reader,
+            conn_ids: AtomicU64::new(1),
+            open_connections: AtomicUsize::new(0),
+            config,
+            mapping,
+            producer,
+            retained,
+            metrics,
+            shutdown,
+        }))
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes sure this node reads every Kafka topic that can hold messages
+    /// for `filter` (one shared reader per Kafka topic). Returns once records
+    /// written from now on will be seen.
+    pub async fn ensure_readers(&self, filter: &str) -> anyhow::Result<()> {
+        let needed: Vec<String> = self
+            .mapping
+            .kafka_topics_for_filter(filter)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let mut readers = self.readers.lock().await;
+        for topic in needed {
+            if readers.contains_key(&topic) {
+                continue;
+            }
+            let subs = self.subs.clone();
+            let counter = self.metrics.kafka_records_read.with_label_values(&[&topic]);
+            let reader_topic = topic.clone();
+            let (reader, _) = TopicReader::start(
+                &self.config.kafka,
+                &self.config.node_id,
+                &topic,
+                kafka::StartAt::End,
+                move |rec| {
+                    counter.inc();
+                    // The record key is the MQTT topic; records without a
+                    // valid one cannot be delivered over MQTT.
+                    let Some(key) = rec.key.as_ref().and_then(|k| std::str::from_utf8(k).ok()) else {
+                        return;
+                    };
+                    if lodestream_mqtt::topic::validate_topic_name(key).is_err() {
+                        tracing::debug!(topic = %reader_topic, key, "record key is not a valid MQTT topic; skipped");
+                        return;
+                    }
+                    let msg = Message::from_record(
+                        key.to_string(),
+                        rec.value.clone().unwrap_or_default(),
+                        rec.timestamp_ms,
+                        rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+                    );
+                    subs.dispatch(&Arc::new(msg));
+                },
+            )
+            .await
+            .with_context(|| format!("starting the reader of Kafka topic {topic}"))?;
+            tracing::info!(topic = %topic, "reading Kafka topic for local subscribers");
+            readers.insert(topic, reader);
+        }
+        Ok(())
+    }
+
+    /// Writes a message to its mapped Kafka topic (and to the retained
+    /// topic when RETAIN is set) and waits for Kafka's acknowledgement.
+    pub async fn publish(&self, msg: Arc<Message>) -> Result<(), kafka::ProduceError> {
+        let started = std::time::Instant::now();
+        let futs = self.send(&msg).await?;
+        for f in futs {
+            Producer::delivered(f).await.inspect_err(|_| self.metrics.kafka_produce_errors.inc())?;
+        }
+        self.metrics
+            .publish_to_kafka_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if msg.retain {
+            self.retained.apply(msg);
+        }
+        Ok(())
+    }
+
+    /// Enqueues the Kafka writes of a message and returns their delivery reports.
+    pub async fn send(&self, msg: &Message) -> Result<Vec<rdkafka::producer::DeliveryFuture>, kafka::ProduceError> {
+        let topic = self.mapping.kafka_topic_for(&msg.topic);
+        let headers = msg.to_headers();
+        let mut out = Vec::with_capacity(2);
+        out.push(
+            self.producer
+                .send(topic, msg.topic.as_bytes(), Some(&msg.payload), &headers)
+                .await?,
+        );
+        self.metrics.published_to_kafka.with_label_values(&[topic]).inc();
+        if msg.retain {
+            // An empty retained payload is a tombstone: compaction deletes the key.
+            let value = (!msg.payload.is_empty()).then_some(&msg.payload[..]);
+            out.push(
+                self.producer
+                    .send(&self.config.kafka.retained_topic, msg.topic.as_bytes(), value, &headers)
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Publishes a Last Will now, retrying while Kafka is unavailable: a will
+    /// is a message the client was promised.
+    pub async fn publish_will(self: &Arc<Self>, client_id: &str, will: LastWill) {
+        let msg = Arc::new(Message {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties: Message::forwardable_properties(&will.properties),
+            publisher: Some(client_id.to_string()),
+            timestamp_ms: now_ms(),
+        });
+        for attempt in 1..=10u32 {
+            match self.publish(msg.clone()).await {
+                Ok(()) => {
+                    tracing::debug!(client_id, topic = %msg.topic, "will published");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(client_id, attempt, error = %e, "publishing will failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+                }
+            }
+        }
+        tracing::error!(client_id, topic = %msg.topic, "will could not be written to Kafka");
+    }
+
+    /// Removes every subscription of a session from the index.
+    pub fn drop_subscriptions(&self, session: &Session) {
+        for filter in session.subscriptions.keys() {
+            let (key, inner) = sub_key(&session.client_id, filter);
+            if self.subs.remove(inner, &key) {
+                self.metrics.subscriptions.dec();
+            }
+        }
+    }
+
+    /// Ends a session for good.
+    pub fn discard_session(&self, session: Box<Session>) {
+        self.drop_subscriptions(&session);
+    }
+
+    /// Parks a persistent session after its connection closed and starts its
+    /// timers: the session expiry, and a delayed will [MQTT-3.1.2-8..10].
+    pub fn park_session(self: &Arc<Self>, generation: u64, client_id: Arc<str>, expiry_s: u32, will: Option<(LastWill, u32)>) {
+        let node = self.clone();
+        let id = client_id.clone();
+        let will_on_expiry = will.clone().map(|(w, _)| w);
+        let expiry = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(expiry_s as u64)).await;
+            if let Some(s) = node.registry.expire(&id, generation) {
+                node.discard_session(s);
+                node.metrics.sessions.dec();
+                // The session ended before the will delay: the will goes now.
+                if let Some(w) = will_on_expiry {
+                    node.publish_will(&id, w).await;
+                }
+            }
+        });
+        self.registry.add_timer(&client_id, generation, expiry.abort_handle());
+        if let Some((w, delay)) = will {
+            if delay < expiry_s {
+                let node = self.clone();
+                let id = client_id.clone();
+                let t = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+                    node.publish_will(&id, w).await;
+                });
+                self.registry.add_timer(&client_id, generation, t.abort_handle());
+            }
+        }
+    }
+
+    /// Graceful shutdown: v5 clients get DISCONNECT 0x8B, then Kafka is flushed.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        for ctrl in self.registry.connected() {
+            let _ = ctrl.try_send(Control::Close(ReasonCode::ServerShuttingDown));
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.open_connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let producer = self.producer.clone();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(1));
+        let _ = tokio::task::spawn_blocking(move || producer.flush(left)).await;
+    }
+}
+
+/// Trie key and inner filter of a subscription as the client wrote it.
+pub fn sub_key<'a>(client_id: &Arc<str>, filter: &'a str) -> (SubKey, &'a str) {
+    match filter
+        .strip_prefix(lodestream_mqtt::topic::SHARE_PREFIX)
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((group, inner)) => (
+            SubKey {
+                client_id: client_id.clone(),
+                share_group: Some(Arc::from(group)),
+            },
+            inner,
+        ),
+        None => (
+            SubKey {
+                client_id: client_id.clone(),
+                share_group: None,
+            },
+            filter,
+        ),
+    }
+}

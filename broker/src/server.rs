@@ -1,0 +1,116 @@
+//! Listeners: accept loops that hand each stream to `connection::serve`,
+//! and the HTTP endpoint for metrics and health.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::connection;
+use crate::node::Node;
+
+/// Binds the MQTT/TCP listener; returns the bound address (port 0 allowed).
+pub async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for MQTT on {addr}"))
+}
+
+pub async fn run_tcp(node: Arc<Node>, listener: TcpListener) {
+    let mut shutdown = node.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connection::serve(node.clone(), stream, peer));
+            }
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning; existing
+                // connections keep working.
+                tracing::warn!(error = %e, "accept failed");
+                node.metrics.connect_rejected.with_label_values(&["accept_error"]).inc();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// A deliberately tiny HTTP/1.1 responder for `/metrics`, `/health` and
+/// `/ready`: three fixed GET routes do not justify a web framework here.
+pub async fn run_http(node: Arc<Node>, listener: TcpListener) {
+    let mut shutdown = node.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), http_one(node, stream)).await;
+        });
+    }
+}
+
+async fn http_one(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() {
+        let r = stream.read(&mut buf[n..]).await?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let path = head
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("GET "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("");
+    let (status, ctype, body) = match path {
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", node.metrics.render()),
+        "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
+        "/ready" => {
+            if kafka_reachable(&node).await {
+                ("200 OK", "text/plain", "ready\n".to_string())
+            } else {
+                ("503 Service Unavailable", "text/plain", "kafka unreachable\n".to_string())
+            }
+        }
+        _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+async fn kafka_reachable(node: &Arc<Node>) -> bool {
+    let producer = node.producer.clone();
+    let topic = node.mapping.default_topic().to_string();
+    tokio::task::spawn_blocking(move || producer.metadata_ok(&topic))
+        .await
+        .unwrap_or(false)
+}
+
+/// Local address helper for tests and logs.
+pub fn local_addr(l: &TcpListener) -> Option<SocketAddr> {
+    l.local_addr().ok()
+}

@@ -1,0 +1,160 @@
+//! The node's index of local subscriptions and the fan-out of one message
+//! to the sessions whose filters match it.
+//!
+//! Bounded behaviour: fan-out never waits for a session. A full mailbox
+//! drops a QoS 0 message (counted) and flags the session as overflowed for
+//! a QoS 1/2 message; the connection then disconnects the client with
+//! reason 0x97 (quota exceeded), so a slow client never stalls the others.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use lodestream_mqtt::trie::TopicTrie;
+use lodestream_mqtt::TopicError;
+use lodestream_mqtt::{QoS, SubscriptionOptions};
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::session::{Delivery, Mailbox};
+
+/// Trie key: one client can hold a plain and a shared subscription with the
+/// same inner filter, so the share group is part of the key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubKey {
+    pub client_id: Arc<str>,
+    pub share_group: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SubEntry {
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+    /// The inner filter, so members of one shared subscription can be grouped.
+    pub filter: Arc<str>,
+    pub mailbox: Mailbox,
+}
+
+pub struct SubscriptionIndex {
+    trie: RwLock<TopicTrie<SubKey, SubEntry>>,
+    round_robin: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+struct Pending {
+    mailbox: Mailbox,
+    qos: QoS,
+    retain: bool,
+    ids: Vec<u32>,
+}
+
+impl SubscriptionIndex {
+    pub fn new(metrics: Arc<Metrics>) -> SubscriptionIndex {
+        SubscriptionIndex {
+            trie: RwLock::new(TopicTrie::new()),
+            round_robin: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    pub fn insert(&self, filter: &str, key: SubKey, entry: SubEntry) -> Result<(), TopicError> {
+        let mut t = self.trie.write().unwrap_or_else(|e| e.into_inner());
+        t.insert(filter, key, entry).map(|_| ())
+    }
+
+    pub fn remove(&self, filter: &str, key: &SubKey) -> bool {
+        let mut t = self.trie.write().unwrap_or_else(|e| e.into_inner());
+        t.remove(filter, key).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.trie.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Delivers `msg` to every matching local session, once per session with
+    /// the highest matching QoS and every subscription identifier
+    /// [MQTT-3.3.4-2..5], and to one member of each shared subscription.
+    pub fn dispatch(&self, msg: &Arc<Message>) {
+        let mut direct: HashMap<Arc<str>, Pending> = HashMap::new();
+        let mut shared: HashMap<(Arc<str>, Arc<str>), Vec<(Arc<str>, SubEntry)>> = HashMap::new();
+        {
+            let t = self.trie.read().unwrap_or_else(|e| e.into_inner());
+            t.for_each_match(&msg.topic, |key: &SubKey, e: &SubEntry| {
+                if let Some(g) = &key.share_group {
+                    shared
+                        .entry((g.clone(), e.filter.clone()))
+                        .or_default()
+                        .push((key.client_id.clone(), e.clone()));
+                    return;
+                }
+                // [MQTT-3.8.3-3] no-local: not back to the publisher.
+                if e.options.no_local && msg.publisher.as_deref() == Some(&*key.client_id) {
+                    return;
+                }
+                let qos = msg.qos.min(e.options.qos);
+                // [MQTT-3.3.1-12/13] RETAIN is cleared unless retain-as-published.
+                let retain = e.options.retain_as_published && msg.retain;
+                let p = direct.entry(key.client_id.clone()).or_insert_with(|| Pending {
+                    mailbox: e.mailbox.clone(),
+                    qos,
+                    retain,
+                    ids: Vec::new(),
+                });
+                p.qos = p.qos.max(qos);
+                p.retain |= retain;
+                if let Some(id) = e.identifier {
+                    p.ids.push(id);
+                }
+            });
+        }
+        for (_, p) in direct {
+            self.offer(msg, p);
+        }
+        for (_, members) in shared {
+            // Round-robin across the group, skipping members whose mailbox is full.
+            let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+            let n = members.len();
+            let pick = (0..n)
+                .map(|i| &members[(start + i) % n])
+                .find(|(_, e)| e.mailbox.tx.capacity() > 0)
+                .unwrap_or(&members[start % n]);
+            let e = &pick.1;
+            self.offer(
+                msg,
+                Pending {
+                    mailbox: e.mailbox.clone(),
+                    qos: msg.qos.min(e.options.qos),
+                    retain: e.options.retain_as_published && msg.retain,
+                    ids: e.identifier.into_iter().collect(),
+                },
+            );
+        }
+    }
+
+    fn offer(&self, msg: &Arc<Message>, p: Pending) {
+        let d = Delivery {
+            msg: msg.clone(),
+            qos: p.qos,
+            retain: p.retain,
+            subscription_ids: p.ids,
+        };
+        match p.mailbox.tx.try_send(d) {
+            Ok(()) => {}
+            Err(TrySendError::Full(d)) if d.qos == QoS::AtMostOnce => {
+                p.mailbox.flags.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                self.metrics.dropped_messages.with_label_values(&["queue_full_qos0"]).inc();
+            }
+            Err(TrySendError::Full(_)) => {
+                p.mailbox.flags.overflowed.store(true, Ordering::Relaxed);
+                self.metrics.dropped_messages.with_label_values(&["queue_full"]).inc();
+            }
+            // The session ended between lookup and send: nothing to deliver to.
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+}
