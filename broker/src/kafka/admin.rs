@@ -47,16 +47,8 @@ pub async fn ensure_topics(cfg: &KafkaConfig, node_id: &str, topics: &[TopicSpec
     if compacted.is_empty() {
         return Ok(());
     }
-    let specs: Vec<ResourceSpecifier> = compacted.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
-    for (spec, res) in compacted.iter().zip(admin.describe_configs(specs.iter(), &opts).await?) {
-        let res = match res {
-            Ok(r) => r,
-            Err(RDKafkaErrorCode::UnknownTopicOrPartition) => {
-                anyhow::bail!("Kafka topic {} is missing and kafka.create_topics is false", spec.name)
-            }
-            Err(e) => anyhow::bail!("cannot describe Kafka topic {}: {e}", spec.name),
-        };
-        let policy = res.get("cleanup.policy").and_then(|e| e.value.clone()).unwrap_or_default();
+    for spec in compacted {
+        let policy = cleanup_policy(&admin, &opts, &spec.name).await?;
         if !policy.split(',').any(|p| p.trim() == "compact") {
             anyhow::bail!(
                 "Kafka topic {} must have cleanup.policy=compact (it has {policy:?}); fix it with \
@@ -67,4 +59,33 @@ pub async fn ensure_topics(cfg: &KafkaConfig, node_id: &str, topics: &[TopicSpec
         }
     }
     Ok(())
+}
+
+/// A just-created topic's configuration can take a moment to become
+/// visible; retry briefly before judging it.
+async fn cleanup_policy(
+    admin: &AdminClient<DefaultClientContext>,
+    opts: &AdminOptions,
+    topic: &str,
+) -> anyhow::Result<String> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        let spec = ResourceSpecifier::Topic(topic);
+        let res = admin.describe_configs([&spec], opts).await?;
+        match res.into_iter().next() {
+            Some(Ok(r)) => {
+                last = r.get("cleanup.policy").and_then(|e| e.value.clone()).unwrap_or_default();
+                if !last.is_empty() {
+                    return Ok(last);
+                }
+            }
+            Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) | None => {}
+            Some(Err(e)) => anyhow::bail!("cannot describe Kafka topic {topic}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if last.is_empty() {
+        anyhow::bail!("Kafka topic {topic} is missing or its configuration cannot be read (kafka.create_topics = false?)");
+    }
+    Ok(last)
 }

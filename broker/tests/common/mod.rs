@@ -1,0 +1,161 @@
+//! Shared helpers for the broker's integration tests: a real Kafka (address
+//! from `LODESTREAM_KAFKA`, default 127.0.0.1:9092, started by
+//! `scripts/kafka-local start`), an in-process broker node per test with
+//! topic names unique to the test, and a Kafka reader to check what landed.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lodestream_broker::{Config, Running};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub fn kafka() -> String {
+    std::env::var("LODESTREAM_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Unique suffix so tests sharing one Kafka never see each other's records.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub struct Broker {
+    pub running: Running,
+    pub default_topic: String,
+    pub retained_topic: String,
+}
+
+impl Broker {
+    pub fn addr(&self) -> SocketAddr {
+        self.running.tcp.expect("tcp listener")
+    }
+    pub fn port(&self) -> u16 {
+        self.addr().port()
+    }
+    pub fn node(&self) -> &Arc<lodestream_broker::Node> {
+        &self.running.node
+    }
+}
+
+pub fn test_config(mappings: &[String]) -> Config {
+    let mut c = Config::default();
+    c.kafka.bootstrap_servers = kafka();
+    c.kafka.default_topic = unique("default");
+    c.kafka.retained_topic = unique("retained");
+    c.kafka.topic_partitions = 2;
+    c.kafka.mappings = mappings.to_vec();
+    c.listeners.tcp = "127.0.0.1:0".into();
+    c.listeners.metrics = "127.0.0.1:0".into();
+    c
+}
+
+pub async fn start_with(c: Config) -> Broker {
+    let default_topic = c.kafka.default_topic.clone();
+    let retained_topic = c.kafka.retained_topic.clone();
+    let running = lodestream_broker::start(c)
+        .await
+        .unwrap_or_else(|e| panic!("broker did not start against Kafka at {} (run scripts/kafka-local start): {e:#}", kafka()));
+    Broker {
+        running,
+        default_topic,
+        retained_topic,
+    }
+}
+
+pub async fn start(mappings: &[String]) -> Broker {
+    start_with(test_config(mappings)).await
+}
+
+#[derive(Debug, Clone)]
+pub struct KRecord {
+    pub key: Option<String>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, Vec<u8>>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Reads every record of `topic` from the beginning until `want` records
+/// arrived or `timeout` passed.
+pub fn read_topic(topic: &str, want: usize, timeout: Duration) -> Vec<KRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("test-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("tpl");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(KRecord {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                partition: m.partition(),
+                offset: m.offset(),
+            });
+        }
+    }
+    out
+}
+
+/// Produces a record straight into Kafka, as a non-MQTT application would.
+pub async fn produce(topic: &str, key: &str, value: &[u8], headers: &[(&str, &[u8])]) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .expect("producer");
+    let mut hs = rdkafka::message::OwnedHeaders::new();
+    for (k, v) in headers {
+        hs = hs.insert(rdkafka::message::Header { key: k, value: Some(*v) });
+    }
+    p.send(
+        FutureRecord::to(topic).key(key).payload(value).headers(hs),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("produce");
+}
+
+/// Scrapes the node's Prometheus endpoint.
+pub async fn scrape(b: &Broker) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = b.running.metrics.expect("metrics listener");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("read");
+    body
+}
+
+/// Value of a metric line (exact name incl. labels) in a scrape.
+pub fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
