@@ -24,7 +24,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Unique per node; a random one is generated when empty.
@@ -109,18 +109,6 @@ pub struct LogConfig {
     /// `tracing` env-filter syntax, e.g. `info,lodestream_broker=debug`.
     pub level: String,
     pub json: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            node_id: String::new(),
-            listeners: Listeners::default(),
-            kafka: KafkaConfig::default(),
-            mqtt: MqttLimits::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for Listeners {
@@ -219,9 +207,14 @@ impl Config {
     /// Checks cross-field rules and builds the topic mapping.
     pub fn validate(&self) -> Result<Mapping, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        for (name, addr) in [("listeners.tcp", &self.listeners.tcp), ("listeners.metrics", &self.listeners.metrics)] {
+        for (name, addr) in [
+            ("listeners.tcp", &self.listeners.tcp),
+            ("listeners.metrics", &self.listeners.metrics),
+        ] {
             if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
-                return bad(format!("{name} = {addr:?} is not an ip:port socket address"));
+                return bad(format!(
+                    "{name} = {addr:?} is not an ip:port socket address"
+                ));
             }
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
@@ -246,10 +239,14 @@ impl Config {
             return bad("mqtt.receive_maximum and mqtt.max_inflight_out must be at least 1".into());
         }
         if m.session_queue == 0 || m.max_connections == 0 || m.max_sessions == 0 {
-            return bad("mqtt.session_queue, max_connections and max_sessions must be at least 1".into());
+            return bad(
+                "mqtt.session_queue, max_connections and max_sessions must be at least 1".into(),
+            );
         }
         if self.kafka.topic_partitions < 1 || self.kafka.replication_factor < 1 {
-            return bad("kafka.topic_partitions and kafka.replication_factor must be at least 1".into());
+            return bad(
+                "kafka.topic_partitions and kafka.replication_factor must be at least 1".into(),
+            );
         }
         let rules = self
             .kafka
@@ -262,6 +259,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature
 mod tests {
     use super::*;
 
@@ -302,7 +300,9 @@ mod tests {
     fn unknown_keys_and_bad_values_are_clear_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("b.toml", "[mqtt]\nrecieve_maximum = 3\n")?;
-            let e = Config::load(Some(Path::new("b.toml"))).unwrap_err().to_string();
+            let e = Config::load(Some(Path::new("b.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("recieve_maximum"), "{e}");
             Ok(())
         });
@@ -311,7 +311,11 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("oops"));
         let mut c = Config::default();
         c.listeners.tcp = "localhost".into();
-        assert!(c.validate().unwrap_err().to_string().contains("listeners.tcp"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listeners.tcp"));
         assert!(Config::load(Some(Path::new("/nonexistent.toml"))).is_err());
     }
 }

@@ -28,8 +28,8 @@ use futures::StreamExt;
 use lodestream_mqtt::codec::{reason_allowed_in, Decoder};
 use lodestream_mqtt::topic::SharedFilter;
 use lodestream_mqtt::{
-    encode, Ack, ConnAck, Connect, Disconnect, LastWill, Packet, Properties, ProtocolVersion, Publish, QoS,
-    ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    encode, Ack, ConnAck, Connect, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
+    Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -113,13 +113,19 @@ where
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "connection closed before CONNECT completed");
-            node.metrics.connect_rejected.with_label_values(&["invalid"]).inc();
+            node.metrics
+                .connect_rejected
+                .with_label_values(&["invalid"])
+                .inc();
             let _ = io.flush().await;
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "no CONNECT within {timeout:?}");
-            node.metrics.connect_rejected.with_label_values(&["timeout"]).inc();
+            node.metrics
+                .connect_rejected
+                .with_label_values(&["timeout"])
+                .inc();
             return;
         }
     };
@@ -148,8 +154,15 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
         let before = self.wbuf.len();
         match encode(p, v, &mut self.wbuf) {
             Ok(()) => {
-                self.node.metrics.packets_out.with_label_values(&[p.kind()]).inc();
-                self.node.metrics.bytes_out.inc_by((self.wbuf.len() - before) as u64);
+                self.node
+                    .metrics
+                    .packets_out
+                    .with_label_values(&[p.kind()])
+                    .inc();
+                self.node
+                    .metrics
+                    .bytes_out
+                    .inc_by((self.wbuf.len() - before) as u64);
             }
             // Our own packets are built to be valid; an error here is a bug,
             // logged rather than sent malformed.
@@ -195,7 +208,11 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
         loop {
             match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(Packet::Connect(c))) => {
-                    self.node.metrics.packets_in.with_label_values(&["connect"]).inc();
+                    self.node
+                        .metrics
+                        .packets_in
+                        .with_label_values(&["connect"])
+                        .inc();
                     return Ok(c);
                 }
                 Ok(Some(p)) => return Err(format!("first packet is {}, not CONNECT", p.kind())),
@@ -283,7 +300,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let limits = &node.config.mqtt;
         let v5 = c.protocol.is_v5();
         let refuse = |io: &mut Io<S>, reason: ReasonCode, label: &str| {
-            node.metrics.connect_rejected.with_label_values(&[label]).inc();
+            node.metrics
+                .connect_rejected
+                .with_label_values(&[label])
+                .inc();
             io.send(&connack(false, reason));
         };
         if v5 && c.properties.authentication_method.is_some() {
@@ -304,7 +324,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             Arc::from(c.client_id.as_str())
         };
         let expiry_s = if v5 {
-            c.properties.session_expiry_interval.unwrap_or(0).min(limits.max_session_expiry_s)
+            c.properties
+                .session_expiry_interval
+                .unwrap_or(0)
+                .min(limits.max_session_expiry_s)
         } else if c.clean_start {
             0
         } else {
@@ -312,7 +335,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         };
         let conn_id = node.next_conn_id();
         let (ctrl_tx, ctrl) = mpsc::channel(4);
-        let existing = match node.registry.claim(&client_id, conn_id, ctrl_tx, c.clean_start).await {
+        let existing = match node
+            .registry
+            .claim(&client_id, conn_id, ctrl_tx, c.clean_start)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(%peer, client_id = %client_id, error = %e, "CONNECT refused");
@@ -326,9 +353,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             Some(s) if !c.clean_start => (s, true),
             Some(s) => {
                 node.discard_session(s);
-                (Box::new(Session::new(client_id.clone(), limits.session_queue)), false)
+                (
+                    Box::new(Session::new(client_id.clone(), limits.session_queue)),
+                    false,
+                )
             }
-            None => (Box::new(Session::new(client_id.clone(), limits.session_queue)), false),
+            None => (
+                Box::new(Session::new(client_id.clone(), limits.session_queue)),
+                false,
+            ),
         };
         node.metrics.sessions.set(node.registry.len() as i64);
         if session.take_overflow() {
@@ -344,7 +377,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let mut keep_alive = c.keep_alive;
         let mut props = Properties::default();
         if v5 {
-            if limits.max_keep_alive_s > 0 && (keep_alive == 0 || keep_alive > limits.max_keep_alive_s) {
+            if limits.max_keep_alive_s > 0
+                && (keep_alive == 0 || keep_alive > limits.max_keep_alive_s)
+            {
                 keep_alive = limits.max_keep_alive_s;
                 props.server_keep_alive = Some(keep_alive);
             }
@@ -407,7 +442,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // [MQTT-4.4.0-1] resend unacknowledged PUBLISH (DUP) and PUBREL in order.
         for (id, flow) in conn.session.outbound.resend() {
             match flow {
-                OutFlow::Published(p) => conn.io.send(&Packet::Publish(p)),
+                OutFlow::Published(p) => conn.io.send(&Packet::Publish(*p)),
                 OutFlow::Released => conn.io.send(&Packet::PubRel(Ack::new(id))),
             }
         }
@@ -501,7 +536,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let now = now_ms();
         let msg = &d.msg;
         if msg.is_expired(now) {
-            self.node.metrics.dropped_messages.with_label_values(&["expired"]).inc();
+            self.node
+                .metrics
+                .dropped_messages
+                .with_label_values(&["expired"])
+                .inc();
             return;
         }
         let mut properties = if self.v5() {
@@ -533,10 +572,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             payload: msg.payload.clone(),
             properties: properties.clone(),
         };
-        let size = lodestream_mqtt::encoded_len(&Packet::Publish(full.clone()), self.version).unwrap_or(usize::MAX);
+        let size = lodestream_mqtt::encoded_len(&Packet::Publish(full.clone()), self.version)
+            .unwrap_or(usize::MAX);
         if size > self.client_max_packet {
             // [MQTT-3.1.2-25] never send more than the client accepts: discard.
-            self.node.metrics.dropped_messages.with_label_values(&["too_large_for_client"]).inc();
+            self.node
+                .metrics
+                .dropped_messages
+                .with_label_values(&["too_large_for_client"])
+                .inc();
             return;
         }
         let mut wire = full.clone();
@@ -575,7 +619,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     return Err(End::Server(r, e.to_string()));
                 }
             };
-            self.node.metrics.packets_in.with_label_values(&[p.kind()]).inc();
+            self.node
+                .metrics
+                .packets_in
+                .with_label_values(&[p.kind()])
+                .inc();
             self.on_packet(p).await?;
         }
     }
@@ -590,7 +638,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 Ok(())
             }
             Packet::PubRec(a) => {
-                match self.session.outbound.pubrec(a.packet_id, a.reason.is_error()) {
+                match self
+                    .session
+                    .outbound
+                    .pubrec(a.packet_id, a.reason.is_error())
+                {
                     Some(true) => self.io.send(&Packet::PubRel(Ack::new(a.packet_id))),
                     Some(false) => {}
                     None if self.v5() => self.io.send(&Packet::PubRel(ack_with(
@@ -612,9 +664,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     self.io.send(&Packet::PubComp(Ack::new(id)));
                 } else if self.pending_qos2.contains(&id) {
                     // PUBREL before our PUBREC: the PUBCOMP follows the Kafka ack.
-                    return Err(End::Server(ReasonCode::ProtocolError, "PUBREL before PUBREC".into()));
+                    return Err(End::Server(
+                        ReasonCode::ProtocolError,
+                        "PUBREL before PUBREC".into(),
+                    ));
                 } else if self.v5() {
-                    self.io.send(&Packet::PubComp(ack_with(id, ReasonCode::PacketIdentifierNotFound, None)));
+                    self.io.send(&Packet::PubComp(ack_with(
+                        id,
+                        ReasonCode::PacketIdentifierNotFound,
+                        None,
+                    )));
                 } else {
                     // [MQTT-4.3.3-11] (3.1.1) answer PUBCOMP even if already completed.
                     self.io.send(&Packet::PubComp(Ack::new(id)));
@@ -668,7 +727,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if let Some(alias) = p.properties.topic_alias {
             if alias == 0 || alias > self.node.config.mqtt.topic_alias_maximum {
                 // [MQTT-3.3.2-9/10]
-                return Err(End::Server(ReasonCode::TopicAliasInvalid, format!("topic alias {alias}")));
+                return Err(End::Server(
+                    ReasonCode::TopicAliasInvalid,
+                    format!("topic alias {alias}"),
+                ));
             }
             if p.topic.is_empty() {
                 match self.aliases_in.get(&alias) {
@@ -684,12 +746,18 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 self.aliases_in.insert(alias, p.topic.clone());
             }
         } else if p.topic.is_empty() {
-            return Err(End::Server(ReasonCode::TopicNameInvalid, "empty topic".into()));
+            return Err(End::Server(
+                ReasonCode::TopicNameInvalid,
+                "empty topic".into(),
+            ));
         }
         if p.topic.split('/').count() > self.node.config.mqtt.max_topic_levels {
             return Err(End::Server(
                 ReasonCode::TopicNameInvalid,
-                format!("more than {} topic levels", self.node.config.mqtt.max_topic_levels),
+                format!(
+                    "more than {} topic levels",
+                    self.node.config.mqtt.max_topic_levels
+                ),
             ));
         }
         let packet_id = p.packet_id.unwrap_or(0);
@@ -804,7 +872,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 self.node.metrics.kafka_produce_errors.inc();
                 tracing::warn!(client_id = %self.session.client_id, error = %e, "Kafka write failed; PUBLISH not acknowledged as success");
                 if self.v5() {
-                    let a = ack_with(id, ReasonCode::UnspecifiedError, Some(format!("Kafka write failed: {e}")));
+                    let a = ack_with(
+                        id,
+                        ReasonCode::UnspecifiedError,
+                        Some(format!("Kafka write failed: {e}")),
+                    );
                     self.io.send(&if done.qos == QoS::AtLeastOnce {
                         Packet::PubAck(a)
                     } else {
@@ -826,7 +898,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let mut reasons = Vec::with_capacity(s.filters.len());
         let now = now_ms();
         for (filter, opts) in s.filters {
-            let shared = if v5 { SharedFilter::parse(&filter) } else { None };
+            let shared = if v5 {
+                SharedFilter::parse(&filter)
+            } else {
+                None
+            };
             if v5 && filter.starts_with(lodestream_mqtt::topic::SHARE_PREFIX) && shared.is_none() {
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
@@ -943,7 +1019,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// Closes the connection and settles the session and the will.
     async fn finish(mut self, end: End) {
         let node = self.node.clone();
-        node.metrics.disconnects.with_label_values(&[end.label()]).inc();
+        node.metrics
+            .disconnects
+            .with_label_values(&[end.label()])
+            .inc();
         let client_id = self.session.client_id.clone();
         match &end {
             End::Server(r, why) => {
@@ -965,9 +1044,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             End::TakenOver { .. } if self.v5() => {
                 // [MQTT-3.1.4-3]
-                self.io.send(&Packet::Disconnect(Disconnect::new(ReasonCode::SessionTakenOver)));
+                self.io.send(&Packet::Disconnect(Disconnect::new(
+                    ReasonCode::SessionTakenOver,
+                )));
             }
-            End::Io(e) => tracing::debug!(client_id = %client_id, peer = %self.peer, error = %e, "connection lost"),
+            End::Io(e) => {
+                tracing::debug!(client_id = %client_id, peer = %self.peer, error = %e, "connection lost")
+            }
             _ => {}
         }
         let _ = self.io.flush().await;
@@ -999,7 +1082,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // backlog were never started; re-queue what fits.
         for d in self.backlog.drain(..) {
             if self.session.mailbox.tx.try_send(d).is_err() {
-                node.metrics.dropped_messages.with_label_values(&["connection_closed"]).inc();
+                node.metrics
+                    .dropped_messages
+                    .with_label_values(&["connection_closed"])
+                    .inc();
             }
         }
 

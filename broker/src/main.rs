@@ -9,7 +9,11 @@ use clap::Parser;
 use lodestream_broker::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "broker", version, about = "Lodestream: a Kafka-native MQTT broker")]
+#[command(
+    name = "broker",
+    version,
+    about = "Lodestream: a Kafka-native MQTT broker"
+)]
 struct Cli {
     /// TOML configuration file (see broker/broker.example.toml).
     #[arg(short, long, env = "LODESTREAM_CONFIG")]
@@ -73,10 +77,15 @@ async fn main() -> anyhow::Result<()> {
     }
     init_logs(&cfg);
     cfg.validate()?;
-    let running = lodestream_broker::start(cfg).await.context("broker failed to start")?;
+    let running = lodestream_broker::start(cfg)
+        .await
+        .context("broker failed to start")?;
     wait_for_signal().await;
     tracing::info!("shutting down");
-    running.node.shutdown(Duration::from_secs(cli.shutdown_grace_s)).await;
+    running
+        .node
+        .shutdown(Duration::from_secs(cli.shutdown_grace_s))
+        .await;
     Ok(())
 }
 

@@ -22,7 +22,9 @@ pub struct Rule {
 pub enum MappingError {
     #[error("mapping rule {0:?} is not of the form kafkaTopic:mqttPattern")]
     Syntax(String),
-    #[error("mapping rule {rule:?}: invalid Kafka topic name {topic:?} (1-249 chars of [a-zA-Z0-9._-])")]
+    #[error(
+        "mapping rule {rule:?}: invalid Kafka topic name {topic:?} (1-249 chars of [a-zA-Z0-9._-])"
+    )]
     KafkaTopic { rule: String, topic: String },
     #[error("mapping rule {rule:?}: invalid MQTT pattern: {reason}")]
     Pattern { rule: String, reason: String },
@@ -68,8 +70,7 @@ pub fn valid_kafka_topic(t: &str) -> bool {
         && t.len() <= 249
         && t != "."
         && t != ".."
-        && t
-            .bytes()
+        && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
@@ -123,13 +124,17 @@ impl Mapping {
     /// The Kafka topics a subscription to `filter` must read.
     ///
     /// Rule i is needed when its pattern overlaps the filter and no earlier
-    /// rule already captures every topic of the filter; the default topic is
-    /// needed unless some rule captures the whole filter.
+    /// rule captures the whole overlap (a record there would have been
+    /// written to the earlier rule's topic); the default topic is needed
+    /// unless some rule captures the whole filter. Conservative: an overlap
+    /// captured only by several earlier rules together still counts.
     pub fn kafka_topics_for_filter(&self, filter: &str) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
         let mut captured = false;
-        for rule in &self.rules {
-            if filters_may_overlap(&rule.pattern, filter) {
+        for (i, rule) in self.rules.iter().enumerate() {
+            let shadowed = intersection(&rule.pattern, filter)
+                .is_some_and(|common| self.rules[..i].iter().any(|r| covers(&r.pattern, &common)));
+            if filters_may_overlap(&rule.pattern, filter) && !shadowed {
                 if !out.contains(&rule.kafka_topic.as_str()) {
                     out.push(&rule.kafka_topic);
                 }
@@ -148,6 +153,37 @@ impl Mapping {
 
 fn is_wild(level: &str) -> bool {
     level == "+" || level == "#"
+}
+
+/// The filter matching exactly the topics both filters match, when they
+/// overlap at all.
+pub fn intersection(a: &str, b: &str) -> Option<String> {
+    if !filters_may_overlap(a, b) {
+        return None;
+    }
+    let mut la = a.split('/');
+    let mut lb = b.split('/');
+    let mut out: Vec<&str> = Vec::new();
+    loop {
+        match (la.next(), lb.next()) {
+            (None, None) => break,
+            (Some("#"), None) | (None, Some("#")) => break,
+            (None, Some(_)) | (Some(_), None) => return None,
+            (Some("#"), Some(y)) => {
+                out.push(y);
+                out.extend(lb.by_ref());
+                break;
+            }
+            (Some(x), Some("#")) => {
+                out.push(x);
+                out.extend(la.by_ref());
+                break;
+            }
+            (Some("+"), Some(y)) => out.push(y),
+            (Some(x), Some(_)) => out.push(x),
+        }
+    }
+    Some(out.join("/"))
 }
 
 /// True when every topic name matching `inner` also matches `outer`.
@@ -205,7 +241,10 @@ mod tests {
     #[test]
     fn article_example_subscribe_side() {
         let m = article();
-        assert_eq!(m.kafka_topics_for_filter("cars/speed/+"), vec!["kafkaTopic1"]);
+        assert_eq!(
+            m.kafka_topics_for_filter("cars/speed/+"),
+            vec!["kafkaTopic1"]
+        );
         assert_eq!(
             m.kafka_topics_for_filter("cars/#"),
             vec!["kafkaTopic1", "kafkaTopic2"]
@@ -215,7 +254,10 @@ mod tests {
             m.kafka_topics_for_filter("#"),
             vec!["kafkaTopic1", "kafkaTopic2", "default"]
         );
-        assert_eq!(m.kafka_topics_for_filter("cars/speed/7"), vec!["kafkaTopic1"]);
+        assert_eq!(
+            m.kafka_topics_for_filter("cars/speed/7"),
+            vec!["kafkaTopic1"]
+        );
         assert_eq!(
             m.kafka_topics_for_filter("+/speed/1"),
             vec!["kafkaTopic1", "default"]
@@ -224,7 +266,10 @@ mod tests {
 
     #[test]
     fn parse_rejects_bad_rules() {
-        assert!(matches!(Rule::parse("nocolon"), Err(MappingError::Syntax(_))));
+        assert!(matches!(
+            Rule::parse("nocolon"),
+            Err(MappingError::Syntax(_))
+        ));
         assert!(matches!(
             Rule::parse("bad topic:a/b"),
             Err(MappingError::KafkaTopic { .. })
@@ -244,6 +289,12 @@ mod tests {
 
     #[test]
     fn cover_rules() {
+        assert_eq!(
+            intersection("+/speed/1", "cars/#").as_deref(),
+            Some("cars/speed/1")
+        );
+        assert_eq!(intersection("a/#", "a").as_deref(), Some("a"));
+        assert_eq!(intersection("a/+", "b/#"), None);
         assert!(covers("cars/#", "cars/speed/+"));
         assert!(covers("cars/#", "cars"));
         assert!(!covers("cars/speed/+", "cars/#"));
@@ -255,12 +306,73 @@ mod tests {
     #[test]
     fn all_topics_deduplicated() {
         let m = Mapping::new(
-            vec![
-                Rule::parse("a:x/#").unwrap(),
-                Rule::parse("a:y/#").unwrap(),
-            ],
+            vec![Rule::parse("a:x/#").unwrap(), Rule::parse("a:y/#").unwrap()],
             "a",
         );
         assert_eq!(m.all_kafka_topics(), vec!["a"]);
+    }
+
+    mod generated {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn level() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("a".to_string()),
+                Just("b".to_string()),
+                Just("$s".to_string()),
+                Just(String::new())
+            ]
+        }
+        fn filter_level() -> impl Strategy<Value = String> {
+            prop_oneof![level(), Just("+".to_string())]
+        }
+        fn any_topic() -> impl Strategy<Value = String> {
+            prop::collection::vec(level(), 1..4).prop_map(|v| v.join("/"))
+        }
+        fn any_filter() -> impl Strategy<Value = String> {
+            (prop::collection::vec(filter_level(), 1..4), any::<bool>()).prop_map(
+                |(mut v, hash)| {
+                    if hash {
+                        v.push("#".into());
+                    }
+                    v.join("/")
+                },
+            )
+        }
+
+        proptest! {
+            /// Soundness of the read side: whatever Kafka topic a matching
+            /// MQTT topic is written to, a subscription reads it.
+            #[test]
+            fn subscription_reads_every_topic_a_match_is_written_to(
+                patterns in prop::collection::vec(any_filter(), 0..4),
+                f in any_filter(),
+                t in any_topic(),
+            ) {
+                let rules = patterns.iter().enumerate()
+                    .map(|(i, p)| Rule { kafka_topic: format!("k{i}"), pattern: p.clone() })
+                    .collect();
+                let m = Mapping::new(rules, "default");
+                if lodestream_mqtt::topic::matches(&f, &t) {
+                    let written = m.kafka_topic_for(&t);
+                    prop_assert!(m.kafka_topics_for_filter(&f).contains(&written),
+                        "{t} -> {written} not read by {f}");
+                }
+            }
+
+            #[test]
+            fn covers_and_intersection_agree_with_matching(a in any_filter(), b in any_filter(), t in any_topic()) {
+                use lodestream_mqtt::topic::matches;
+                if covers(&a, &b) && matches(&b, &t) {
+                    prop_assert!(matches(&a, &t));
+                }
+                let both = matches(&a, &t) && matches(&b, &t);
+                match intersection(&a, &b) {
+                    Some(i) => prop_assert_eq!(matches(&i, &t), both, "{} {} -> {}", a, b, i),
+                    None => prop_assert!(!both),
+                }
+            }
+        }
     }
 }

@@ -66,7 +66,8 @@ impl Message {
     }
 
     pub fn is_expired(&self, now_ms: i64) -> bool {
-        self.properties.message_expiry_interval.is_some() && self.remaining_expiry(now_ms) == Some(0)
+        self.properties.message_expiry_interval.is_some()
+            && self.remaining_expiry(now_ms) == Some(0)
     }
 
     /// Kafka record headers for this message, in a stable order.
@@ -131,7 +132,10 @@ impl Message {
             let text = std::str::from_utf8(raw).ok();
             match name {
                 H_QOS => {
-                    if let Some(q) = text.and_then(|t| t.parse::<u8>().ok()).and_then(QoS::from_u8) {
+                    if let Some(q) = text
+                        .and_then(|t| t.parse::<u8>().ok())
+                        .and_then(QoS::from_u8)
+                    {
                         m.qos = q;
                     }
                 }
@@ -218,11 +222,18 @@ mod tests {
             "t".into(),
             Bytes::new(),
             0,
-            [("trace", Some(&b"x"[..])), ("bin", Some(&[0xff][..])), ("mqtt.unknown", Some(&b"1"[..]))],
+            [
+                ("trace", Some(&b"x"[..])),
+                ("bin", Some(&[0xff][..])),
+                ("mqtt.unknown", Some(&b"1"[..])),
+            ],
         );
         assert_eq!(m.qos, QoS::AtMostOnce);
         assert!(!m.retain);
-        assert_eq!(m.properties.user_properties, vec![("trace".into(), "x".into())]);
+        assert_eq!(
+            m.properties.user_properties,
+            vec![("trace".into(), "x".into())]
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! counters end in `_total`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -28,19 +29,23 @@ pub struct Metrics {
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     c
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     c
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     g
 }
 
@@ -54,23 +59,48 @@ impl Metrics {
                 "lodestream_publish_to_kafka_seconds",
                 "Time from a QoS>0 PUBLISH received to Kafka's acknowledgement",
             )
-            .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
         )
         .unwrap_or_else(|e| panic!("histogram: {e}"));
-        r.register(Box::new(h.clone())).unwrap_or_else(|e| panic!("histogram: {e}"));
+        r.register(Box::new(h.clone()))
+            .unwrap_or_else(|e| panic!("histogram: {e}"));
         Metrics {
             connections: gauge(&r, "lodestream_connections", "Open MQTT connections"),
-            connections_total: counter(&r, "lodestream_connections_total", "Accepted MQTT connections"),
+            connections_total: counter(
+                &r,
+                "lodestream_connections_total",
+                "Accepted MQTT connections",
+            ),
             connect_rejected: counter_vec(
                 &r,
                 "lodestream_connect_rejected_total",
                 "CONNECTs refused, by reason",
                 &["reason"],
             ),
-            sessions: gauge(&r, "lodestream_sessions", "Sessions known to this node (online and offline)"),
-            subscriptions: gauge(&r, "lodestream_subscriptions", "Subscriptions held by this node"),
-            packets_in: counter_vec(&r, "lodestream_packets_received_total", "MQTT packets received", &["type"]),
-            packets_out: counter_vec(&r, "lodestream_packets_sent_total", "MQTT packets sent", &["type"]),
+            sessions: gauge(
+                &r,
+                "lodestream_sessions",
+                "Sessions known to this node (online and offline)",
+            ),
+            subscriptions: gauge(
+                &r,
+                "lodestream_subscriptions",
+                "Subscriptions held by this node",
+            ),
+            packets_in: counter_vec(
+                &r,
+                "lodestream_packets_received_total",
+                "MQTT packets received",
+                &["type"],
+            ),
+            packets_out: counter_vec(
+                &r,
+                "lodestream_packets_sent_total",
+                "MQTT packets sent",
+                &["type"],
+            ),
             bytes_in: counter(&r, "lodestream_bytes_received_total", "MQTT bytes received"),
             bytes_out: counter(&r, "lodestream_bytes_sent_total", "MQTT bytes sent"),
             published_to_kafka: counter_vec(
@@ -91,14 +121,22 @@ impl Metrics {
                 "Records read from Kafka for fan-out, by Kafka topic",
                 &["topic"],
             ),
-            delivered: counter(&r, "lodestream_messages_delivered_total", "PUBLISHes sent to subscribers"),
+            delivered: counter(
+                &r,
+                "lodestream_messages_delivered_total",
+                "PUBLISHes sent to subscribers",
+            ),
             dropped_messages: counter_vec(
                 &r,
                 "lodestream_messages_dropped_total",
                 "Messages not delivered, by reason",
                 &["reason"],
             ),
-            auth_failures: counter(&r, "lodestream_auth_failures_total", "Failed authentications"),
+            auth_failures: counter(
+                &r,
+                "lodestream_auth_failures_total",
+                "Failed authentications",
+            ),
             disconnects: counter_vec(
                 &r,
                 "lodestream_disconnects_total",

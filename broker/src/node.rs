@@ -71,8 +71,14 @@ impl Node {
             kafka::ensure_topics(kcfg, &config.node_id, &topics),
         )
         .await
-        .with_context(|| format!("Kafka at {} did not answer within 60 s", kcfg.bootstrap_servers))??;
-        let producer = Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
+        .with_context(|| {
+            format!(
+                "Kafka at {} did not answer within 60 s",
+                kcfg.bootstrap_servers
+            )
+        })??;
+        let producer =
+            Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
         let metrics = Arc::new(Metrics::new());
         let retained = Arc::new(RetainedStore::new());
         let r2 = retained.clone();
@@ -85,7 +91,10 @@ impl Node {
         )
         .await
         .context("reading the retained-message topic")?;
-        if tokio::time::timeout(Duration::from_secs(60), caught_up).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(60), caught_up)
+            .await
+            .is_err()
+        {
             tracing::warn!("retained messages not fully loaded after 60 s; serving what is loaded");
         }
         tracing::info!(retained = retained.len(), "retained messages loaded");
@@ -168,7 +177,9 @@ impl Node {
         let started = std::time::Instant::now();
         let futs = self.send(&msg).await?;
         for f in futs {
-            Producer::delivered(f).await.inspect_err(|_| self.metrics.kafka_produce_errors.inc())?;
+            Producer::delivered(f)
+                .await
+                .inspect_err(|_| self.metrics.kafka_produce_errors.inc())?;
         }
         self.metrics
             .publish_to_kafka_seconds
@@ -180,7 +191,10 @@ impl Node {
     }
 
     /// Enqueues the Kafka writes of a message and returns their delivery reports.
-    pub async fn send(&self, msg: &Message) -> Result<Vec<rdkafka::producer::DeliveryFuture>, kafka::ProduceError> {
+    pub async fn send(
+        &self,
+        msg: &Message,
+    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, kafka::ProduceError> {
         let topic = self.mapping.kafka_topic_for(&msg.topic);
         let headers = msg.to_headers();
         let mut out = Vec::with_capacity(2);
@@ -189,13 +203,21 @@ impl Node {
                 .send(topic, msg.topic.as_bytes(), Some(&msg.payload), &headers)
                 .await?,
         );
-        self.metrics.published_to_kafka.with_label_values(&[topic]).inc();
+        self.metrics
+            .published_to_kafka
+            .with_label_values(&[topic])
+            .inc();
         if msg.retain {
             // An empty retained payload is a tombstone: compaction deletes the key.
             let value = (!msg.payload.is_empty()).then_some(&msg.payload[..]);
             out.push(
                 self.producer
-                    .send(&self.config.kafka.retained_topic, msg.topic.as_bytes(), value, &headers)
+                    .send(
+                        &self.config.kafka.retained_topic,
+                        msg.topic.as_bytes(),
+                        value,
+                        &headers,
+                    )
                     .await?,
             );
         }
@@ -246,7 +268,13 @@ impl Node {
 
     /// Parks a persistent session after its connection closed and starts its
     /// timers: the session expiry, and a delayed will [MQTT-3.1.2-8..10].
-    pub fn park_session(self: &Arc<Self>, generation: u64, client_id: Arc<str>, expiry_s: u32, will: Option<(LastWill, u32)>) {
+    pub fn park_session(
+        self: &Arc<Self>,
+        generation: u64,
+        client_id: Arc<str>,
+        expiry_s: u32,
+        will: Option<(LastWill, u32)>,
+    ) {
         let node = self.clone();
         let id = client_id.clone();
         let will_on_expiry = will.clone().map(|(w, _)| w);
@@ -261,7 +289,8 @@ impl Node {
                 }
             }
         });
-        self.registry.add_timer(&client_id, generation, expiry.abort_handle());
+        self.registry
+            .add_timer(&client_id, generation, expiry.abort_handle());
         if let Some((w, delay)) = will {
             if delay < expiry_s {
                 let node = self.clone();
@@ -270,7 +299,8 @@ impl Node {
                     tokio::time::sleep(Duration::from_secs(delay as u64)).await;
                     node.publish_will(&id, w).await;
                 });
-                self.registry.add_timer(&client_id, generation, t.abort_handle());
+                self.registry
+                    .add_timer(&client_id, generation, t.abort_handle());
             }
         }
     }
@@ -282,11 +312,15 @@ impl Node {
             let _ = ctrl.try_send(Control::Close(ReasonCode::ServerShuttingDown));
         }
         let deadline = tokio::time::Instant::now() + grace;
-        while self.open_connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        while self.open_connections.load(Ordering::Relaxed) > 0
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let producer = self.producer.clone();
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(1));
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(1));
         let _ = tokio::task::spawn_blocking(move || producer.flush(left)).await;
     }
 }

@@ -93,7 +93,9 @@ impl Registry {
         };
         match prev {
             None => Ok(None),
-            Some(Slot::Offline { session, timers, .. }) => {
+            Some(Slot::Offline {
+                session, timers, ..
+            }) => {
                 // [MQTT-3.1.3-9] reconnecting before the will delay cancels the will.
                 for t in timers {
                     t.abort();

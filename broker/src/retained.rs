@@ -10,8 +10,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
-
 use crate::kafka::Record;
 use crate::message::Message;
 
@@ -39,7 +37,10 @@ impl RetainedStore {
     /// Applies a record of the retained topic (key = MQTT topic).
     pub fn apply_record(&self, rec: Record) {
         let Some(key) = rec.key.as_ref().and_then(|k| std::str::from_utf8(k).ok()) else {
-            tracing::warn!(offset = rec.offset, "retained record without a UTF-8 key skipped");
+            tracing::warn!(
+                offset = rec.offset,
+                "retained record without a UTF-8 key skipped"
+            );
             return;
         };
         if lodestream_mqtt::topic::validate_topic_name(key).is_err() {
@@ -48,11 +49,14 @@ impl RetainedStore {
         }
         let msg = Message::from_record(
             key.to_string(),
-            rec.value.unwrap_or_else(Bytes::new),
+            rec.value.unwrap_or_default(),
             rec.timestamp_ms,
             rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
         );
-        self.apply(Arc::new(Message { retain: true, ..msg }));
+        self.apply(Arc::new(Message {
+            retain: true,
+            ..msg
+        }));
     }
 
     /// Unexpired retained messages whose topic matches `filter`.
@@ -60,7 +64,9 @@ impl RetainedStore {
         let m = self.map.read().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<Arc<Message>> = m
             .values()
-            .filter(|msg| lodestream_mqtt::topic::matches(filter, &msg.topic) && !msg.is_expired(now_ms))
+            .filter(|msg| {
+                lodestream_mqtt::topic::matches(filter, &msg.topic) && !msg.is_expired(now_ms)
+            })
             .cloned()
             .collect();
         out.sort_by(|a, b| a.topic.cmp(&b.topic));
@@ -79,6 +85,7 @@ impl RetainedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use lodestream_mqtt::{Properties, QoS};
 
     fn msg(topic: &str, payload: &'static [u8], expiry: Option<u32>) -> Arc<Message> {

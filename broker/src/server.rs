@@ -35,7 +35,10 @@ pub async fn run_tcp(node: Arc<Node>, listener: TcpListener) {
                 // Typically EMFILE: back off instead of spinning; existing
                 // connections keep working.
                 tracing::warn!(error = %e, "accept failed");
-                node.metrics.connect_rejected.with_label_values(&["accept_error"]).inc();
+                node.metrics
+                    .connect_rejected
+                    .with_label_values(&["accept_error"])
+                    .inc();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -89,7 +92,11 @@ async fn http_one(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<()>
             if kafka_reachable(&node).await {
                 ("200 OK", "text/plain", "ready\n".to_string())
             } else {
-                ("503 Service Unavailable", "text/plain", "kafka unreachable\n".to_string())
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "kafka unreachable\n".to_string(),
+                )
             }
         }
         _ => ("404 Not Found", "text/plain", "not found\n".to_string()),

@@ -48,7 +48,7 @@ pub struct Subscription {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutFlow {
     /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
-    Published(Publish),
+    Published(Box<Publish>),
     /// PUBREL sent, waiting for PUBCOMP.
     Released,
 }
@@ -87,7 +87,8 @@ impl Outbound {
 
     pub fn start(&mut self, id: u16, publish: Publish) {
         self.in_use.insert(id);
-        self.flows.push_back((id, OutFlow::Published(publish)));
+        self.flows
+            .push_back((id, OutFlow::Published(Box::new(publish))));
     }
 
     fn remove(&mut self, p: usize) {
@@ -106,7 +107,8 @@ impl Outbound {
     /// PUBACK for a QoS 1 flow: true if it ended one.
     pub fn puback(&mut self, id: u16) -> bool {
         match self.position(id) {
-            Some(p) if matches!(&self.flows[p].1, OutFlow::Published(pb) if pb.qos == QoS::AtLeastOnce) => {
+            Some(p) if matches!(&self.flows[p].1, OutFlow::Published(pb) if pb.qos == QoS::AtLeastOnce) =>
+            {
                 self.remove(p);
                 true
             }
@@ -151,7 +153,10 @@ impl Outbound {
             .iter()
             .map(|(id, f)| {
                 let f = match f {
-                    OutFlow::Published(p) => OutFlow::Published(Publish { dup: true, ..p.clone() }),
+                    OutFlow::Published(p) => OutFlow::Published(Box::new(Publish {
+                        dup: true,
+                        ..(**p).clone()
+                    })),
                     OutFlow::Released => OutFlow::Released,
                 };
                 (*id, f)
@@ -247,7 +252,10 @@ mod tests {
         assert_eq!(o.pubrec(2, false), None);
         let r = o.resend();
         assert_eq!(r[0], (1, OutFlow::Released));
-        assert!(matches!(&r[1], (2, OutFlow::Published(p)) if p.dup), "[MQTT-4.4.0-1] DUP set on resend");
+        assert!(
+            matches!(&r[1], (2, OutFlow::Published(p)) if p.dup),
+            "[MQTT-4.4.0-1] DUP set on resend"
+        );
         assert!(o.pubcomp(1));
         assert!(!o.pubcomp(1));
         assert!(o.puback(2));

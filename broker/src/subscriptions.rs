@@ -42,6 +42,9 @@ pub struct SubscriptionIndex {
     metrics: Arc<Metrics>,
 }
 
+/// (share group, inner filter): one shared subscription.
+type SharedKey = (Arc<str>, Arc<str>);
+
 struct Pending {
     mailbox: Mailbox,
     qos: QoS,
@@ -81,7 +84,7 @@ impl SubscriptionIndex {
     /// [MQTT-3.3.4-2..5], and to one member of each shared subscription.
     pub fn dispatch(&self, msg: &Arc<Message>) {
         let mut direct: HashMap<Arc<str>, Pending> = HashMap::new();
-        let mut shared: HashMap<(Arc<str>, Arc<str>), Vec<(Arc<str>, SubEntry)>> = HashMap::new();
+        let mut shared: HashMap<SharedKey, Vec<(Arc<str>, SubEntry)>> = HashMap::new();
         {
             let t = self.trie.read().unwrap_or_else(|e| e.into_inner());
             t.for_each_match(&msg.topic, |key: &SubKey, e: &SubEntry| {
@@ -99,12 +102,14 @@ impl SubscriptionIndex {
                 let qos = msg.qos.min(e.options.qos);
                 // [MQTT-3.3.1-12/13] RETAIN is cleared unless retain-as-published.
                 let retain = e.options.retain_as_published && msg.retain;
-                let p = direct.entry(key.client_id.clone()).or_insert_with(|| Pending {
-                    mailbox: e.mailbox.clone(),
-                    qos,
-                    retain,
-                    ids: Vec::new(),
-                });
+                let p = direct
+                    .entry(key.client_id.clone())
+                    .or_insert_with(|| Pending {
+                        mailbox: e.mailbox.clone(),
+                        qos,
+                        retain,
+                        ids: Vec::new(),
+                    });
                 p.qos = p.qos.max(qos);
                 p.retain |= retain;
                 if let Some(id) = e.identifier {
@@ -147,11 +152,17 @@ impl SubscriptionIndex {
             Ok(()) => {}
             Err(TrySendError::Full(d)) if d.qos == QoS::AtMostOnce => {
                 p.mailbox.flags.dropped_qos0.fetch_add(1, Ordering::Relaxed);
-                self.metrics.dropped_messages.with_label_values(&["queue_full_qos0"]).inc();
+                self.metrics
+                    .dropped_messages
+                    .with_label_values(&["queue_full_qos0"])
+                    .inc();
             }
             Err(TrySendError::Full(_)) => {
                 p.mailbox.flags.overflowed.store(true, Ordering::Relaxed);
-                self.metrics.dropped_messages.with_label_values(&["queue_full"]).inc();
+                self.metrics
+                    .dropped_messages
+                    .with_label_values(&["queue_full"])
+                    .inc();
             }
             // The session ended between lookup and send: nothing to deliver to.
             Err(TrySendError::Closed(_)) => {}

@@ -8,7 +8,7 @@ mod raw {
 
 use std::time::Duration;
 
-use lodestream_mqtt::{Connect, Packet, ProtocolVersion, Properties, ReasonCode};
+use lodestream_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode};
 use raw::Raw;
 
 async fn connected(b: &common::Broker, v: ProtocolVersion) -> Raw {
@@ -33,7 +33,10 @@ async fn expect_disconnect(r: &mut Raw, reason: ReasonCode) {
         Some(Packet::Disconnect(d)) => assert_eq!(d.reason, reason),
         other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
     }
-    assert!(r.closed_within(Duration::from_secs(2)).await, "connection closed");
+    assert!(
+        r.closed_within(Duration::from_secs(2)).await,
+        "connection closed"
+    );
 }
 
 /// [MQTT-3.1.0-1] the first packet must be CONNECT.
@@ -50,7 +53,8 @@ async fn first_packet_not_connect_closes() {
 async fn reserved_flags_violation_is_malformed() {
     let b = common::start(&[]).await;
     let mut r = connected(&b, ProtocolVersion::V5).await;
-    r.send_bytes(&[0x80, 0x08, 0x00, 0x01, 0x00, 0x00, 0x02, b'a', b'/', 0x00]).await;
+    r.send_bytes(&[0x80, 0x08, 0x00, 0x01, 0x00, 0x00, 0x02, b'a', b'/', 0x00])
+        .await;
     expect_disconnect(&mut r, ReasonCode::MalformedPacket).await;
 }
 
@@ -71,11 +75,13 @@ async fn oversize_packet_refused_from_header() {
 async fn invalid_utf8_topic_is_malformed() {
     let b = common::start(&[]).await;
     let mut r = connected(&b, ProtocolVersion::V5).await;
-    r.send_bytes(&[0x30, 0x06, 0x00, 0x03, b'a', 0xC3, 0x28, 0x00]).await;
+    r.send_bytes(&[0x30, 0x06, 0x00, 0x03, b'a', 0xC3, 0x28, 0x00])
+        .await;
     expect_disconnect(&mut r, ReasonCode::MalformedPacket).await;
     // 3.1.1: just closed.
     let mut r = connected(&b, ProtocolVersion::V311).await;
-    r.send_bytes(&[0x30, 0x05, 0x00, 0x03, b'a', 0xC3, 0x28]).await;
+    r.send_bytes(&[0x30, 0x05, 0x00, 0x03, b'a', 0xC3, 0x28])
+        .await;
     assert!(r.closed_within(Duration::from_secs(2)).await);
 }
 
@@ -84,7 +90,8 @@ async fn invalid_utf8_topic_is_malformed() {
 async fn wildcard_in_publish_topic_rejected() {
     let b = common::start(&[]).await;
     let mut r = connected(&b, ProtocolVersion::V5).await;
-    r.send_bytes(&[0x30, 0x06, 0x00, 0x03, b'a', b'/', b'#', 0x00]).await;
+    r.send_bytes(&[0x30, 0x06, 0x00, 0x03, b'a', b'/', b'#', 0x00])
+        .await;
     expect_disconnect(&mut r, ReasonCode::TopicNameInvalid).await;
 }
 
@@ -94,7 +101,10 @@ async fn unsupported_protocol_level() {
     let b = common::start(&[]).await;
     let mut r = Raw::connect(b.addr()).await;
     r.set_version(ProtocolVersion::V311);
-    r.send_bytes(&[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 30, 0, 1, b'x']).await;
+    r.send_bytes(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 30, 0, 1, b'x',
+    ])
+    .await;
     match r.recv().await {
         Some(Packet::ConnAck(a)) => assert_eq!(a.reason, ReasonCode::UnsupportedProtocolVersion),
         other => panic!("expected CONNACK 1, got {other:?}"),

@@ -27,11 +27,18 @@ async fn article_mapping_example_routes_records_to_kafka_topics() {
         ("cars/speed/1/2", "c"),
         ("trains/speed/1", "d"),
     ] {
-        c.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+        c.publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
     }
     let mut acks = 0;
     while acks < 4 {
-        if let Event::Incoming(P4::PubAck(_)) = tokio::time::timeout(Duration::from_secs(20), el.poll()).await.unwrap().unwrap() {
+        if let Event::Incoming(P4::PubAck(_)) =
+            tokio::time::timeout(Duration::from_secs(20), el.poll())
+                .await
+                .unwrap()
+                .unwrap()
+        {
             acks += 1;
         }
     }
@@ -47,7 +54,10 @@ async fn article_mapping_example_routes_records_to_kafka_topics() {
     assert_eq!(keys(&r2), vec!["cars/location/1", "cars/speed/1/2"]);
     assert_eq!(keys(&rd), vec!["trains/speed/1"]);
     assert_eq!(r1[0].value.as_deref(), Some(&b"a"[..]));
-    assert_eq!(r1[0].headers.get("mqtt.qos").map(Vec::as_slice), Some(&b"1"[..]));
+    assert_eq!(
+        r1[0].headers.get("mqtt.qos").map(Vec::as_slice),
+        Some(&b"1"[..])
+    );
 }
 
 /// MQTT 5 properties travel as Kafka headers; PUBACK comes after the write.
@@ -69,7 +79,10 @@ async fn v5_properties_become_record_headers() {
         .await
         .unwrap();
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(20), el.poll()).await.unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .unwrap()
+            .unwrap();
         if let Event5::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubComp(_)) = ev {
             break;
         }
@@ -97,7 +110,7 @@ async fn v5_properties_become_record_headers() {
 /// [MQTT-4.3.3-9/10].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_duplicate_publish_written_once() {
-    use lodestream_mqtt::{Ack, Connect, Packet, ProtocolVersion, Properties, Publish, QoS as Q};
+    use lodestream_mqtt::{Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS as Q};
     let b = common::start(&[]).await;
     let mut s = raw::Raw::connect(b.addr()).await;
     s.send(&Packet::Connect(Box::new(Connect {
@@ -128,7 +141,11 @@ async fn qos2_duplicate_publish_written_once() {
     s.send(&Packet::PubRel(Ack::new(7))).await;
     assert_eq!(s.recv().await, Some(Packet::PubComp(Ack::new(7))));
     let r = common::read_topic(&b.default_topic, 2, Duration::from_secs(5));
-    assert_eq!(r.len(), 1, "duplicate QoS 2 PUBLISH must not reach Kafka twice");
+    assert_eq!(
+        r.len(),
+        1,
+        "duplicate QoS 2 PUBLISH must not reach Kafka twice"
+    );
 }
 
 mod raw {

@@ -10,12 +10,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lodestream_mqtt::{
-    Ack, Connect, Disconnect, LastWill, Packet, ProtocolVersion, Properties, Publish, QoS as Q, ReasonCode,
-    Subscribe, SubscriptionOptions,
+    Ack, Connect, Disconnect, LastWill, Packet, Properties, ProtocolVersion, Publish, QoS as Q,
+    ReasonCode, Subscribe, SubscriptionOptions,
 };
 use raw::Raw;
 
-fn connect(v: ProtocolVersion, id: &str, clean: bool, expiry: Option<u32>, will: Option<LastWill>) -> Packet {
+fn connect(
+    v: ProtocolVersion,
+    id: &str,
+    clean: bool,
+    expiry: Option<u32>,
+    will: Option<LastWill>,
+) -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol: v,
         clean_start: clean,
@@ -82,7 +88,10 @@ async fn takeover_disconnects_previous_connection() {
     assert!(matches!(a.recv().await, Some(Packet::SubAck(_))));
     let started = Instant::now();
     let (mut bb, ack) = open(&b, connect(ProtocolVersion::V5, &id, false, Some(60), None)).await;
-    assert!(ack.session_present, "[MQTT-3.2.2-3] session present after take-over");
+    assert!(
+        ack.session_present,
+        "[MQTT-3.2.2-3] session present after take-over"
+    );
     match a.recv().await {
         Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::SessionTakenOver),
         other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
@@ -90,9 +99,16 @@ async fn takeover_disconnects_previous_connection() {
     assert!(a.closed_within(Duration::from_secs(2)).await);
     assert!(started.elapsed() < Duration::from_secs(2));
     // The subscription moved with the session.
-    let (mut p, _) = open(&b, connect(ProtocolVersion::V5, &common::unique("p"), true, None, None)).await;
-    p.send(&publish("to/x", Q::AtLeastOnce, Some(1), b"hi".to_vec())).await;
-    let got = next_publish(&mut bb, Duration::from_secs(10)).await.expect("delivery after take-over");
+    let (mut p, _) = open(
+        &b,
+        connect(ProtocolVersion::V5, &common::unique("p"), true, None, None),
+    )
+    .await;
+    p.send(&publish("to/x", Q::AtLeastOnce, Some(1), b"hi".to_vec()))
+        .await;
+    let got = next_publish(&mut bb, Duration::from_secs(10))
+        .await
+        .expect("delivery after take-over");
     assert_eq!(&got.payload[..], b"hi");
 }
 
@@ -107,12 +123,29 @@ async fn persistent_session_receives_messages_sent_while_offline() {
     assert!(!ack.session_present);
     s.send(&sub("queue/#", Q::AtLeastOnce)).await;
     assert!(matches!(s.recv().await, Some(Packet::SubAck(_))));
-    s.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+    s.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)))
+        .await;
     assert!(s.closed_within(Duration::from_secs(2)).await);
 
-    let (mut p, _) = open(&b, connect(ProtocolVersion::V311, &common::unique("p"), true, None, None)).await;
+    let (mut p, _) = open(
+        &b,
+        connect(
+            ProtocolVersion::V311,
+            &common::unique("p"),
+            true,
+            None,
+            None,
+        ),
+    )
+    .await;
     for i in 0..20u16 {
-        p.send(&publish("queue/a", Q::AtLeastOnce, Some(i + 1), i.to_string().into_bytes())).await;
+        p.send(&publish(
+            "queue/a",
+            Q::AtLeastOnce,
+            Some(i + 1),
+            i.to_string().into_bytes(),
+        ))
+        .await;
     }
     for _ in 0..20 {
         assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
@@ -122,9 +155,12 @@ async fn persistent_session_receives_messages_sent_while_offline() {
     let (mut s, ack) = open(&b, connect(ProtocolVersion::V311, &id, false, None, None)).await;
     assert!(ack.session_present);
     for i in 0..20u16 {
-        let got = next_publish(&mut s, Duration::from_secs(10)).await.expect("queued message");
+        let got = next_publish(&mut s, Duration::from_secs(10))
+            .await
+            .expect("queued message");
         assert_eq!(got.payload, Bytes::from(i.to_string()), "order kept");
-        s.send(&Packet::PubAck(Ack::new(got.packet_id.unwrap_or(0)))).await;
+        s.send(&Packet::PubAck(Ack::new(got.packet_id.unwrap_or(0))))
+            .await;
     }
 }
 
@@ -137,13 +173,22 @@ async fn unacked_delivery_resent_with_dup_on_reconnect() {
     let (mut s, _) = open(&b, connect(ProtocolVersion::V5, &id, true, Some(300), None)).await;
     s.send(&sub("r/#", Q::AtLeastOnce)).await;
     assert!(matches!(s.recv().await, Some(Packet::SubAck(_))));
-    let (mut p, _) = open(&b, connect(ProtocolVersion::V5, &common::unique("p"), true, None, None)).await;
-    p.send(&publish("r/1", Q::AtLeastOnce, Some(1), b"m".to_vec())).await;
+    let (mut p, _) = open(
+        &b,
+        connect(ProtocolVersion::V5, &common::unique("p"), true, None, None),
+    )
+    .await;
+    p.send(&publish("r/1", Q::AtLeastOnce, Some(1), b"m".to_vec()))
+        .await;
     let first = next_publish(&mut s, Duration::from_secs(10)).await.unwrap();
     assert!(!first.dup);
     drop(s); // no PUBACK, connection lost
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut s, ack) = open(&b, connect(ProtocolVersion::V5, &id, false, Some(300), None)).await;
+    let (mut s, ack) = open(
+        &b,
+        connect(ProtocolVersion::V5, &id, false, Some(300), None),
+    )
+    .await;
     assert!(ack.session_present);
     let again = next_publish(&mut s, Duration::from_secs(10)).await.unwrap();
     assert!(again.dup);
@@ -170,34 +215,94 @@ fn will(topic: &str, delay: Option<u32>) -> LastWill {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_will_rules() {
     let b = common::start(&[]).await;
-    let (mut w, _) = open(&b, connect(ProtocolVersion::V5, &common::unique("w"), true, None, None)).await;
+    let (mut w, _) = open(
+        &b,
+        connect(ProtocolVersion::V5, &common::unique("w"), true, None, None),
+    )
+    .await;
     w.send(&sub("wills/#", Q::AtLeastOnce)).await;
     assert!(matches!(w.recv().await, Some(Packet::SubAck(_))));
 
     // Normal disconnect: no will.
-    let (mut c1, _) = open(&b, connect(ProtocolVersion::V5, &common::unique("c1"), true, None, Some(will("wills/normal", None)))).await;
-    c1.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await;
+    let (mut c1, _) = open(
+        &b,
+        connect(
+            ProtocolVersion::V5,
+            &common::unique("c1"),
+            true,
+            None,
+            Some(will("wills/normal", None)),
+        ),
+    )
+    .await;
+    c1.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)))
+        .await;
     // Abnormal close: will.
-    let (c2, _) = open(&b, connect(ProtocolVersion::V311, &common::unique("c2"), true, None, Some(will("wills/abnormal", None)))).await;
+    let (c2, _) = open(
+        &b,
+        connect(
+            ProtocolVersion::V311,
+            &common::unique("c2"),
+            true,
+            None,
+            Some(will("wills/abnormal", None)),
+        ),
+    )
+    .await;
     drop(c2);
-    let got = next_publish(&mut w, Duration::from_secs(10)).await.expect("will");
+    let got = next_publish(&mut w, Duration::from_secs(10))
+        .await
+        .expect("will");
     assert_eq!(got.topic, "wills/abnormal");
-    w.send(&Packet::PubAck(Ack::new(got.packet_id.unwrap()))).await;
+    w.send(&Packet::PubAck(Ack::new(got.packet_id.unwrap())))
+        .await;
 
     // Delayed will, client returns in time: no will.
     let id3 = common::unique("c3");
-    let (c3, _) = open(&b, connect(ProtocolVersion::V5, &id3, true, Some(30), Some(will("wills/returned", Some(2))))).await;
+    let (c3, _) = open(
+        &b,
+        connect(
+            ProtocolVersion::V5,
+            &id3,
+            true,
+            Some(30),
+            Some(will("wills/returned", Some(2))),
+        ),
+    )
+    .await;
     drop(c3);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_c3b, _) = open(&b, connect(ProtocolVersion::V5, &id3, false, Some(30), None)).await;
+    let (_c3b, _) = open(
+        &b,
+        connect(ProtocolVersion::V5, &id3, false, Some(30), None),
+    )
+    .await;
     // Delayed will, client stays away: will after the delay.
-    let (c4, _) = open(&b, connect(ProtocolVersion::V5, &common::unique("c4"), true, Some(30), Some(will("wills/delayed", Some(1))))).await;
+    let (c4, _) = open(
+        &b,
+        connect(
+            ProtocolVersion::V5,
+            &common::unique("c4"),
+            true,
+            Some(30),
+            Some(will("wills/delayed", Some(1))),
+        ),
+    )
+    .await;
     let dropped_at = Instant::now();
     drop(c4);
-    let got = next_publish(&mut w, Duration::from_secs(10)).await.expect("delayed will");
+    let got = next_publish(&mut w, Duration::from_secs(10))
+        .await
+        .expect("delayed will");
     assert_eq!(got.topic, "wills/delayed");
-    assert!(dropped_at.elapsed() >= Duration::from_millis(900), "will delay honoured");
-    assert!(next_publish(&mut w, Duration::from_secs(2)).await.is_none(), "no other will");
+    assert!(
+        dropped_at.elapsed() >= Duration::from_millis(900),
+        "will delay honoured"
+    );
+    assert!(
+        next_publish(&mut w, Duration::from_secs(2)).await.is_none(),
+        "no other will"
+    );
 }
 
 /// [MQTT-3.1.2-24] no packet within 1.5 x keep alive closes the connection;
@@ -224,7 +329,10 @@ async fn keep_alive_timeout_closes_connection() {
         other => panic!("expected DISCONNECT 0x8D, got {other:?}"),
     }
     let e = t.elapsed();
-    assert!(e >= Duration::from_millis(1300) && e < Duration::from_millis(2500), "{e:?}");
+    assert!(
+        e >= Duration::from_millis(1300) && e < Duration::from_millis(2500),
+        "{e:?}"
+    );
     // PINGREQ keeps a connection alive.
     let mut r = Raw::connect(b.addr()).await;
     r.send(&Packet::Connect(Box::new(Connect {
@@ -252,13 +360,17 @@ async fn keep_alive_timeout_closes_connection() {
 async fn zero_length_client_ids() {
     let b = common::start(&[]).await;
     let (_r, ack) = open(&b, connect(ProtocolVersion::V5, "", true, None, None)).await;
-    let assigned = ack.properties.assigned_client_identifier.expect("assigned id");
+    let assigned = ack
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
     assert!(!assigned.is_empty());
     let (_r, ack) = open(&b, connect(ProtocolVersion::V311, "", true, None, None)).await;
     assert_eq!(ack.reason, ReasonCode::Success);
     let mut r = Raw::connect(b.addr()).await;
     r.set_version(ProtocolVersion::V311);
-    r.send_bytes(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x00, 0, 30, 0, 0]).await;
+    r.send_bytes(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x00, 0, 30, 0, 0])
+        .await;
     match r.recv().await {
         Some(Packet::ConnAck(a)) => assert_eq!(a.reason, ReasonCode::ClientIdentifierNotValid),
         other => panic!("expected CONNACK 2, got {other:?}"),
@@ -278,7 +390,12 @@ async fn clean_start_discards_session() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (mut s, ack) = open(&b, connect(ProtocolVersion::V5, &id, true, Some(60), None)).await;
     assert!(!ack.session_present);
-    let (mut p, _) = open(&b, connect(ProtocolVersion::V5, &common::unique("p"), true, None, None)).await;
-    p.send(&publish("c/1", Q::AtLeastOnce, Some(1), b"x".to_vec())).await;
+    let (mut p, _) = open(
+        &b,
+        connect(ProtocolVersion::V5, &common::unique("p"), true, None, None),
+    )
+    .await;
+    p.send(&publish("c/1", Q::AtLeastOnce, Some(1), b"x".to_vec()))
+        .await;
     assert!(next_publish(&mut s, Duration::from_secs(2)).await.is_none());
 }

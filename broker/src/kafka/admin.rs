@@ -18,7 +18,11 @@ pub struct TopicSpec {
     pub compacted: bool,
 }
 
-pub async fn ensure_topics(cfg: &KafkaConfig, node_id: &str, topics: &[TopicSpec]) -> anyhow::Result<()> {
+pub async fn ensure_topics(
+    cfg: &KafkaConfig,
+    node_id: &str,
+    topics: &[TopicSpec],
+) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
         super::client_config(cfg, &format!("lodestream-admin-{node_id}")).create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -27,7 +31,11 @@ pub async fn ensure_topics(cfg: &KafkaConfig, node_id: &str, topics: &[TopicSpec
         let new: Vec<NewTopic> = topics
             .iter()
             .map(|t| {
-                let nt = NewTopic::new(&t.name, partitions, TopicReplication::Fixed(cfg.replication_factor));
+                let nt = NewTopic::new(
+                    &t.name,
+                    partitions,
+                    TopicReplication::Fixed(cfg.replication_factor),
+                );
                 if t.compacted {
                     nt.set("cleanup.policy", "compact")
                 } else {
@@ -74,7 +82,10 @@ async fn cleanup_policy(
         let res = admin.describe_configs([&spec], opts).await?;
         match res.into_iter().next() {
             Some(Ok(r)) => {
-                last = r.get("cleanup.policy").and_then(|e| e.value.clone()).unwrap_or_default();
+                last = r
+                    .get("cleanup.policy")
+                    .and_then(|e| e.value.clone())
+                    .unwrap_or_default();
                 if !last.is_empty() {
                     return Ok(last);
                 }

@@ -46,7 +46,9 @@ impl Producer {
         // let extra properties weaken them.
         for k in ["acks", "enable.idempotence"] {
             if let Some(v) = cfg.properties.get(k) {
-                if (k == "acks" && v != "all" && v != "-1") || (k == "enable.idempotence" && v != "true") {
+                if (k == "acks" && v != "all" && v != "-1")
+                    || (k == "enable.idempotence" && v != "true")
+                {
                     return Err(ProduceError::Unsafe(format!(
                         "kafka.properties {k}={v} would allow acknowledging unwritten messages"
                     )));

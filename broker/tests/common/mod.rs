@@ -57,9 +57,12 @@ pub fn test_config(mappings: &[String]) -> Config {
 pub async fn start_with(c: Config) -> Broker {
     let default_topic = c.kafka.default_topic.clone();
     let retained_topic = c.kafka.retained_topic.clone();
-    let running = lodestream_broker::start(c)
-        .await
-        .unwrap_or_else(|e| panic!("broker did not start against Kafka at {} (run scripts/kafka-local start): {e:#}", kafka()));
+    let running = lodestream_broker::start(c).await.unwrap_or_else(|e| {
+        panic!(
+            "broker did not start against Kafka at {} (run scripts/kafka-local start): {e:#}",
+            kafka()
+        )
+    });
     Broker {
         running,
         default_topic,
@@ -95,7 +98,8 @@ pub fn read_topic(topic: &str, want: usize, timeout: Duration) -> Vec<KRecord> {
     let mut tpl = TopicPartitionList::new();
     for t in md.topics() {
         for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("tpl");
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .expect("tpl");
         }
     }
     consumer.assign(&tpl).expect("assign");
@@ -130,7 +134,10 @@ pub async fn produce(topic: &str, key: &str, value: &[u8], headers: &[(&str, &[u
         .expect("producer");
     let mut hs = rdkafka::message::OwnedHeaders::new();
     for (k, v) in headers {
-        hs = hs.insert(rdkafka::message::Header { key: k, value: Some(*v) });
+        hs = hs.insert(rdkafka::message::Header {
+            key: k,
+            value: Some(*v),
+        });
     }
     p.send(
         FutureRecord::to(topic).key(key).payload(value).headers(hs),
@@ -144,8 +151,12 @@ pub async fn produce(topic: &str, key: &str, value: &[u8], headers: &[(&str, &[u
 pub async fn scrape(b: &Broker) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = b.running.metrics.expect("metrics listener");
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
     let mut body = String::new();
     s.read_to_string(&mut body).await.expect("read");
     body
