@@ -49,3 +49,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(node_id = %node.config.node_id, tcp = ?running.tcp, metrics = ?running.metrics, "broker started");
     Ok(running)
 }
+pub mod acl;
+pub mod auth;
+pub mod transport;
