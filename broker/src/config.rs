@@ -56,6 +56,8 @@ pub struct KafkaConfig {
     pub mappings: Vec<String>,
     /// Compacted topic holding retained messages (key = MQTT topic).
     pub retained_topic: String,
+    /// Compacted topic holding session state (key = client id).
+    pub sessions_topic: String,
     /// Create missing message/retained topics at start-up.
     pub create_topics: bool,
     pub topic_partitions: i32,
@@ -128,6 +130,7 @@ impl Default for KafkaConfig {
             default_topic: "mqtt_messages".into(),
             mappings: Vec::new(),
             retained_topic: "lodestream.retained".into(),
+            sessions_topic: "lodestream.sessions".into(),
             create_topics: true,
             topic_partitions: 3,
             replication_factor: 1,
@@ -223,6 +226,7 @@ impl Config {
         for (name, t) in [
             ("kafka.default_topic", &self.kafka.default_topic),
             ("kafka.retained_topic", &self.kafka.retained_topic),
+            ("kafka.sessions_topic", &self.kafka.sessions_topic),
         ] {
             if !valid_kafka_topic(t) {
                 return bad(format!("{name} = {t:?} is not a valid Kafka topic name"));

@@ -37,8 +37,9 @@ use tokio::sync::mpsc;
 use crate::kafka::{ProduceError, Producer};
 use crate::message::Message;
 use crate::node::{now_ms, sub_key, Node};
-use crate::registry::Control;
+use crate::registry::{Control, Released};
 use crate::session::{Delivery, OutFlow, Session, Subscription};
+use crate::session_record::SessionRecord;
 use crate::subscriptions::SubEntry;
 
 /// Why a connection ends.
@@ -53,6 +54,8 @@ enum End {
         clean_start: bool,
         reply: tokio::sync::oneshot::Sender<Option<Box<Session>>>,
     },
+    /// Another node claimed the session with this epoch.
+    TakenOverRemote(u64),
 }
 
 impl End {
@@ -64,10 +67,16 @@ impl End {
             End::Server(ReasonCode::ServerShuttingDown, _) => "shutdown",
             End::Server(ReasonCode::QuotaExceeded, _) => "quota",
             End::Server(_, _) => "protocol",
-            End::TakenOver { .. } => "taken_over",
+            End::TakenOver { .. } | End::TakenOverRemote(_) => "taken_over",
         }
     }
 }
+
+/// How long a claiming node waits for the previous owner's final state.
+const HANDOFF_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a connected persistent session's progress is written to Kafka.
+const PERSIST_EVERY: Duration = Duration::from_secs(5);
 
 type AckFuture = Pin<Box<dyn Future<Output = AckDone> + Send>>;
 
@@ -291,6 +300,12 @@ struct Conn<S> {
     /// Deliveries taken from the mailbox (or retained) waiting for window.
     backlog: VecDeque<Delivery>,
     will_delay: u32,
+    /// Deliveries of a resumed session's catch-up read; drained before the
+    /// mailbox, which fan-out only fills once the catch-up has finished.
+    catchup: Option<mpsc::Receiver<Delivery>>,
+    catchup_removed: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Session state changed since it was last written to Kafka.
+    dirty: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
@@ -348,6 +363,57 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 return None;
             }
         };
+        // The session comes from, in order of freshness: a connection of this
+        // node handing it over; the previous owner on another node handing it
+        // over after our claim; the sessions topic.
+        let me = node.config.node_id.clone();
+        let prev = node.store.get(&client_id);
+        let epoch = prev
+            .as_ref()
+            .map(|r| r.epoch)
+            .unwrap_or(0)
+            .max(existing.as_ref().map(|s| s.epoch).unwrap_or(0))
+            + 1;
+        // Known before anything is written, so records of older epochs still
+        // in flight in the sessions topic cannot kick this connection.
+        node.registry.set_epoch(&client_id, conn_id, epoch);
+        let mut source = None;
+        let from_record = existing.is_none() && !c.clean_start;
+        if existing.is_none() {
+            if let Some(r) = prev.filter(|r| !r.expired(now_ms())) {
+                if r.online && r.node != me {
+                    // Cross-node take-over: claim first (the owner sees it in
+                    // the sessions topic and closes its connection), then wait
+                    // briefly for the owner's final state.
+                    let handoff = node.store.wait_handoff(&client_id, epoch);
+                    let mut claim = SessionRecord::from_session(
+                        &Session::new(client_id.clone(), 1),
+                        &me,
+                        epoch,
+                        true,
+                        now_ms(),
+                    );
+                    claim.expiry_s = r.expiry_s;
+                    if let Err(e) = node.persist(claim).await {
+                        tracing::warn!(client_id = %client_id, error = %e, "cannot claim session in Kafka");
+                        refuse(&mut io, ReasonCode::ServerUnavailable, "kafka");
+                        let _ = io.flush().await;
+                        let _ = node.registry.release(&client_id, conn_id, false);
+                        return None;
+                    }
+                    source = match tokio::time::timeout(HANDOFF_WAIT, handoff).await {
+                        Ok(Ok(h)) => Some(h),
+                        _ => {
+                            node.store.cancel_handoff(&client_id, epoch);
+                            tracing::info!(client_id = %client_id, owner = %r.node, "no hand-off from previous owner; resuming from its last persisted state");
+                            Some(r)
+                        }
+                    };
+                } else {
+                    source = Some(r);
+                }
+            }
+        }
         // [MQTT-3.1.2-4/5] clean start discards, otherwise the session resumes.
         let (mut session, present) = match existing {
             Some(s) if !c.clean_start => (s, true),
@@ -358,14 +424,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     false,
                 )
             }
-            None => (
-                Box::new(Session::new(client_id.clone(), limits.session_queue)),
-                false,
-            ),
+            None => {
+                let mut s = Box::new(Session::new(client_id.clone(), limits.session_queue));
+                match source {
+                    Some(r) if !c.clean_start => {
+                        r.restore_into(&mut s);
+                        (s, true)
+                    }
+                    _ => (s, false),
+                }
+            }
         };
+        session.epoch = epoch;
+        let from_record = from_record && present;
         node.metrics.sessions.set(node.registry.len() as i64);
         if session.take_overflow() {
-            tracing::warn!(client_id = %client_id, "session queue overflowed while offline: QoS 1/2 messages were lost");
+            tracing::warn!(client_id = %client_id, "session queue overflowed: QoS 1/2 messages will be re-read from Kafka");
         }
         session.expiry_s = expiry_s;
         session.will = c.will.clone();
@@ -396,6 +470,23 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             props.wildcard_subscription_available = Some(1);
             props.subscription_identifier_available = Some(1);
             props.shared_subscription_available = Some(1);
+        }
+        // The claim in the sessions topic is the fencing point: only after
+        // Kafka holds it does the client get CONNACK.
+        let claim = SessionRecord::from_session(&session, &me, epoch, true, now_ms());
+        match tokio::time::timeout(Duration::from_secs(10), node.persist(claim)).await {
+            Ok(Ok(())) => {}
+            outcome => {
+                tracing::warn!(client_id = %client_id, ?outcome, "cannot record session in Kafka; refusing CONNECT");
+                node.metrics
+                    .connect_rejected
+                    .with_label_values(&["kafka"])
+                    .inc();
+                io.send(&connack(false, ReasonCode::ServerUnavailable));
+                let _ = io.flush().await;
+                let _ = node.registry.release(&client_id, conn_id, false);
+                return None;
+            }
         }
         io.send(&Packet::ConnAck(ConnAck {
             session_present: present,
@@ -436,6 +527,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .map(|m| m as usize)
                 .unwrap_or(usize::MAX),
             backlog: VecDeque::new(),
+            catchup: None,
+            catchup_removed: Arc::new(std::sync::Mutex::new(Vec::new())),
+            dirty: false,
             will_delay,
             io,
         };
@@ -446,11 +540,114 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 OutFlow::Released => conn.io.send(&Packet::PubRel(Ack::new(id))),
             }
         }
+        if from_record {
+            conn.start_catch_up().await;
+        }
         Some(conn)
     }
 
     fn v5(&self) -> bool {
         self.version.is_v5()
+    }
+
+    /// After the session left fan-out: if nothing is waiting undelivered,
+    /// everything fan-out dispatched up to now was handled, so the session
+    /// can resume from fan-out's positions rather than re-scan from its last
+    /// delivery.
+    fn advance_offsets_if_drained(&mut self) {
+        if self.catchup.is_some() || !self.backlog.is_empty() || !self.session.inbox.is_empty() {
+            return;
+        }
+        let topics: Vec<&str> = self
+            .session
+            .subscriptions
+            .keys()
+            .flat_map(|f| {
+                self.node
+                    .mapping
+                    .kafka_topics_for_filter(sub_key(&self.session.client_id, f).1)
+            })
+            .collect();
+        for (k, v) in self.node.subs.positions_of(&topics) {
+            let e = self.session.offsets.entry(k).or_insert(v);
+            *e = (*e).max(v);
+        }
+    }
+
+    fn record(&self, online: bool) -> SessionRecord {
+        SessionRecord::from_session(
+            &self.session,
+            &self.node.config.node_id,
+            self.session.epoch,
+            online,
+            now_ms(),
+        )
+    }
+
+    /// Writes the session to Kafka in the background when it is persistent.
+    fn persist_soon(&mut self) {
+        if self.session.expiry_s > 0 {
+            self.node.persist_later(self.record(true));
+        }
+        self.dirty = false;
+    }
+
+    /// Re-reads what a resumed session missed from Kafka, from its stored
+    /// offsets, then hands it to fan-out (see `kafka/catchup.rs`).
+    async fn start_catch_up(&mut self) {
+        let node = self.node.clone();
+        let mut entries = Vec::new();
+        let mut plain = Vec::new();
+        for (filter, sub) in &self.session.subscriptions {
+            let (key, inner) = sub_key(&self.session.client_id, filter);
+            if let Err(e) = node.ensure_readers(inner).await {
+                tracing::warn!(filter = %filter, error = %e, "cannot read Kafka for resumed subscription");
+            }
+            if key.share_group.is_none() {
+                plain.push((inner.to_string(), sub.options.clone(), sub.identifier));
+            }
+            entries.push((
+                inner.to_string(),
+                key,
+                SubEntry {
+                    options: sub.options.clone(),
+                    identifier: sub.identifier,
+                    filter: Arc::from(inner),
+                    mailbox: self.session.mailbox.clone(),
+                    live_from: None,
+                },
+            ));
+        }
+        let job = crate::kafka::catchup::CatchUp {
+            client_id: self.session.client_id.clone(),
+            from: self.session.offsets.clone(),
+            subscriptions: plain,
+            entries: entries.clone(),
+            removed: self.catchup_removed.clone(),
+        };
+        let (tx, rx) = mpsc::channel(node.config.mqtt.session_queue.max(1));
+        self.catchup = Some(rx);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match crate::kafka::catchup::run(
+                &node.config.kafka,
+                &node.config.node_id,
+                &node.subs,
+                job,
+                tx,
+            )
+            .await
+            {
+                Ok(_) => tracing::debug!(elapsed = ?started.elapsed(), "session caught up"),
+                Err(e) => {
+                    // Without a catch-up the session still gets live messages.
+                    tracing::warn!(error = %e, "catch-up failed; subscribing live only");
+                    for (f, k, e) in entries {
+                        let _ = node.subs.insert(&f, k, e);
+                    }
+                }
+            }
+        });
     }
 
     fn window_open(&self) -> bool {
@@ -460,7 +657,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     async fn run(mut self) {
         let mut shutdown = self.node.shutdown.subscribe();
         let recv_max = self.node.config.mqtt.receive_maximum as usize;
+        let mut persist_tick = tokio::time::interval(PERSIST_EVERY);
+        persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Packets that arrived together with CONNECT are already buffered.
+        let mut early_end = self.on_bytes().await.err();
         let end = loop {
+            if let Some(end) = early_end.take() {
+                break end;
+            }
             if let Err(e) = self.io.flush().await {
                 break End::Io(e);
             }
@@ -468,11 +672,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .keep_alive
                 .map(|ka| tokio::time::Instant::from_std(self.last_recv + ka));
             let can_deliver = self.backlog.is_empty() && self.window_open();
+            let live = can_deliver && self.catchup.is_none();
             let step = tokio::select! {
                 biased;
                 c = self.ctrl.recv() => match c {
                     Some(Control::TakeOver { clean_start, reply }) => Err(End::TakenOver { clean_start, reply }),
                     Some(Control::Close(r)) => Err(End::Server(r, "server closing".into())),
+                    Some(Control::TakenOverRemote { epoch }) => Err(End::TakenOverRemote(epoch)),
                     None => Ok(()),
                 },
                 _ = shutdown.changed() => Err(End::Server(ReasonCode::ServerShuttingDown, "server shutting down".into())),
@@ -485,9 +691,23 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     Ok(false) => Err(End::Io("closed by peer".into())),
                     Err(e) => Err(End::Io(e)),
                 },
-                d = self.session.inbox.recv(), if can_deliver => {
+                d = recv_opt(&mut self.catchup), if can_deliver && self.catchup.is_some() => {
+                    match d {
+                        Some(d) => self.backlog.push_back(d),
+                        None => self.catchup = None,
+                    }
+                    Ok(())
+                },
+                d = self.session.inbox.recv(), if live => {
                     if let Some(d) = d {
                         self.backlog.push_back(d);
+                    }
+                    Ok(())
+                },
+                _ = persist_tick.tick(), if self.session.expiry_s > 0 => {
+                    // Bounds what a node crash can make a session re-read.
+                    if self.dirty {
+                        self.persist_soon();
                     }
                     Ok(())
                 },
@@ -519,6 +739,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             let d = match self.backlog.pop_front() {
                 Some(d) => d,
+                None if self.catchup.is_some() => return,
                 None => match self.session.inbox.try_recv() {
                     Ok(d) => d,
                     Err(_) => return,
@@ -533,6 +754,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     /// Sends one message to the client.
     fn deliver(&mut self, d: Delivery) {
+        if let Some(src) = &d.source {
+            let next = self
+                .session
+                .offsets
+                .entry((src.topic.clone(), src.partition))
+                .or_insert(0);
+            *next = (*next).max(src.offset + 1);
+            self.dirty = true;
+        }
         let now = now_ms();
         let msg = &d.msg;
         if msg.is_expired(now) {
@@ -937,6 +1167,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 identifier,
                 filter: Arc::from(inner),
                 mailbox: self.session.mailbox.clone(),
+                live_from: None,
             };
             if let Err(e) = self.node.subs.insert(inner, key, entry) {
                 tracing::debug!(filter = %filter, error = %e, "invalid filter");
@@ -945,6 +1176,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             if !existed {
                 self.node.metrics.subscriptions.inc();
+            }
+            // Remember from where this subscription reads, so a resumed
+            // session re-reads Kafka from here.
+            let topics = self.node.mapping.kafka_topics_for_filter(inner);
+            for (k, v) in self.node.subs.positions_of(&topics) {
+                self.session.offsets.entry(k).or_insert(v);
             }
             self.session.subscriptions.insert(
                 filter.clone(),
@@ -969,6 +1206,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             if send_retained {
                 for m in self.node.retained.matching(inner, now) {
                     self.backlog.push_back(Delivery {
+                        source: None,
                         qos: m.qos.min(opts.qos),
                         msg: m,
                         retain: true,
@@ -977,6 +1215,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 }
             }
         }
+        self.persist_soon();
         self.io.send(&Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reasons,
@@ -989,6 +1228,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in u.filters {
             if self.session.subscriptions.remove(&filter).is_some() {
+                if self.catchup.is_some() {
+                    self.catchup_removed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(filter.clone());
+                }
                 let (key, inner) = sub_key(&self.session.client_id, &filter);
                 let (key, inner) = if self.v5() {
                     (key, inner)
@@ -1009,6 +1254,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 reasons.push(ReasonCode::NoSubscriptionExisted);
             }
         }
+        self.persist_soon();
         self.io.send(&Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reasons: if self.v5() { reasons } else { Vec::new() },
@@ -1042,7 +1288,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     }));
                 }
             }
-            End::TakenOver { .. } if self.v5() => {
+            End::TakenOver { .. } | End::TakenOverRemote(_) if self.v5() => {
                 // [MQTT-3.1.4-3]
                 self.io.send(&Packet::Disconnect(Disconnect::new(
                     ReasonCode::SessionTakenOver,
@@ -1058,7 +1304,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
         // Let in-flight Kafka writes settle so QoS 2 ids that reached Kafka
         // stay known: a retransmission after reconnect is then not written twice.
-        let settle = if matches!(end, End::TakenOver { .. }) {
+        let settle = if matches!(end, End::TakenOver { .. } | End::TakenOverRemote(_)) {
             Duration::from_secs(1)
         } else {
             Duration::from_secs(10)
@@ -1091,7 +1337,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
         let will_delay = self.will_delay;
         let mut will: Option<LastWill> = self.session.will.take();
-        let session = self.session;
         match end {
             // [MQTT-3.14.4-3] normal DISCONNECT deletes the will.
             End::Client { keep_will: false } => will = None,
@@ -1103,23 +1348,45 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         node.publish_will(&client_id, w).await;
                     }
                 }
-                if reply.send(Some(session)).is_err() {
+                if reply.send(Some(self.session)).is_err() {
                     tracing::debug!(client_id = %client_id, "take-over requester gone");
                 }
                 return;
             }
+            End::TakenOverRemote(epoch) => {
+                node.drop_subscriptions(&self.session);
+                self.advance_offsets_if_drained();
+                let mut handoff = self.record(false);
+                handoff.epoch = epoch;
+                handoff.handoff = true;
+                if let Err(e) = node.persist(handoff).await {
+                    tracing::warn!(client_id = %client_id, error = %e, "hand-off not written; the new owner resumes from the last persisted state");
+                }
+                if let Some(w) = will {
+                    if will_delay == 0 {
+                        node.publish_will(&client_id, w).await;
+                    }
+                }
+                let _ = node.registry.release(&client_id, self.conn_id, false);
+                node.metrics.sessions.set(node.registry.len() as i64);
+                return;
+            }
             _ => {}
         }
-        let persistent = session.expiry_s > 0;
-        let expiry_s = session.expiry_s;
-        let to_park = if persistent {
-            Some(session)
-        } else {
-            node.discard_session(session);
-            None
-        };
-        match node.registry.release(&client_id, self.conn_id, to_park) {
-            Ok(Some(generation)) => {
+        // No more fan-out into the mailbox from here on.
+        node.drop_subscriptions(&self.session);
+        self.advance_offsets_if_drained();
+        let persistent = self.session.expiry_s > 0;
+        let epoch = self.session.epoch;
+        if persistent {
+            let rec = self.record(false);
+            match tokio::time::timeout(Duration::from_secs(10), node.persist(rec.clone())).await {
+                Ok(Ok(())) => {}
+                _ => node.persist_later(rec),
+            }
+        }
+        match node.registry.release(&client_id, self.conn_id, persistent) {
+            Released::Parked(generation) => {
                 let delayed = match will {
                     Some(w) if will_delay > 0 => Some((w, will_delay)),
                     Some(w) => {
@@ -1128,28 +1395,43 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     }
                     None => None,
                 };
-                node.park_session(generation, client_id.clone(), expiry_s, delayed);
+                node.park_session(
+                    generation,
+                    client_id.clone(),
+                    epoch,
+                    self.session.expiry_s,
+                    delayed,
+                );
             }
-            Ok(None) => {
+            Released::Removed => {
+                node.tombstone(&client_id, epoch).await;
                 if let Some(w) = will {
                     node.publish_will(&client_id, w).await;
                 }
             }
-            Err(returned) => {
-                // Another connection claimed the id while we were closing; it
-                // is waiting for our session on the control channel.
+            Released::NotOwner => {
+                // Another connection of this node claimed the id while we
+                // were closing; it waits for our session on the control channel.
                 if let Some(w) = will {
                     node.publish_will(&client_id, w).await;
                 }
+                node.restore_subscriptions(&self.session);
                 let wait = tokio::time::timeout(Duration::from_secs(5), self.ctrl.recv()).await;
                 if let Ok(Some(Control::TakeOver { reply, .. })) = wait {
-                    let _ = reply.send(returned);
-                } else if let Some(s) = returned {
-                    node.discard_session(s);
+                    let _ = reply.send(Some(self.session));
+                } else {
+                    node.drop_subscriptions(&self.session);
                 }
             }
         }
         node.metrics.sessions.set(node.registry.len() as i64);
+    }
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

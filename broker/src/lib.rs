@@ -12,6 +12,8 @@ pub mod registry;
 pub mod retained;
 pub mod server;
 pub mod session;
+pub mod session_record;
+pub mod session_store;
 pub mod subscriptions;
 
 use std::sync::Arc;

@@ -327,18 +327,22 @@ mod tests {
         fn filter_level() -> impl Strategy<Value = String> {
             prop_oneof![level(), Just("+".to_string())]
         }
+        // Whole topics and filters are never empty (that is invalid MQTT);
+        // empty levels inside them are valid and kept.
         fn any_topic() -> impl Strategy<Value = String> {
-            prop::collection::vec(level(), 1..4).prop_map(|v| v.join("/"))
+            prop::collection::vec(level(), 1..4)
+                .prop_map(|v| v.join("/"))
+                .prop_filter("non-empty", |t| !t.is_empty())
         }
         fn any_filter() -> impl Strategy<Value = String> {
-            (prop::collection::vec(filter_level(), 1..4), any::<bool>()).prop_map(
-                |(mut v, hash)| {
+            (prop::collection::vec(filter_level(), 1..4), any::<bool>())
+                .prop_map(|(mut v, hash)| {
                     if hash {
                         v.push("#".into());
                     }
                     v.join("/")
-                },
-            )
+                })
+                .prop_filter("non-empty", |f| !f.is_empty())
         }
 
         proptest! {

@@ -19,7 +19,9 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::registry::{Control, Registry};
 use crate::retained::RetainedStore;
-use crate::session::Session;
+use crate::session::{Session, Source};
+use crate::session_record::SessionRecord;
+use crate::session_store::{Applied, SessionStore};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
@@ -28,7 +30,10 @@ pub struct Node {
     pub producer: Producer,
     pub subs: Arc<SubscriptionIndex>,
     pub retained: Arc<RetainedStore>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    /// Materialised sessions topic.
+    pub store: Arc<SessionStore>,
+    _sessions_reader: TopicReader,
     pub metrics: Arc<Metrics>,
     readers: Mutex<HashMap<String, TopicReader>>,
     _retained_reader: TopicReader,
@@ -62,10 +67,12 @@ impl Node {
                 compacted: false,
             })
             .collect();
-        topics.push(kafka::admin::TopicSpec {
-            name: kcfg.retained_topic.clone(),
-            compacted: true,
-        });
+        for name in [&kcfg.retained_topic, &kcfg.sessions_topic] {
+            topics.push(kafka::admin::TopicSpec {
+                name: name.clone(),
+                compacted: true,
+            });
+        }
         tokio::time::timeout(
             Duration::from_secs(60),
             kafka::ensure_topics(kcfg, &config.node_id, &topics),
@@ -82,7 +89,7 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let retained = Arc::new(RetainedStore::new());
         let r2 = retained.clone();
-        let (retained_reader, caught_up) = kafka::TopicReader::start(
+        let (retained_reader, caught_up, _) = kafka::TopicReader::start(
             kcfg,
             &config.node_id,
             &kcfg.retained_topic,
@@ -99,10 +106,36 @@ impl Node {
         }
         tracing::info!(retained = retained.len(), "retained messages loaded");
         let max_sessions = config.mqtt.max_sessions;
+        let registry = Arc::new(Registry::new(max_sessions));
+        let store = Arc::new(SessionStore::new(&config.node_id));
+        let (st, reg) = (store.clone(), registry.clone());
+        let loaded_at = std::time::Instant::now();
+        let (sessions_reader, caught_up, _) = kafka::TopicReader::start(
+            kcfg,
+            &config.node_id,
+            &kcfg.sessions_topic,
+            kafka::StartAt::Beginning,
+            move |rec| {
+                if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
+                    reg.kick_remote(&client_id, epoch);
+                }
+            },
+        )
+        .await
+        .context("reading the sessions topic")?;
+        if tokio::time::timeout(Duration::from_secs(120), caught_up)
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
+        }
+        tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Node {
             subs: Arc::new(SubscriptionIndex::new(metrics.clone())),
-            registry: Registry::new(max_sessions),
+            registry,
+            store,
+            _sessions_reader: sessions_reader,
             readers: Mutex::new(HashMap::new()),
             _retained_reader: retained_reader,
             conn_ids: AtomicU64::new(1),
@@ -138,7 +171,8 @@ impl Node {
             let subs = self.subs.clone();
             let counter = self.metrics.kafka_records_read.with_label_values(&[&topic]);
             let reader_topic = topic.clone();
-            let (reader, _) = TopicReader::start(
+            let source_topic: Arc<str> = Arc::from(topic.as_str());
+            let (reader, _, starts) = TopicReader::start(
                 &self.config.kafka,
                 &self.config.node_id,
                 &topic,
@@ -160,11 +194,23 @@ impl Node {
                         rec.timestamp_ms,
                         rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
                     );
-                    subs.dispatch(&Arc::new(msg));
+                    let source = Source {
+                        topic: source_topic.clone(),
+                        partition: rec.partition,
+                        offset: rec.offset,
+                    };
+                    subs.dispatch(&Arc::new(msg), Some(source));
                 },
             )
             .await
             .with_context(|| format!("starting the reader of Kafka topic {topic}"))?;
+            let t: Arc<str> = Arc::from(topic.as_str());
+            self.subs.init_positions(
+                starts
+                    .into_iter()
+                    .map(|(p, o)| ((t.clone(), p), o))
+                    .collect(),
+            );
             tracing::info!(topic = %topic, "reading Kafka topic for local subscribers");
             readers.insert(topic, reader);
         }
@@ -261,28 +307,112 @@ impl Node {
         }
     }
 
+    /// Puts a session's subscriptions back into the index (a local take-over
+    /// raced with the close).
+    pub fn restore_subscriptions(&self, session: &Session) {
+        for (filter, sub) in &session.subscriptions {
+            let (key, inner) = sub_key(&session.client_id, filter);
+            let entry = crate::subscriptions::SubEntry {
+                options: sub.options.clone(),
+                identifier: sub.identifier,
+                filter: Arc::from(inner),
+                mailbox: session.mailbox.clone(),
+                live_from: None,
+            };
+            if self.subs.insert(inner, key, entry).is_ok() {
+                self.metrics.subscriptions.inc();
+            }
+        }
+    }
+
     /// Ends a session for good.
     pub fn discard_session(&self, session: Box<Session>) {
         self.drop_subscriptions(&session);
     }
 
-    /// Parks a persistent session after its connection closed and starts its
-    /// timers: the session expiry, and a delayed will [MQTT-3.1.2-8..10].
+    /// Writes a session record and waits for Kafka; then this node's view
+    /// has it too (read-your-writes).
+    pub async fn persist(&self, rec: SessionRecord) -> Result<(), kafka::ProduceError> {
+        let value = rec.encode();
+        self.producer
+            .send_and_wait(
+                &self.config.kafka.sessions_topic,
+                rec.client_id.as_bytes(),
+                Some(&value),
+                &[],
+            )
+            .await?;
+        let id = rec.client_id.clone();
+        self.store.apply(&id, Some(rec));
+        Ok(())
+    }
+
+    /// Persists in the background, retrying while Kafka is unavailable.
+    pub fn persist_later(self: &Arc<Self>, rec: SessionRecord) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            for attempt in 1..=10u64 {
+                match node.persist(rec.clone()).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(client_id = %rec.client_id, attempt, error = %e, "persisting session failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(attempt)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Deletes a session record, unless a newer claim exists.
+    pub async fn tombstone(&self, client_id: &str, epoch: u64) {
+        if self.store.get(client_id).is_some_and(|r| r.epoch > epoch) {
+            return;
+        }
+        match self
+            .producer
+            .send_and_wait(
+                &self.config.kafka.sessions_topic,
+                client_id.as_bytes(),
+                None,
+                &[],
+            )
+            .await
+        {
+            Ok(_) => {
+                if self.store.get(client_id).is_some_and(|r| r.epoch <= epoch) {
+                    self.store.apply(client_id, None);
+                }
+            }
+            Err(e) => tracing::warn!(client_id, error = %e, "deleting session record failed"),
+        }
+    }
+
+    /// Starts the timers of a parked persistent session: its expiry, and a
+    /// delayed will [MQTT-3.1.2-8..10]. When they fire they act only if the
+    /// session was not resumed meanwhile (here or on another node: the
+    /// sessions topic then holds a newer epoch or an online record).
     pub fn park_session(
         self: &Arc<Self>,
         generation: u64,
         client_id: Arc<str>,
+        epoch: u64,
         expiry_s: u32,
         will: Option<(LastWill, u32)>,
     ) {
+        let still_parked = move |node: &Node, id: &str| {
+            node.store
+                .get(id)
+                .is_some_and(|r| r.epoch == epoch && !r.online)
+        };
         let node = self.clone();
         let id = client_id.clone();
         let will_on_expiry = will.clone().map(|(w, _)| w);
         let expiry = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(expiry_s as u64)).await;
-            if let Some(s) = node.registry.expire(&id, generation) {
-                node.discard_session(s);
-                node.metrics.sessions.dec();
+            let mine = node.registry.expire(&id, generation);
+            if mine && still_parked(&node, &id) {
+                node.tombstone(&id, epoch).await;
+                node.metrics.sessions.set(node.registry.len() as i64);
                 // The session ended before the will delay: the will goes now.
                 if let Some(w) = will_on_expiry {
                     node.publish_will(&id, w).await;
@@ -297,7 +427,9 @@ impl Node {
                 let id = client_id.clone();
                 let t = tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(delay as u64)).await;
-                    node.publish_will(&id, w).await;
+                    if still_parked(&node, &id) {
+                        node.publish_will(&id, w).await;
+                    }
                 });
                 self.registry
                     .add_timer(&client_id, generation, t.abort_handle());

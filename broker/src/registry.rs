@@ -24,18 +24,33 @@ pub enum Control {
     },
     /// Close with this DISCONNECT reason (v5), e.g. server shutting down.
     Close(ReasonCode),
+    /// Another node claimed the client id with this epoch: close with 0x8E
+    /// and write the session's final state as the hand-off for that claim.
+    TakenOverRemote { epoch: u64 },
 }
 
 enum Slot {
     Online {
         conn_id: u64,
         ctrl: mpsc::Sender<Control>,
+        epoch: u64,
     },
-    Offline {
-        session: Box<Session>,
+    /// A disconnected persistent session whose state is in Kafka; only its
+    /// timers (expiry, delayed will) live here.
+    Parked {
         generation: u64,
         timers: Vec<AbortHandle>,
     },
+}
+
+/// Outcome of `Registry::release`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Released {
+    /// Parked with this generation (for its timers).
+    Parked(u64),
+    Removed,
+    /// Another connection of this node holds the id now.
+    NotOwner,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,18 +104,23 @@ impl Registry {
             if !slots.contains_key(client_id) && slots.len() >= self.max_sessions {
                 return Err(RegistryError::Full(self.max_sessions));
             }
-            slots.insert(client_id.clone(), Slot::Online { conn_id, ctrl })
+            slots.insert(
+                client_id.clone(),
+                Slot::Online {
+                    conn_id,
+                    ctrl,
+                    epoch: 0,
+                },
+            )
         };
         match prev {
             None => Ok(None),
-            Some(Slot::Offline {
-                session, timers, ..
-            }) => {
+            Some(Slot::Parked { timers, .. }) => {
                 // [MQTT-3.1.3-9] reconnecting before the will delay cancels the will.
                 for t in timers {
                     t.abort();
                 }
-                Ok(Some(session))
+                Ok(None)
             }
             Some(Slot::Online { ctrl: old, .. }) => {
                 let (tx, rx) = oneshot::channel();
@@ -125,40 +145,56 @@ impl Registry {
         }
     }
 
-    /// Returns the slot of a connection that ended. A persistent session is
-    /// parked offline; the caller then installs its timers. `Err(session)`
-    /// when another connection already claimed the id: the session must go
-    /// to it through the take-over request on the control channel.
-    pub fn release(
-        &self,
-        client_id: &Arc<str>,
-        conn_id: u64,
-        session: Option<Box<Session>>,
-    ) -> Result<Option<u64>, Option<Box<Session>>> {
+    /// Records the epoch a connection claimed in the sessions topic.
+    pub fn set_epoch(&self, client_id: &Arc<str>, conn_id: u64, new_epoch: u64) {
+        if let Some(Slot::Online {
+            conn_id: c, epoch, ..
+        }) = self.lock().get_mut(client_id)
+        {
+            if *c == conn_id {
+                *epoch = new_epoch;
+            }
+        }
+    }
+
+    /// Another node claimed `client_id` with `epoch`: tell a local connection
+    /// holding an older epoch to go.
+    pub fn kick_remote(&self, client_id: &str, epoch: u64) {
+        if let Some(Slot::Online {
+            ctrl, epoch: mine, ..
+        }) = self.lock().get(client_id)
+        {
+            if *mine < epoch {
+                let _ = ctrl.try_send(Control::TakenOverRemote { epoch });
+            }
+        }
+    }
+
+    /// Frees the slot of a connection that ended; a persistent session is
+    /// parked (the caller then attaches its timers). `false` when another
+    /// connection of this node already claimed the id: it is waiting for the
+    /// session on the control channel.
+    pub fn release(&self, client_id: &Arc<str>, conn_id: u64, park: bool) -> Released {
         let mut slots = self.lock();
         match slots.get(client_id) {
             Some(Slot::Online { conn_id: c, .. }) if *c == conn_id => {}
-            _ => return Err(session),
+            _ => return Released::NotOwner,
         }
-        match session {
-            Some(session) => {
-                let generation = self
-                    .next_generation
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                slots.insert(
-                    client_id.clone(),
-                    Slot::Offline {
-                        session,
-                        generation,
-                        timers: Vec::new(),
-                    },
-                );
-                Ok(Some(generation))
-            }
-            None => {
-                slots.remove(client_id);
-                Ok(None)
-            }
+        if park {
+            let generation = self
+                .next_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            slots.insert(
+                client_id.clone(),
+                Slot::Parked {
+                    generation,
+                    timers: Vec::new(),
+                },
+            );
+            Released::Parked(generation)
+        } else {
+            slots.remove(client_id);
+            Released::Removed
         }
     }
 
@@ -166,26 +202,24 @@ impl Registry {
     pub fn add_timer(&self, client_id: &Arc<str>, generation: u64, timer: AbortHandle) {
         let mut slots = self.lock();
         match slots.get_mut(client_id) {
-            Some(Slot::Offline {
+            Some(Slot::Parked {
                 generation: g,
                 timers,
-                ..
             }) if *g == generation => timers.push(timer),
             _ => timer.abort(),
         }
     }
 
-    /// Removes an offline session whose expiry elapsed, if it is still the
-    /// same one.
-    pub fn expire(&self, client_id: &Arc<str>, generation: u64) -> Option<Box<Session>> {
+    /// Forgets a parked session whose expiry elapsed, if it is still the
+    /// same one; true when it was.
+    pub fn expire(&self, client_id: &Arc<str>, generation: u64) -> bool {
         let mut slots = self.lock();
         match slots.get(client_id) {
-            Some(Slot::Offline { generation: g, .. }) if *g == generation => {}
-            _ => return None,
-        }
-        match slots.remove(client_id) {
-            Some(Slot::Offline { session, .. }) => Some(session),
-            _ => None,
+            Some(Slot::Parked { generation: g, .. }) if *g == generation => {
+                slots.remove(client_id);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -195,7 +229,7 @@ impl Registry {
             .values()
             .filter_map(|s| match s {
                 Slot::Online { ctrl, .. } => Some(ctrl.clone()),
-                Slot::Offline { .. } => None,
+                Slot::Parked { .. } => None,
             })
             .collect()
     }

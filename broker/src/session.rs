@@ -12,10 +12,24 @@ use tokio::sync::mpsc;
 
 use crate::message::Message;
 
+/// Where a message sits in Kafka: sessions remember how far they got per
+/// partition, so a resumed session re-reads Kafka from there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Per Kafka partition, the next offset a session has not yet seen.
+pub type Offsets = HashMap<(Arc<str>, i32), i64>;
+
 /// What fan-out hands a session for one matching message.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub msg: Arc<Message>,
+    /// `None` for retained messages (served from the retained view).
+    pub source: Option<Source>,
     /// Already downgraded to the subscription's maximum QoS.
     pub qos: QoS,
     /// RETAIN flag to put on the outgoing PUBLISH.
@@ -89,6 +103,12 @@ impl Outbound {
         self.in_use.insert(id);
         self.flows
             .push_back((id, OutFlow::Published(Box::new(publish))));
+    }
+
+    /// A QoS 2 flow restored in its PUBREL stage.
+    pub fn start_released(&mut self, id: u16) {
+        self.in_use.insert(id);
+        self.flows.push_back((id, OutFlow::Released));
     }
 
     fn remove(&mut self, p: usize) {
@@ -178,6 +198,10 @@ pub struct Session {
     /// PUBREL: a PUBLISH with one of these ids is a duplicate [MQTT-4.3.3-9].
     pub inbound_qos2: HashSet<u16>,
     pub will: Option<LastWill>,
+    /// Next Kafka offset per partition this session has not been given.
+    pub offsets: Offsets,
+    /// Epoch of this node's claim in the sessions topic.
+    pub epoch: u64,
 }
 
 impl Session {
@@ -195,6 +219,8 @@ impl Session {
             outbound: Outbound::default(),
             inbound_qos2: HashSet::new(),
             will: None,
+            offsets: Offsets::new(),
+            epoch: 0,
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use lodestream_mqtt::trie::TopicTrie;
 use lodestream_mqtt::TopicError;
@@ -17,7 +17,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::session::{Delivery, Mailbox};
+use crate::session::{Delivery, Mailbox, Offsets, Source};
 
 /// Trie key: one client can hold a plain and a shared subscription with the
 /// same inner filter, so the share group is part of the key.
@@ -34,10 +34,17 @@ pub struct SubEntry {
     /// The inner filter, so members of one shared subscription can be grouped.
     pub filter: Arc<str>,
     pub mailbox: Mailbox,
+    /// Set for a session that resumed from Kafka offsets: records below
+    /// these offsets were delivered by its catch-up read, not by fan-out.
+    pub live_from: Option<Arc<Offsets>>,
 }
 
 pub struct SubscriptionIndex {
     trie: RwLock<TopicTrie<SubKey, SubEntry>>,
+    /// Next offset fan-out will dispatch, per Kafka partition read by this
+    /// node. Updated under the trie's read lock, so a writer holding the
+    /// write lock sees positions consistent with what was dispatched.
+    positions: Mutex<Offsets>,
     round_robin: AtomicUsize,
     metrics: Arc<Metrics>,
 }
@@ -56,6 +63,7 @@ impl SubscriptionIndex {
     pub fn new(metrics: Arc<Metrics>) -> SubscriptionIndex {
         SubscriptionIndex {
             trie: RwLock::new(TopicTrie::new()),
+            positions: Mutex::new(Offsets::new()),
             round_robin: AtomicUsize::new(0),
             metrics,
         }
@@ -82,12 +90,68 @@ impl SubscriptionIndex {
     /// Delivers `msg` to every matching local session, once per session with
     /// the highest matching QoS and every subscription identifier
     /// [MQTT-3.3.4-2..5], and to one member of each shared subscription.
-    pub fn dispatch(&self, msg: &Arc<Message>) {
+    /// Records where a reader starts (its first dispatched offset per partition).
+    pub fn init_positions(&self, start: Offsets) {
+        let mut p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in start {
+            p.entry(k).or_insert(v);
+        }
+    }
+
+    /// Current fan-out positions for the partitions of `topics`.
+    pub fn positions_of(&self, topics: &[&str]) -> Offsets {
+        let p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter()
+            .filter(|((t, _), _)| topics.contains(&&**t))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Registers a resumed session's subscriptions once its catch-up read
+    /// has reached fan-out: `Err(positions)` when fan-out is still ahead of
+    /// `caught_up` on some partition (read further, then retry).
+    pub fn register_if_caught_up(
+        &self,
+        caught_up: &Offsets,
+        entries: Vec<(String, SubKey, SubEntry)>,
+    ) -> Result<(), Offsets> {
+        let mut t = self.trie.write().unwrap_or_else(|e| e.into_inner());
+        let pos = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        let behind: Offsets = pos
+            .iter()
+            .filter(|(k, live)| caught_up.get(*k).is_some_and(|c| c < *live))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if !behind.is_empty() {
+            return Err(behind);
+        }
+        drop(pos);
+        for (filter, key, entry) in entries {
+            // Filters were validated when first subscribed.
+            if t.insert(&filter, key, entry)
+                .is_ok_and(|prev| prev.is_none())
+            {
+                self.metrics.subscriptions.inc();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dispatch(&self, msg: &Arc<Message>, source: Option<Source>) {
         let mut direct: HashMap<Arc<str>, Pending> = HashMap::new();
         let mut shared: HashMap<SharedKey, Vec<(Arc<str>, SubEntry)>> = HashMap::new();
         {
             let t = self.trie.read().unwrap_or_else(|e| e.into_inner());
+            let seen_by_catch_up = |e: &SubEntry| match (&e.live_from, &source) {
+                (Some(from), Some(s)) => from
+                    .get(&(s.topic.clone(), s.partition))
+                    .is_some_and(|start| s.offset < *start),
+                _ => false,
+            };
             t.for_each_match(&msg.topic, |key: &SubKey, e: &SubEntry| {
+                if seen_by_catch_up(e) {
+                    return;
+                }
                 if let Some(g) = &key.share_group {
                     shared
                         .entry((g.clone(), e.filter.clone()))
@@ -116,10 +180,26 @@ impl SubscriptionIndex {
                     p.ids.push(id);
                 }
             });
+            if let Some(s) = &source {
+                let mut pos = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+                pos.insert((s.topic.clone(), s.partition), s.offset + 1);
+            }
+            // Offers happen under the read lock too: once a writer (a session
+            // leaving fan-out) holds the lock, every earlier dispatch is in
+            // the mailboxes, so positions and mailboxes agree.
+            for (_, p) in direct {
+                self.offer(msg, &source, p);
+            }
+            self.offer_shared(msg, &source, shared);
         }
-        for (_, p) in direct {
-            self.offer(msg, p);
-        }
+    }
+
+    fn offer_shared(
+        &self,
+        msg: &Arc<Message>,
+        source: &Option<Source>,
+        shared: HashMap<SharedKey, Vec<(Arc<str>, SubEntry)>>,
+    ) {
         for (_, members) in shared {
             // Round-robin across the group, skipping members whose mailbox is full.
             let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
@@ -131,6 +211,7 @@ impl SubscriptionIndex {
             let e = &pick.1;
             self.offer(
                 msg,
+                source,
                 Pending {
                     mailbox: e.mailbox.clone(),
                     qos: msg.qos.min(e.options.qos),
@@ -141,9 +222,10 @@ impl SubscriptionIndex {
         }
     }
 
-    fn offer(&self, msg: &Arc<Message>, p: Pending) {
+    fn offer(&self, msg: &Arc<Message>, source: &Option<Source>, p: Pending) {
         let d = Delivery {
             msg: msg.clone(),
+            source: source.clone(),
             qos: p.qos,
             retain: p.retain,
             subscription_ids: p.ids,
@@ -168,4 +250,32 @@ impl SubscriptionIndex {
             Err(TrySendError::Closed(_)) => {}
         }
     }
+}
+
+/// What one session gets for a message from its own (non-shared)
+/// subscriptions: the QoS, the RETAIN flag and subscription identifiers, or
+/// `None` when nothing matches. The catch-up read of a resumed session uses
+/// it; fan-out applies the same rules through the trie.
+pub fn delivery_for(
+    subscriptions: &[(String, SubscriptionOptions, Option<u32>)],
+    client_id: &str,
+    msg: &Message,
+) -> Option<(QoS, bool, Vec<u32>)> {
+    let mut out: Option<(QoS, bool, Vec<u32>)> = None;
+    for (filter, o, id) in subscriptions {
+        if !lodestream_mqtt::topic::matches(filter, &msg.topic)
+            || (o.no_local && msg.publisher.as_deref() == Some(client_id))
+        {
+            continue;
+        }
+        let qos = msg.qos.min(o.qos);
+        let retain = o.retain_as_published && msg.retain;
+        let e = out.get_or_insert((qos, retain, Vec::new()));
+        e.0 = e.0.max(qos);
+        e.1 |= retain;
+        if let Some(id) = id {
+            e.2.push(*id);
+        }
+    }
+    out
 }

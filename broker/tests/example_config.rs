@@ -3,8 +3,12 @@
 #[test]
 fn example_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/broker.example.toml");
-    let cfg = lodestream_broker::Config::load(Some(std::path::Path::new(path))).expect("example config loads");
+    let cfg = lodestream_broker::Config::load(Some(std::path::Path::new(path)))
+        .expect("example config loads");
     let mapping = cfg.validate().expect("example config validates");
     assert_eq!(mapping.kafka_topic_for("trucks/AB123CD"), "trucks");
-    assert_eq!(mapping.kafka_topic_for("fleet/stats/directions"), "fleet-stats");
+    assert_eq!(
+        mapping.kafka_topic_for("fleet/stats/directions"),
+        "fleet-stats"
+    );
 }

@@ -399,3 +399,37 @@ async fn clean_start_discards_session() {
         .await;
     assert!(next_publish(&mut s, Duration::from_secs(2)).await.is_none());
 }
+
+/// A PUBLISH sent in the same segment as CONNECT is handled at once (not
+/// left in the read buffer until more bytes arrive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_pipelined_with_connect_is_handled() {
+    let b = common::start(&[]).await;
+    let mut r = Raw::connect(b.addr()).await;
+    let mut bytes = bytes::BytesMut::new();
+    lodestream_mqtt::encode(
+        &connect(
+            ProtocolVersion::V311,
+            &common::unique("pipe"),
+            true,
+            None,
+            None,
+        ),
+        ProtocolVersion::V311,
+        &mut bytes,
+    )
+    .unwrap();
+    lodestream_mqtt::encode(
+        &publish("pipe/t", Q::AtLeastOnce, Some(1), b"x".to_vec()),
+        ProtocolVersion::V311,
+        &mut bytes,
+    )
+    .unwrap();
+    r.set_version(ProtocolVersion::V311);
+    r.send_bytes(&bytes).await;
+    assert!(matches!(r.recv().await, Some(Packet::ConnAck(_))));
+    assert_eq!(
+        r.recv_within(Duration::from_secs(5)).await,
+        Some(Packet::PubAck(Ack::new(1)))
+    );
+}

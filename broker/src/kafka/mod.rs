@@ -3,6 +3,7 @@
 //! sees Kafka only through these types.
 
 pub mod admin;
+pub mod catchup;
 mod producer;
 mod reader;
 

@@ -56,7 +56,7 @@ impl TopicReader {
         topic: &str,
         from: StartAt,
         mut on_record: F,
-    ) -> anyhow::Result<(TopicReader, oneshot::Receiver<()>)>
+    ) -> anyhow::Result<(TopicReader, oneshot::Receiver<()>, HashMap<i32, i64>)>
     where
         F: FnMut(Record) + Send + 'static,
     {
@@ -73,7 +73,7 @@ impl TopicReader {
         let topic_owned = topic.to_string();
         let c2 = consumer.clone();
         // Metadata and watermark calls block; keep them off the runtime threads.
-        let (tpl, targets) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (tpl, targets, starts) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let timeout = Duration::from_secs(15);
             let md = c2.fetch_metadata(Some(&topic_owned), timeout)?;
             let t = md
@@ -85,6 +85,7 @@ impl TopicReader {
             }
             let mut tpl = TopicPartitionList::new();
             let mut targets = HashMap::new();
+            let mut starts = HashMap::new();
             for p in t.partitions() {
                 let (low, high) = c2.fetch_watermarks(&topic_owned, p.id(), timeout)?;
                 let start = match from {
@@ -92,6 +93,7 @@ impl TopicReader {
                     StartAt::Beginning => low,
                 };
                 tpl.add_partition_offset(&topic_owned, p.id(), Offset::Offset(start))?;
+                starts.insert(p.id(), start);
                 if high > start {
                     targets.insert(p.id(), high);
                 }
@@ -99,7 +101,7 @@ impl TopicReader {
             if tpl.count() == 0 {
                 anyhow::bail!("Kafka topic {topic_owned} has no partitions");
             }
-            Ok((tpl, targets))
+            Ok((tpl, targets, starts))
         })
         .await??;
         consumer.assign(&tpl)?;
@@ -153,6 +155,6 @@ impl TopicReader {
                 }
             }
         });
-        Ok((TopicReader { task }, caught_up_rx))
+        Ok((TopicReader { task }, caught_up_rx, starts))
     }
 }

@@ -28,6 +28,7 @@ pub struct Broker {
     pub running: Running,
     pub default_topic: String,
     pub retained_topic: String,
+    pub sessions_topic: String,
 }
 
 impl Broker {
@@ -47,6 +48,7 @@ pub fn test_config(mappings: &[String]) -> Config {
     c.kafka.bootstrap_servers = kafka();
     c.kafka.default_topic = unique("default");
     c.kafka.retained_topic = unique("retained");
+    c.kafka.sessions_topic = unique("sessions");
     c.kafka.topic_partitions = 2;
     c.kafka.mappings = mappings.to_vec();
     c.listeners.tcp = "127.0.0.1:0".into();
@@ -57,6 +59,7 @@ pub fn test_config(mappings: &[String]) -> Config {
 pub async fn start_with(c: Config) -> Broker {
     let default_topic = c.kafka.default_topic.clone();
     let retained_topic = c.kafka.retained_topic.clone();
+    let sessions_topic = c.kafka.sessions_topic.clone();
     let running = lodestream_broker::start(c).await.unwrap_or_else(|e| {
         panic!(
             "broker did not start against Kafka at {} (run scripts/kafka-local start): {e:#}",
@@ -67,7 +70,17 @@ pub async fn start_with(c: Config) -> Broker {
         running,
         default_topic,
         retained_topic,
+        sessions_topic,
     }
+}
+
+/// A second node sharing the first one's Kafka topics (a cluster of two).
+pub async fn start_peer(first: &Broker) -> Broker {
+    let mut c = test_config(&first.node().config.kafka.mappings);
+    c.kafka.default_topic = first.default_topic.clone();
+    c.kafka.retained_topic = first.retained_topic.clone();
+    c.kafka.sessions_topic = first.sessions_topic.clone();
+    start_with(c).await
 }
 
 pub async fn start(mappings: &[String]) -> Broker {

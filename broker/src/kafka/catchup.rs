@@ -1,0 +1,147 @@
+//! The catch-up read of a resumed session: reads the Kafka partitions its
+//! subscriptions need from the session's stored offsets, hands matching
+//! messages to the connection in Kafka order, and, once it has reached what
+//! fan-out already dispatched, registers the session with fan-out (records
+//! it has already delivered are then filtered out by offset). This is how a
+//! client that reconnects to any node receives what it missed.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lodestream_mqtt::SubscriptionOptions;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::KafkaConfig;
+use crate::message::Message;
+use crate::session::{Delivery, Offsets, Source};
+use crate::subscriptions::{delivery_for, SubEntry, SubKey, SubscriptionIndex};
+
+pub struct CatchUp {
+    pub client_id: Arc<str>,
+    /// Where to start, per partition (the session's stored offsets).
+    pub from: Offsets,
+    /// The session's plain subscriptions (shared ones are not replayed: the
+    /// group's other members got those messages).
+    pub subscriptions: Vec<(String, SubscriptionOptions, Option<u32>)>,
+    /// Trie entries to register once caught up (`live_from` is filled in here).
+    pub entries: Vec<(String, SubKey, SubEntry)>,
+    /// Filters the client unsubscribed from meanwhile: not registered.
+    pub removed: Arc<Mutex<Vec<String>>>,
+}
+
+/// Runs the catch-up; returns the offsets reached. The deliveries channel
+/// is bounded: a slow client slows the read, never grows memory.
+pub async fn run(
+    cfg: &KafkaConfig,
+    node_id: &str,
+    index: &SubscriptionIndex,
+    job: CatchUp,
+    tx: mpsc::Sender<Delivery>,
+) -> anyhow::Result<Offsets> {
+    let mut pos = job.from.clone();
+    let consumer: Option<StreamConsumer> = if pos.is_empty() {
+        None
+    } else {
+        let mut c = super::client_config(cfg, &format!("lodestream-catchup-{node_id}"));
+        c.set("group.id", format!("lodestream-catchup-{node_id}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
+            // Offsets below the log start (retention) resume at the start.
+            .set("auto.offset.reset", "earliest");
+        let consumer: StreamConsumer = c.create()?;
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &pos {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+        }
+        consumer.assign(&tpl)?;
+        Some(consumer)
+    };
+    let mut stream = consumer.as_ref().map(|c| c.stream());
+    loop {
+        // Try to hand over to fan-out.
+        let removed = job
+            .removed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let from = Arc::new(pos.clone());
+        let entries: Vec<(String, SubKey, SubEntry)> = job
+            .entries
+            .iter()
+            .filter(|(f, k, _)| !removed.contains(&full_filter(f, k)))
+            .map(|(f, k, e)| {
+                let mut e = e.clone();
+                e.live_from = Some(from.clone());
+                (f.clone(), k.clone(), e)
+            })
+            .collect();
+        let behind = match index.register_if_caught_up(&pos, entries) {
+            Ok(()) => return Ok(pos),
+            Err(behind) => behind,
+        };
+        let Some(stream) = stream.as_mut() else {
+            // Nothing to read but fan-out ahead: cannot happen without stored
+            // offsets (positions only cover partitions we asked about).
+            return Ok(pos);
+        };
+        // Read until every partition fan-out is ahead on has been passed.
+        while behind
+            .iter()
+            .any(|(k, live)| pos.get(k).is_some_and(|p| p < live))
+        {
+            let item = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "catch-up read error");
+                    continue;
+                }
+                Ok(None) => anyhow::bail!("catch-up consumer closed"),
+                Err(_) => break, // re-check positions (records may have been compacted away)
+            };
+            let topic: Arc<str> = Arc::from(item.topic());
+            pos.insert((topic.clone(), item.partition()), item.offset() + 1);
+            let Some(key) = item.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                continue;
+            };
+            let msg = Message::from_record(
+                key.to_string(),
+                item.payload()
+                    .map(bytes::Bytes::copy_from_slice)
+                    .unwrap_or_default(),
+                item.timestamp().to_millis().unwrap_or(0),
+                item.headers()
+                    .map(|hs| hs.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            );
+            if let Some((qos, retain, ids)) = delivery_for(&job.subscriptions, &job.client_id, &msg)
+            {
+                let d = Delivery {
+                    msg: Arc::new(msg),
+                    source: Some(Source {
+                        topic,
+                        partition: item.partition(),
+                        offset: item.offset(),
+                    }),
+                    qos,
+                    retain,
+                    subscription_ids: ids,
+                };
+                if tx.send(d).await.is_err() {
+                    anyhow::bail!("connection closed during catch-up");
+                }
+            }
+        }
+    }
+}
+
+fn full_filter(inner: &str, key: &SubKey) -> String {
+    match &key.share_group {
+        Some(g) => format!("{}{g}/{inner}", lodestream_mqtt::topic::SHARE_PREFIX),
+        None => inner.to_string(),
+    }
+}
