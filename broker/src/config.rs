@@ -33,6 +33,18 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub mqtt: MqttLimits,
     pub log: LogConfig,
+    pub auth: crate::auth::AuthConfig,
+    pub acl: AclConfig,
+    pub tls: crate::transport::TlsConfig,
+    pub ws: crate::transport::WsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Authorization rules file (TOML, see docs/examples/acl.toml); empty =
+    /// every client may publish and subscribe to everything.
+    pub file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -40,6 +52,12 @@ pub struct Config {
 pub struct Listeners {
     /// Plain MQTT over TCP; empty string disables it.
     pub tcp: String,
+    /// MQTT over TLS (needs `[tls]`); empty disables it.
+    pub tls: String,
+    /// MQTT over WebSocket (path `[ws] path`); empty disables it.
+    pub ws: String,
+    /// MQTT over WebSocket over TLS (needs `[tls]`); empty disables it.
+    pub wss: String,
     /// Prometheus `/metrics`, `/health`, `/ready`; empty disables it.
     pub metrics: String,
 }
@@ -118,6 +136,10 @@ impl Default for Listeners {
         // Same default ports as the broker this one replaces: MQTT 1883, monitoring 1884.
         Listeners {
             tcp: "0.0.0.0:1883".into(),
+            tls: String::new(),
+            // Same WebSocket port as the broker this one replaces.
+            ws: "0.0.0.0:1893".into(),
+            wss: String::new(),
             metrics: "0.0.0.0:1884".into(),
         }
     }
@@ -210,15 +232,30 @@ impl Config {
     /// Checks cross-field rules and builds the topic mapping.
     pub fn validate(&self) -> Result<Mapping, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        let l = &self.listeners;
         for (name, addr) in [
-            ("listeners.tcp", &self.listeners.tcp),
-            ("listeners.metrics", &self.listeners.metrics),
+            ("listeners.tcp", &l.tcp),
+            ("listeners.tls", &l.tls),
+            ("listeners.ws", &l.ws),
+            ("listeners.wss", &l.wss),
+            ("listeners.metrics", &l.metrics),
         ] {
             if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
                 return bad(format!(
                     "{name} = {addr:?} is not an ip:port socket address"
                 ));
             }
+        }
+        if (!l.tls.is_empty() || !l.wss.is_empty())
+            && (self.tls.cert.is_empty() || self.tls.key.is_empty())
+        {
+            return bad("listeners.tls / listeners.wss need tls.cert and tls.key".into());
+        }
+        if self.ws.max_message_size < self.mqtt.max_packet_size as usize {
+            return bad(format!(
+                "ws.max_message_size ({}) must be at least mqtt.max_packet_size ({})",
+                self.ws.max_message_size, self.mqtt.max_packet_size
+            ));
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return bad("kafka.bootstrap_servers is empty".into());

@@ -34,6 +34,8 @@ use lodestream_mqtt::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 
+use crate::acl::Action;
+use crate::auth::Identity;
 use crate::kafka::{ProduceError, Producer};
 use crate::message::Message;
 use crate::node::{now_ms, sub_key, Node};
@@ -41,6 +43,7 @@ use crate::registry::{Control, Released};
 use crate::session::{Delivery, OutFlow, Session, Subscription};
 use crate::session_record::SessionRecord;
 use crate::subscriptions::SubEntry;
+use crate::transport::Transport;
 
 /// Why a connection ends.
 enum End {
@@ -100,8 +103,13 @@ impl Drop for ConnGuard {
 }
 
 /// Serves one client connection until it closes. Never panics on input.
-pub async fn serve<S>(node: Arc<Node>, stream: S, peer: SocketAddr)
-where
+pub async fn serve<S>(
+    node: Arc<Node>,
+    stream: S,
+    peer: SocketAddr,
+    transport: Transport,
+    cert_identity: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     node.open_connections.fetch_add(1, Ordering::Relaxed);
@@ -138,7 +146,7 @@ where
             return;
         }
     };
-    if let Some(conn) = Conn::accept(io, *connect, peer).await {
+    if let Some(conn) = Conn::accept(io, *connect, peer, transport, cert_identity).await {
         conn.run().await;
     }
 }
@@ -280,6 +288,7 @@ fn ack_with(packet_id: u16, reason: ReasonCode, why: Option<String>) -> Ack {
 
 struct Conn<S> {
     io: Io<S>,
+    identity: Identity,
     node: Arc<Node>,
     peer: SocketAddr,
     conn_id: u64,
@@ -310,7 +319,13 @@ struct Conn<S> {
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// Validates CONNECT, claims the session and sends CONNACK.
-    async fn accept(mut io: Io<S>, c: Connect, peer: SocketAddr) -> Option<Conn<S>> {
+    async fn accept(
+        mut io: Io<S>,
+        c: Connect,
+        peer: SocketAddr,
+        transport: Transport,
+        cert_identity: Option<String>,
+    ) -> Option<Conn<S>> {
         let node = io.node.clone();
         let limits = &node.config.mqtt;
         let v5 = c.protocol.is_v5();
@@ -348,6 +363,35 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         } else {
             limits.max_session_expiry_s
         };
+        // Authenticate before touching the registry: a failed login must not
+        // take over an existing session.
+        let identity = match node
+            .auth
+            .authenticate(
+                &client_id,
+                c.username.as_deref(),
+                c.password.as_deref(),
+                cert_identity.as_deref(),
+                peer.ip(),
+            )
+            .await
+        {
+            Ok(id) => id,
+            Err(reason) => {
+                node.metrics.auth_failures.inc();
+                tracing::info!(%peer, client_id = %client_id, ?transport, ?reason, "authentication failed");
+                refuse(&mut io, reason, "auth");
+                let _ = io.flush().await;
+                return None;
+            }
+        };
+        if let Some(w) = &c.will {
+            if !node.acl().check(&identity, Action::Publish, &w.topic) {
+                refuse(&mut io, ReasonCode::NotAuthorized, "will_not_authorized");
+                let _ = io.flush().await;
+                return None;
+            }
+        }
         let conn_id = node.next_conn_id();
         let (ctrl_tx, ctrl) = mpsc::channel(4);
         let existing = match node
@@ -503,6 +547,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         } as usize;
         tracing::debug!(%peer, client_id = %client_id, version = ?c.protocol, present, "client connected");
         let mut conn = Conn {
+            identity,
             node: node.clone(),
             peer,
             conn_id,
@@ -991,6 +1036,39 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             ));
         }
         let packet_id = p.packet_id.unwrap_or(0);
+        if !self
+            .node
+            .acl()
+            .check(&self.identity, Action::Publish, &p.topic)
+        {
+            // Never written to Kafka. MQTT 5 says why; 3.1.1 cannot, so the
+            // client gets the normal acknowledgement [MQTT-3.3.5-2].
+            self.node
+                .metrics
+                .dropped_messages
+                .with_label_values(&["not_authorized"])
+                .inc();
+            let reason = if v5 {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::Success
+            };
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self
+                    .io
+                    .send(&Packet::PubAck(ack_with(packet_id, reason, None))),
+                QoS::ExactlyOnce => {
+                    if !v5 {
+                        // Completes with PUBREL/PUBCOMP like any QoS 2 flow.
+                        self.session.inbound_qos2.insert(packet_id);
+                    }
+                    self.io
+                        .send(&Packet::PubRec(ack_with(packet_id, reason, None)));
+                }
+            }
+            return Ok(());
+        }
         if p.qos > QoS::AtMostOnce {
             let in_flight = self.acks.len() + self.session.inbound_qos2.len();
             if v5 && in_flight >= self.node.config.mqtt.receive_maximum as usize {
@@ -1148,6 +1226,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     filter.as_str(),
                 )
             };
+            if !self
+                .node
+                .acl()
+                .check(&self.identity, Action::Subscribe, &filter)
+            {
+                reasons.push(ReasonCode::NotAuthorized);
+                continue;
+            }
             if inner.split('/').count() > limits.max_topic_levels {
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;

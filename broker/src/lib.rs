@@ -25,30 +25,51 @@ pub use node::Node;
 pub struct Running {
     pub node: Arc<Node>,
     pub tcp: Option<std::net::SocketAddr>,
+    pub tls: Option<std::net::SocketAddr>,
+    pub ws: Option<std::net::SocketAddr>,
+    pub wss: Option<std::net::SocketAddr>,
     pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Starts a node and its listeners in the current tokio runtime.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let tcp_addr = config.listeners.tcp.clone();
+    let listeners = config.listeners.clone();
     let metrics_addr = config.listeners.metrics.clone();
     let node = Node::start(config).await?;
     let mut running = Running {
         node: node.clone(),
         tcp: None,
+        tls: None,
+        ws: None,
+        wss: None,
         metrics: None,
     };
-    if !tcp_addr.is_empty() {
-        let l = server::bind_tcp(&tcp_addr).await?;
-        running.tcp = server::local_addr(&l);
-        tokio::spawn(server::run_tcp(node.clone(), l));
+    use transport::Transport;
+    for (addr, transport) in [
+        (&listeners.tcp, Transport::Tcp),
+        (&listeners.tls, Transport::Tls),
+        (&listeners.ws, Transport::Ws),
+        (&listeners.wss, Transport::Wss),
+    ] {
+        if addr.is_empty() {
+            continue;
+        }
+        let l = server::bind_tcp(addr).await?;
+        let bound = server::local_addr(&l);
+        match transport {
+            Transport::Tcp => running.tcp = bound,
+            Transport::Tls => running.tls = bound,
+            Transport::Ws => running.ws = bound,
+            Transport::Wss => running.wss = bound,
+        }
+        tokio::spawn(server::run_listener(node.clone(), l, transport));
     }
     if !metrics_addr.is_empty() {
         let l = server::bind_tcp(&metrics_addr).await?;
         running.metrics = server::local_addr(&l);
         tokio::spawn(server::run_http(node.clone(), l));
     }
-    tracing::info!(node_id = %node.config.node_id, tcp = ?running.tcp, metrics = ?running.metrics, "broker started");
+    tracing::info!(node_id = %node.config.node_id, tcp = ?running.tcp, tls = ?running.tls, ws = ?running.ws, wss = ?running.wss, metrics = ?running.metrics, "broker started");
     Ok(running)
 }
 pub mod acl;

@@ -15,6 +15,8 @@ use lodestream_broker::Config;
     about = "Lodestream: a Kafka-native MQTT broker"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (see broker/broker.example.toml).
     #[arg(short, long, env = "LODESTREAM_CONFIG")]
     config: Option<PathBuf>,
@@ -42,6 +44,35 @@ struct Cli {
     shutdown_grace_s: u64,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Adds or replaces a user in a password file (argon2id). The password
+    /// is read from standard input (first line) unless --password is given.
+    Passwd {
+        file: PathBuf,
+        user: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+fn passwd(file: &std::path::Path, user: &str, password: Option<String>) -> anyhow::Result<()> {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    lodestream_broker::auth::set_password(file, user, &password)?;
+    eprintln!("user {user} set in {}", file.display());
+    Ok(())
+}
+
 fn init_logs(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
@@ -56,6 +87,14 @@ fn init_logs(cfg: &Config) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Passwd {
+        file,
+        user,
+        password,
+    }) = cli.command
+    {
+        return passwd(&file, &user, password);
+    }
     let mut cfg = Config::load(cli.config.as_deref())?;
     if let Some(k) = cli.kafka {
         cfg.kafka.bootstrap_servers = k;
@@ -80,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
     let running = lodestream_broker::start(cfg)
         .await
         .context("broker failed to start")?;
+    spawn_reload_on_sighup(running.node.clone());
     wait_for_signal().await;
     tracing::info!("shutting down");
     running
@@ -87,6 +127,27 @@ async fn main() -> anyhow::Result<()> {
         .shutdown(Duration::from_secs(cli.shutdown_grace_s))
         .await;
     Ok(())
+}
+
+/// SIGHUP re-reads the password file, the rules file and the certificate.
+fn spawn_reload_on_sighup(node: std::sync::Arc<lodestream_broker::Node>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let n = node.clone();
+            match tokio::task::spawn_blocking(move || n.reload_security()).await {
+                Ok(Ok(())) => tracing::info!("security settings reloaded"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous settings")
+                }
+                Err(e) => tracing::error!(error = %e, "reload task failed"),
+            }
+        }
+    });
 }
 
 async fn wait_for_signal() {

@@ -31,6 +31,11 @@ pub struct Node {
     pub subs: Arc<SubscriptionIndex>,
     pub retained: Arc<RetainedStore>,
     pub registry: Arc<Registry>,
+    pub auth: crate::auth::Authenticator,
+    /// Swapped whole on reload (SIGHUP).
+    pub acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
+    /// Present when a TLS or WSS listener is configured.
+    pub tls: Option<crate::transport::TlsAcceptor>,
     /// Materialised sessions topic.
     pub store: Arc<SessionStore>,
     _sessions_reader: TopicReader,
@@ -55,6 +60,21 @@ impl Node {
     /// messages; fails with a clear message when Kafka is unusable.
     pub async fn start(mut config: Config) -> anyhow::Result<Arc<Node>> {
         let mapping = config.validate()?;
+        // Security settings are checked before Kafka is touched: a typo in a
+        // certificate path should not wait for a Kafka timeout.
+        let auth = crate::auth::Authenticator::new(&config.auth).context("[auth]")?;
+        let acl = if config.acl.file.is_empty() {
+            crate::acl::Acl::allow_all()
+        } else {
+            crate::acl::Acl::load(std::path::Path::new(&config.acl.file)).context("[acl] file")?
+        };
+        let tls = if config.listeners.tls.is_empty() && config.listeners.wss.is_empty() {
+            None
+        } else {
+            let t = crate::transport::TlsAcceptor::new(&config.tls).context("[tls]")?;
+            t.spawn_reloader();
+            Some(t)
+        };
         if config.node_id.is_empty() {
             config.node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
         }
@@ -135,6 +155,9 @@ impl Node {
             subs: Arc::new(SubscriptionIndex::new(metrics.clone())),
             registry,
             store,
+            auth,
+            acl: std::sync::RwLock::new(Arc::new(acl)),
+            tls,
             _sessions_reader: sessions_reader,
             readers: Mutex::new(HashMap::new()),
             _retained_reader: retained_reader,
@@ -147,6 +170,25 @@ impl Node {
             metrics,
             shutdown,
         }))
+    }
+
+    pub fn acl(&self) -> Arc<crate::acl::Acl> {
+        self.acl.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads the password file, the rules file and the TLS certificate
+    /// (SIGHUP). Blocking: call from a blocking thread.
+    pub fn reload_security(&self) -> anyhow::Result<()> {
+        self.auth.reload().context("[auth] password file")?;
+        if !self.config.acl.file.is_empty() {
+            let acl = crate::acl::Acl::load(std::path::Path::new(&self.config.acl.file))
+                .context("[acl] file")?;
+            *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acl);
+        }
+        if let Some(t) = &self.tls {
+            t.reload().context("[tls]")?;
+        }
+        Ok(())
     }
 
     pub fn next_conn_id(&self) -> u64 {

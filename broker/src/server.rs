@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::connection;
 use crate::node::Node;
+use crate::transport::{ws, PeerCert, Transport};
 
 /// Binds the MQTT/TCP listener; returns the bound address (port 0 allowed).
 pub async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
@@ -19,7 +20,11 @@ pub async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for MQTT on {addr}"))
 }
 
-pub async fn run_tcp(node: Arc<Node>, listener: TcpListener) {
+/// Accepts connections on one listener and serves each with the
+/// listener's transport. TLS and WebSocket handshakes run in the
+/// connection's own task, bounded by the CONNECT timeout, so a slow
+/// handshake never blocks the accept loop.
+pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Transport) {
     let mut shutdown = node.shutdown.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -29,7 +34,7 @@ pub async fn run_tcp(node: Arc<Node>, listener: TcpListener) {
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection::serve(node.clone(), stream, peer));
+                tokio::spawn(handshake(node.clone(), stream, peer, transport));
             }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning; existing
@@ -40,6 +45,46 @@ pub async fn run_tcp(node: Arc<Node>, listener: TcpListener) {
                     .with_label_values(&["accept_error"])
                     .inc();
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handshake(node: Arc<Node>, stream: TcpStream, peer: SocketAddr, transport: Transport) {
+    let limit = Duration::from_secs(node.config.mqtt.connect_timeout_s);
+    let cert_identity =
+        |pc: Option<PeerCert>| pc.and_then(|c| c.identity(node.config.auth.cert_identity));
+    let fail = |what: &str, e: String| {
+        tracing::debug!(%peer, error = %e, "{what} failed");
+        node.metrics
+            .connect_rejected
+            .with_label_values(&[what])
+            .inc();
+    };
+    match transport {
+        Transport::Tcp => connection::serve(node.clone(), stream, peer, transport, None).await,
+        Transport::Ws => {
+            match tokio::time::timeout(limit, ws::accept(stream, &node.config.ws)).await {
+                Ok(Ok(s)) => connection::serve(node.clone(), s, peer, transport, None).await,
+                Ok(Err(e)) => fail("ws_upgrade", e.to_string()),
+                Err(_) => fail("ws_upgrade", "timeout".into()),
+            }
+        }
+        Transport::Tls | Transport::Wss => {
+            let Some(tls) = node.tls.clone() else { return };
+            let (s, pc) = match tokio::time::timeout(limit, tls.accept(stream)).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => return fail("tls_handshake", e.to_string()),
+                Err(_) => return fail("tls_handshake", "timeout".into()),
+            };
+            let id = cert_identity(pc);
+            if transport == Transport::Tls {
+                return connection::serve(node.clone(), s, peer, transport, id).await;
+            }
+            match tokio::time::timeout(limit, ws::accept(s, &node.config.ws)).await {
+                Ok(Ok(s)) => connection::serve(node.clone(), s, peer, transport, id).await,
+                Ok(Err(e)) => fail("ws_upgrade", e.to_string()),
+                Err(_) => fail("ws_upgrade", "timeout".into()),
             }
         }
     }

@@ -175,6 +175,7 @@ fn spawn_node(port: u16, first: &common::Broker, node_id: &str) -> Proc {
         .env("LODESTREAM_KAFKA__DEFAULT_TOPIC", &c.default_topic)
         .env("LODESTREAM_KAFKA__RETAINED_TOPIC", &c.retained_topic)
         .env("LODESTREAM_KAFKA__SESSIONS_TOPIC", &c.sessions_topic)
+        .env("LODESTREAM_LISTENERS__WS", "")
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("broker binary");

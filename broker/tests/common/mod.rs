@@ -52,6 +52,7 @@ pub fn test_config(mappings: &[String]) -> Config {
     c.kafka.topic_partitions = 2;
     c.kafka.mappings = mappings.to_vec();
     c.listeners.tcp = "127.0.0.1:0".into();
+    c.listeners.ws = "127.0.0.1:0".into();
     c.listeners.metrics = "127.0.0.1:0".into();
     c
 }
