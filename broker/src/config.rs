@@ -76,6 +76,12 @@ pub struct KafkaConfig {
     pub retained_topic: String,
     /// Compacted topic holding session state (key = client id).
     pub sessions_topic: String,
+    /// Compacted topic of node heartbeats (key = node id).
+    pub nodes_topic: String,
+    pub heartbeat_interval_ms: u64,
+    /// A node silent this long is dead: a survivor adopts its sessions and
+    /// publishes their wills.
+    pub node_timeout_ms: u64,
     /// Create missing message/retained topics at start-up.
     pub create_topics: bool,
     pub topic_partitions: i32,
@@ -153,6 +159,9 @@ impl Default for KafkaConfig {
             mappings: Vec::new(),
             retained_topic: "lodestream.retained".into(),
             sessions_topic: "lodestream.sessions".into(),
+            nodes_topic: "lodestream.nodes".into(),
+            heartbeat_interval_ms: 1000,
+            node_timeout_ms: 10_000,
             create_topics: true,
             topic_partitions: 3,
             replication_factor: 1,
@@ -264,6 +273,7 @@ impl Config {
             ("kafka.default_topic", &self.kafka.default_topic),
             ("kafka.retained_topic", &self.kafka.retained_topic),
             ("kafka.sessions_topic", &self.kafka.sessions_topic),
+            ("kafka.nodes_topic", &self.kafka.nodes_topic),
         ] {
             if !valid_kafka_topic(t) {
                 return bad(format!("{name} = {t:?} is not a valid Kafka topic name"));

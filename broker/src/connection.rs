@@ -729,10 +729,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 _ = shutdown.changed() => Err(End::Server(ReasonCode::ServerShuttingDown, "server shutting down".into())),
                 Some(done) = self.acks.next(), if !self.acks.is_empty() => self.on_kafka_ack(done),
                 r = self.io.fill(), if self.acks.len() < recv_max => match r {
-                    Ok(true) => {
-                        self.last_recv = Instant::now();
-                        self.on_bytes().await
-                    }
+                    Ok(true) => self.on_bytes().await,
                     Ok(false) => Err(End::Io("closed by peer".into())),
                     Err(e) => Err(End::Io(e)),
                 },
@@ -899,6 +896,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .packets_in
                 .with_label_values(&[p.kind()])
                 .inc();
+            // Keep alive counts complete packets, not bytes: a client
+            // trickling a never-ending packet is not alive [MQTT-3.1.2-22].
+            self.last_recv = Instant::now();
             self.on_packet(p).await?;
         }
     }
@@ -1200,32 +1200,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
-        let v5 = self.v5();
         let identifier = s.properties.subscription_identifiers.first().copied();
         let limits = &self.node.config.mqtt;
         let mut reasons = Vec::with_capacity(s.filters.len());
         let now = now_ms();
         for (filter, opts) in s.filters {
-            let shared = if v5 {
-                SharedFilter::parse(&filter)
-            } else {
-                None
-            };
-            if v5 && filter.starts_with(lodestream_mqtt::topic::SHARE_PREFIX) && shared.is_none() {
+            // Shared subscriptions are honoured for 3.1.1 clients too (as
+            // other brokers do), so `$share/...` means the same in both
+            // versions and is stored, matched and removed one way.
+            let shared = SharedFilter::parse(&filter);
+            if filter.starts_with(lodestream_mqtt::topic::SHARE_PREFIX) && shared.is_none() {
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
-            let (key, inner) = if shared.is_some() {
-                sub_key(&self.session.client_id, &filter)
-            } else {
-                (
-                    crate::subscriptions::SubKey {
-                        client_id: self.session.client_id.clone(),
-                        share_group: None,
-                    },
-                    filter.as_str(),
-                )
-            };
+            let (key, inner) = sub_key(&self.session.client_id, &filter);
             if !self
                 .node
                 .acl()
@@ -1321,17 +1309,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         .push(filter.clone());
                 }
                 let (key, inner) = sub_key(&self.session.client_id, &filter);
-                let (key, inner) = if self.v5() {
-                    (key, inner)
-                } else {
-                    (
-                        crate::subscriptions::SubKey {
-                            client_id: self.session.client_id.clone(),
-                            share_group: None,
-                        },
-                        filter.as_str(),
-                    )
-                };
                 if self.node.subs.remove(inner, &key) {
                     self.node.metrics.subscriptions.dec();
                 }
@@ -1385,7 +1362,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             _ => {}
         }
-        let _ = self.io.flush().await;
+        // After a write failure or timeout, another flush would only block
+        // for the write timeout again.
+        if !matches!(end, End::Io(_)) {
+            let _ = self.io.flush().await;
+        }
         let _ = self.io.wr.shutdown().await;
 
         // Let in-flight Kafka writes settle so QoS 2 ids that reached Kafka

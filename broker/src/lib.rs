@@ -1,6 +1,7 @@
 //! Lodestream broker: an MQTT 3.1.1/5.0 broker whose message store is Kafka.
 //! See ARCHITECTURE.md for the data path.
 
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod kafka;
@@ -36,6 +37,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let listeners = config.listeners.clone();
     let metrics_addr = config.listeners.metrics.clone();
     let node = Node::start(config).await?;
+    tokio::spawn(cluster::run(node.clone()));
     let mut running = Running {
         node: node.clone(),
         tcp: None,

@@ -36,6 +36,8 @@ pub struct Node {
     pub acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
     /// Present when a TLS or WSS listener is configured.
     pub tls: Option<crate::transport::TlsAcceptor>,
+    pub liveness: Arc<crate::cluster::Liveness>,
+    _nodes_reader: TopicReader,
     /// Materialised sessions topic.
     pub store: Arc<SessionStore>,
     _sessions_reader: TopicReader,
@@ -87,7 +89,11 @@ impl Node {
                 compacted: false,
             })
             .collect();
-        for name in [&kcfg.retained_topic, &kcfg.sessions_topic] {
+        for name in [
+            &kcfg.retained_topic,
+            &kcfg.sessions_topic,
+            &kcfg.nodes_topic,
+        ] {
             topics.push(kafka::admin::TopicSpec {
                 name: name.clone(),
                 compacted: true,
@@ -150,6 +156,17 @@ impl Node {
             tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
         }
         tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
+        let liveness = Arc::new(crate::cluster::Liveness::default());
+        let lv = liveness.clone();
+        let (nodes_reader, _, _) = kafka::TopicReader::start(
+            kcfg,
+            &config.node_id,
+            &kcfg.nodes_topic,
+            kafka::StartAt::Beginning,
+            move |rec| lv.apply_record(&rec),
+        )
+        .await
+        .context("reading the nodes topic")?;
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Node {
             subs: Arc::new(SubscriptionIndex::new(metrics.clone())),
@@ -159,6 +176,8 @@ impl Node {
             acl: std::sync::RwLock::new(Arc::new(acl)),
             tls,
             _sessions_reader: sessions_reader,
+            liveness,
+            _nodes_reader: nodes_reader,
             readers: Mutex::new(HashMap::new()),
             _retained_reader: retained_reader,
             conn_ids: AtomicU64::new(1),

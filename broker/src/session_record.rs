@@ -154,6 +154,16 @@ fn payload(b64: &str) -> Bytes {
     B64.decode(b64).map(Bytes::from).unwrap_or_default()
 }
 
+pub fn will_from_record(w: &WillRecord) -> LastWill {
+    LastWill {
+        topic: w.topic.clone(),
+        payload: payload(&w.payload_b64),
+        qos: qos(w.qos),
+        retain: w.retain,
+        properties: props_from_record(&w.props),
+    }
+}
+
 impl SessionRecord {
     /// Snapshot of a session for the sessions topic.
     pub fn from_session(
@@ -255,13 +265,7 @@ impl SessionRecord {
                 },
             );
         }
-        s.will = self.will.as_ref().map(|w| LastWill {
-            topic: w.topic.clone(),
-            payload: payload(&w.payload_b64),
-            qos: qos(w.qos),
-            retain: w.retain,
-            properties: props_from_record(&w.props),
-        });
+        s.will = self.will.as_ref().map(will_from_record);
         s.inbound_qos2 = self.inbound_qos2.iter().copied().collect();
         for o in &self.outbound {
             match &o.publish {

@@ -175,6 +175,15 @@ fn spawn_node(port: u16, first: &common::Broker, node_id: &str) -> Proc {
         .env("LODESTREAM_KAFKA__DEFAULT_TOPIC", &c.default_topic)
         .env("LODESTREAM_KAFKA__RETAINED_TOPIC", &c.retained_topic)
         .env("LODESTREAM_KAFKA__SESSIONS_TOPIC", &c.sessions_topic)
+        .env("LODESTREAM_KAFKA__NODES_TOPIC", &c.nodes_topic)
+        .env(
+            "LODESTREAM_KAFKA__NODE_TIMEOUT_MS",
+            c.node_timeout_ms.to_string(),
+        )
+        .env(
+            "LODESTREAM_KAFKA__HEARTBEAT_INTERVAL_MS",
+            c.heartbeat_interval_ms.to_string(),
+        )
         .env("LODESTREAM_LISTENERS__WS", "")
         .env("RUST_LOG", "warn")
         .spawn()
@@ -212,6 +221,30 @@ async fn node_killed_mid_stream_loses_nothing_acknowledged() {
     s.send(&subscribe("kill/#")).await;
     assert!(matches!(s.recv().await, Some(Packet::SubAck(_))));
     let (mut p, _) = open(victim_addr, connect(&common::unique("pub"), true, 0)).await;
+    // A client with a Last Will on the node that dies, and a watcher on the survivor.
+    let (mut watcher, _) = open(survivor.addr(), connect(&common::unique("watch"), true, 0)).await;
+    watcher.send(&subscribe("wills/#")).await;
+    assert!(matches!(watcher.recv().await, Some(Packet::SubAck(_))));
+    let mut with_will = Raw::connect(victim_addr).await;
+    with_will
+        .send(&Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: common::unique("willer"),
+            will: Some(lodestream_mqtt::LastWill {
+                topic: "wills/victim".into(),
+                payload: Bytes::from_static(b"node died"),
+                qos: Q::AtLeastOnce,
+                retain: false,
+                properties: Properties::default(),
+            }),
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })))
+        .await;
+    assert!(matches!(with_will.recv().await, Some(Packet::ConnAck(_))));
 
     const N: u32 = 2000;
     let mut acked: Vec<u32> = Vec::new();
@@ -260,13 +293,25 @@ async fn node_killed_mid_stream_loses_nothing_acknowledged() {
         }
     }
     assert!(killed);
+    let killed_at = Instant::now();
+    // The survivor sees the node's heartbeats stop and publishes the will.
+    let will = collect(&mut watcher, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        will,
+        vec!["node died".to_string()],
+        "[MQTT-3.1.2-8] will of a client on a dead node"
+    );
+    eprintln!("will published {:?} after SIGKILL", killed_at.elapsed());
     drop(p);
     drop(s);
+    drop(with_will);
     // Every acknowledged message is in Kafka.
+    // Unacknowledged in-flight messages may have landed too: read all that
+    // were sent (or until the topic is drained).
     let recs = common::read_topic(
         &survivor.default_topic,
-        acked.len(),
-        Duration::from_secs(30),
+        next as usize,
+        Duration::from_secs(15),
     );
     let in_kafka: std::collections::HashSet<String> = recs
         .iter()

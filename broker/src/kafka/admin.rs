@@ -77,7 +77,8 @@ async fn cleanup_policy(
     topic: &str,
 ) -> anyhow::Result<String> {
     let mut last = String::new();
-    for _ in 0..20 {
+    // Up to 15 s: a loaded single-node Kafka can take that long.
+    for _ in 0..60 {
         let spec = ResourceSpecifier::Topic(topic);
         let res = admin.describe_configs([&spec], opts).await?;
         match res.into_iter().next() {

@@ -49,6 +49,9 @@ pub fn test_config(mappings: &[String]) -> Config {
     c.kafka.default_topic = unique("default");
     c.kafka.retained_topic = unique("retained");
     c.kafka.sessions_topic = unique("sessions");
+    c.kafka.nodes_topic = unique("nodes");
+    c.kafka.node_timeout_ms = 3000;
+    c.kafka.heartbeat_interval_ms = 300;
     c.kafka.topic_partitions = 2;
     c.kafka.mappings = mappings.to_vec();
     c.listeners.tcp = "127.0.0.1:0".into();
@@ -81,6 +84,7 @@ pub async fn start_peer(first: &Broker) -> Broker {
     c.kafka.default_topic = first.default_topic.clone();
     c.kafka.retained_topic = first.retained_topic.clone();
     c.kafka.sessions_topic = first.sessions_topic.clone();
+    c.kafka.nodes_topic = first.node().config.kafka.nodes_topic.clone();
     start_with(c).await
 }
 

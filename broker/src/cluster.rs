@@ -1,0 +1,250 @@
+//! Node liveness through Kafka, and adopting the sessions of dead nodes.
+//!
+//! Every node writes a heartbeat to the compacted nodes topic (key = node
+//! id) and reads everyone's. When a node stops heartbeating for
+//! `kafka.node_timeout_ms` (kill -9, lost network), one survivor (the live
+//! node with the smallest id, so normally exactly one) adopts the sessions
+//! that were online there: it writes them as offline with a new epoch
+//! (fencing out the dead node should it come back), publishes their Last
+//! Wills (after the will delay, unless the client reconnected first) and
+//! expires them in time. No store other than Kafka is involved.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::kafka::Record;
+use crate::node::{now_ms, Node};
+use crate::session_record::SessionRecord;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub v: u32,
+    pub node: String,
+    pub ts_ms: i64,
+    /// False when the node shut down gracefully.
+    pub alive: bool,
+}
+
+/// What this node knows of the others, by local arrival time (immune to
+/// clock skew between machines).
+#[derive(Default)]
+pub struct Liveness {
+    seen: Mutex<HashMap<String, (Instant, bool)>>,
+}
+
+impl Liveness {
+    pub fn apply_record(&self, rec: &Record) {
+        let Some(v) = &rec.value else { return };
+        if let Ok(hb) = serde_json::from_slice::<Heartbeat>(v) {
+            self.seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(hb.node, (Instant::now(), hb.alive));
+        }
+    }
+
+    /// Nodes heard from within `timeout` and not shut down.
+    pub fn live(&self, timeout: Duration) -> Vec<String> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.iter()
+            .filter(|(_, (at, alive))| *alive && at.elapsed() < timeout)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// True when `me` is the node that adopts orphans: the smallest live id.
+pub fn responsible(me: &str, live: &[String]) -> bool {
+    live.iter().all(|n| n.as_str() >= me)
+}
+
+/// Sessions to adopt: online on a node that is not live.
+pub fn orphans(records: &[SessionRecord], me: &str, live: &[String]) -> Vec<SessionRecord> {
+    records
+        .iter()
+        .filter(|r| r.online && r.node != me && !live.contains(&r.node))
+        .cloned()
+        .collect()
+}
+
+/// Heartbeats and sweeps until the node shuts down.
+pub async fn run(node: Arc<Node>) {
+    let k = &node.config.kafka;
+    let every = Duration::from_millis(k.heartbeat_interval_ms.max(100));
+    let timeout = Duration::from_millis(k.node_timeout_ms.max(k.heartbeat_interval_ms * 2));
+    let started = Instant::now();
+    let mut shutdown = node.shutdown.subscribe();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => {
+                heartbeat(&node, false).await;
+                return;
+            }
+        }
+        heartbeat(&node, true).await;
+        // Before a full timeout has passed we cannot tell dead from not-yet-heard.
+        if started.elapsed() < timeout {
+            continue;
+        }
+        let mut live = node.liveness.live(timeout);
+        if !live.contains(&node.config.node_id) {
+            live.push(node.config.node_id.clone());
+        }
+        if !responsible(&node.config.node_id, &live) {
+            continue;
+        }
+        let now = now_ms();
+        let records = node.store.snapshot();
+        for r in orphans(&records, &node.config.node_id, &live) {
+            adopt(&node, r).await;
+        }
+        // Offline sessions whose owner died before expiring them.
+        for r in records
+            .iter()
+            .filter(|r| r.expired(now) && !live.contains(&r.node))
+        {
+            node.tombstone(&r.client_id, r.epoch).await;
+        }
+    }
+}
+
+async fn heartbeat(node: &Node, alive: bool) {
+    let hb = Heartbeat {
+        v: 1,
+        node: node.config.node_id.clone(),
+        ts_ms: now_ms(),
+        alive,
+    };
+    let value = serde_json::to_vec(&hb).unwrap_or_default();
+    if let Err(e) = node
+        .producer
+        .send_and_wait(
+            &node.config.kafka.nodes_topic,
+            hb.node.as_bytes(),
+            Some(&value),
+            &[],
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "heartbeat not written");
+    }
+}
+
+/// Takes over a dead node's online session: offline under a new epoch,
+/// will per its delay, expiry timer.
+async fn adopt(node: &Arc<Node>, r: SessionRecord) {
+    let client_id = r.client_id.clone();
+    let epoch = r.epoch + 1;
+    let will = r.will.clone();
+    let expiry_s = r.expiry_s;
+    let mut adopted = r;
+    adopted.epoch = epoch;
+    adopted.node = node.config.node_id.clone();
+    adopted.online = false;
+    adopted.handoff = false;
+    adopted.disconnected_ms = Some(now_ms());
+    adopted.will = None;
+    if let Err(e) = node.persist(adopted).await {
+        tracing::warn!(client_id, error = %e, "could not adopt orphaned session; will retry");
+        return;
+    }
+    tracing::info!(client_id, "adopted session of a dead node");
+    let will = will.map(|w| {
+        let delay = w.props.will_delay.unwrap_or(0);
+        (crate::session_record::will_from_record(&w), delay)
+    });
+    let node = node.clone();
+    tokio::spawn(async move {
+        let still_parked = |node: &Node| {
+            node.store
+                .get(&client_id)
+                .is_some_and(|r| r.epoch == epoch && !r.online)
+        };
+        let mut waited = 0u32;
+        if let Some((w, delay)) = will {
+            // The will goes after its delay, or when the session ends first.
+            let wait = delay.min(expiry_s);
+            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+            waited = wait;
+            if still_parked(&node) {
+                node.publish_will(&client_id, w).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(expiry_s.saturating_sub(waited) as u64)).await;
+        if still_parked(&node) {
+            node.tombstone(&client_id, epoch).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smallest_live_node_is_responsible() {
+        let live = vec!["b".to_string(), "a".to_string(), "c".to_string()];
+        assert!(responsible("a", &live));
+        assert!(!responsible("b", &live));
+    }
+
+    #[test]
+    fn orphans_are_online_sessions_of_dead_nodes() {
+        let rec = |id: &str, node: &str, online: bool| SessionRecord {
+            v: 1,
+            client_id: id.into(),
+            epoch: 1,
+            node: node.into(),
+            online,
+            handoff: false,
+            expiry_s: 10,
+            disconnected_ms: None,
+            subscriptions: vec![],
+            will: None,
+            inbound_qos2: vec![],
+            outbound: vec![],
+            offsets: vec![],
+        };
+        let rs = vec![
+            rec("1", "dead", true),
+            rec("2", "live", true),
+            rec("3", "dead", false),
+            rec("4", "me", true),
+        ];
+        let live = vec!["live".to_string(), "me".to_string()];
+        let o = orphans(&rs, "me", &live);
+        assert_eq!(o.len(), 1);
+        assert_eq!(o[0].client_id, "1");
+    }
+
+    #[test]
+    fn liveness_times_out_and_honours_shutdown() {
+        let l = Liveness::default();
+        let rec = |node: &str, alive: bool| Record {
+            topic: "n".into(),
+            partition: 0,
+            offset: 0,
+            key: Some(bytes::Bytes::copy_from_slice(node.as_bytes())),
+            value: Some(bytes::Bytes::from(
+                serde_json::to_vec(&Heartbeat {
+                    v: 1,
+                    node: node.into(),
+                    ts_ms: 0,
+                    alive,
+                })
+                .unwrap(),
+            )),
+            timestamp_ms: 0,
+            headers: vec![],
+        };
+        l.apply_record(&rec("a", true));
+        l.apply_record(&rec("b", false));
+        assert_eq!(l.live(Duration::from_secs(5)), vec!["a".to_string()]);
+        assert!(l.live(Duration::from_nanos(1)).is_empty());
+    }
+}
