@@ -481,6 +481,27 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         };
         session.epoch = epoch;
         let from_record = from_record && present;
+        // A session may be resumed by a different identity than the one that
+        // subscribed: keep only what this identity may subscribe to.
+        if present {
+            let acl = node.acl();
+            let denied: Vec<String> = session
+                .subscriptions
+                .keys()
+                .filter(|f| !acl.check(&identity, Action::Subscribe, f))
+                .cloned()
+                .collect();
+            for f in denied {
+                tracing::info!(client_id = %client_id, filter = %f, "resumed subscription not authorized for this identity; dropped");
+                session.subscriptions.remove(&f);
+                if !from_record {
+                    let (key, inner) = sub_key(&client_id, &f);
+                    if node.subs.remove(inner, &key) {
+                        node.metrics.subscriptions.dec();
+                    }
+                }
+            }
+        }
         node.metrics.sessions.set(node.registry.len() as i64);
         if session.take_overflow() {
             tracing::warn!(client_id = %client_id, "session queue overflowed: QoS 1/2 messages will be re-read from Kafka");

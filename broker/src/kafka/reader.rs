@@ -46,6 +46,41 @@ impl Drop for TopicReader {
     }
 }
 
+type StartOffsets = (TopicPartitionList, HashMap<i32, i64>, HashMap<i32, i64>);
+
+/// The assignment for every partition of `topic`, the high watermarks to
+/// reach for "caught up", and the start offsets. Blocking calls.
+fn start_offsets(c: &StreamConsumer, topic: &str, from: StartAt) -> anyhow::Result<StartOffsets> {
+    let timeout = Duration::from_secs(15);
+    let md = c.fetch_metadata(Some(topic), timeout)?;
+    let t = md
+        .topics()
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no metadata for Kafka topic {topic}"))?;
+    if let Some(e) = t.error() {
+        anyhow::bail!("Kafka topic {topic}: {:?}", e);
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut targets = HashMap::new();
+    let mut starts = HashMap::new();
+    for p in t.partitions() {
+        let (low, high) = c.fetch_watermarks(topic, p.id(), timeout)?;
+        let start = match from {
+            StartAt::End => high,
+            StartAt::Beginning => low,
+        };
+        tpl.add_partition_offset(topic, p.id(), Offset::Offset(start))?;
+        starts.insert(p.id(), start);
+        if high > start {
+            targets.insert(p.id(), high);
+        }
+    }
+    if tpl.count() == 0 {
+        anyhow::bail!("Kafka topic {topic} has no partitions");
+    }
+    Ok((tpl, targets, starts))
+}
+
 impl TopicReader {
     /// Assigns all partitions of `topic` and starts reading. Returns after
     /// the start offsets are fixed, plus a signal fired once the reader has
@@ -73,35 +108,20 @@ impl TopicReader {
         let topic_owned = topic.to_string();
         let c2 = consumer.clone();
         // Metadata and watermark calls block; keep them off the runtime threads.
-        let (tpl, targets, starts) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let timeout = Duration::from_secs(15);
-            let md = c2.fetch_metadata(Some(&topic_owned), timeout)?;
-            let t = md
-                .topics()
-                .first()
-                .ok_or_else(|| anyhow::anyhow!("no metadata for Kafka topic {topic_owned}"))?;
-            if let Some(e) = t.error() {
-                anyhow::bail!("Kafka topic {topic_owned}: {:?}", e);
-            }
-            let mut tpl = TopicPartitionList::new();
-            let mut targets = HashMap::new();
-            let mut starts = HashMap::new();
-            for p in t.partitions() {
-                let (low, high) = c2.fetch_watermarks(&topic_owned, p.id(), timeout)?;
-                let start = match from {
-                    StartAt::End => high,
-                    StartAt::Beginning => low,
-                };
-                tpl.add_partition_offset(&topic_owned, p.id(), Offset::Offset(start))?;
-                starts.insert(p.id(), start);
-                if high > start {
-                    targets.insert(p.id(), high);
+        let (tpl, targets, starts) = tokio::task::spawn_blocking(move || {
+            // Right after topic creation a partition may have no leader yet:
+            // retry briefly before giving up.
+            let mut last = None;
+            for _ in 0..40 {
+                match start_offsets(&c2, &topic_owned, from) {
+                    Ok(x) => return Ok(x),
+                    Err(e) => {
+                        last = Some(e);
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
                 }
             }
-            if tpl.count() == 0 {
-                anyhow::bail!("Kafka topic {topic_owned} has no partitions");
-            }
-            Ok((tpl, targets, starts))
+            Err(last.unwrap_or_else(|| anyhow::anyhow!("Kafka topic {topic_owned}: no metadata")))
         })
         .await??;
         consumer.assign(&tpl)?;
