@@ -125,6 +125,10 @@ pub struct MqttLimits {
     pub max_subscriptions_per_client: usize,
     /// Seconds a write to a client may block before it is disconnected.
     pub write_timeout_s: u64,
+    /// PUBLISH packets per second a client may send (0 = unlimited). Over
+    /// the rate the connection is simply not read until tokens refill
+    /// (TCP back-pressure): nothing is dropped, nobody is disconnected.
+    pub max_publish_rate: u32,
     /// Persistent sessions remembered by this node (bounded map).
     pub max_sessions: usize,
 }
@@ -188,6 +192,7 @@ impl Default for MqttLimits {
             max_topic_levels: 32,
             max_subscriptions_per_client: 256,
             write_timeout_s: 30,
+            max_publish_rate: 0,
             max_sessions: 1_000_000,
         }
     }

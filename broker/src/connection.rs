@@ -39,6 +39,7 @@ use crate::auth::Identity;
 use crate::kafka::{ProduceError, Producer};
 use crate::message::Message;
 use crate::node::{now_ms, sub_key, Node};
+use crate::rate_limit::TokenBucket;
 use crate::registry::{Control, Released};
 use crate::session::{Delivery, OutFlow, Session, Subscription};
 use crate::session_record::SessionRecord;
@@ -315,6 +316,11 @@ struct Conn<S> {
     catchup_removed: Arc<std::sync::Mutex<Vec<String>>>,
     /// Session state changed since it was last written to Kafka.
     dirty: bool,
+    /// `mqtt.max_publish_rate`, and until when reading is paused by it.
+    bucket: Option<TokenBucket>,
+    throttled_until: Option<Instant>,
+    /// A token was taken for the PUBLISH at the head of the read buffer.
+    prepaid: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
@@ -596,6 +602,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             catchup: None,
             catchup_removed: Arc::new(std::sync::Mutex::new(Vec::new())),
             dirty: false,
+            bucket: (limits.max_publish_rate > 0).then(|| {
+                TokenBucket::new(
+                    limits.max_publish_rate,
+                    limits.max_publish_rate,
+                    Instant::now(),
+                )
+            }),
+            throttled_until: None,
+            prepaid: false,
             will_delay,
             io,
         };
@@ -749,7 +764,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 },
                 _ = shutdown.changed() => Err(End::Server(ReasonCode::ServerShuttingDown, "server shutting down".into())),
                 Some(done) = self.acks.next(), if !self.acks.is_empty() => self.on_kafka_ack(done),
-                r = self.io.fill(), if self.acks.len() < recv_max => match r {
+                _ = sleep_until(self.throttled_until.map(tokio::time::Instant::from_std)), if self.throttled_until.is_some() => {
+                    self.throttled_until = None;
+                    // Packets already buffered while paused.
+                    self.on_bytes().await
+                },
+                r = self.io.fill(), if self.acks.len() < recv_max && self.throttled_until.is_none() => match r {
                     Ok(true) => self.on_bytes().await,
                     Ok(false) => Err(End::Io("closed by peer".into())),
                     Err(e) => Err(End::Io(e)),
@@ -899,6 +919,27 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// Decodes and handles every complete packet in the read buffer.
     async fn on_bytes(&mut self) -> Result<(), End> {
         loop {
+            if self.throttled_until.is_some() {
+                return Ok(());
+            }
+            // The rate limit is checked before a PUBLISH is decoded (its type
+            // is the first byte's high nibble), so an over-rate PUBLISH stays
+            // in the buffer until a token is free.
+            const PUBLISH: u8 = 3;
+            if let (Some(b), Some(first), false) =
+                (&mut self.bucket, self.io.rbuf.first(), self.prepaid)
+            {
+                if first >> 4 == PUBLISH {
+                    // Paid once even if the packet is still incomplete.
+                    self.prepaid = true;
+                    if let Err(wait) = b.take(Instant::now()) {
+                        self.prepaid = false;
+                        self.throttled_until = Some(Instant::now() + wait);
+                        self.node.metrics.publish_throttled.inc();
+                        return Ok(());
+                    }
+                }
+            }
             let p = match self.io.decoder.decode(&mut self.io.rbuf) {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
@@ -912,6 +953,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     return Err(End::Server(r, e.to_string()));
                 }
             };
+            self.prepaid = false;
             self.node
                 .metrics
                 .packets_in

@@ -9,6 +9,7 @@ pub mod mapping;
 pub mod message;
 pub mod metrics;
 pub mod node;
+pub mod rate_limit;
 pub mod registry;
 pub mod retained;
 pub mod server;
@@ -38,6 +39,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics_addr = config.listeners.metrics.clone();
     let node = Node::start(config).await?;
     tokio::spawn(cluster::run(node.clone()));
+    tokio::spawn(node::report_consumer_lag(node.clone()));
     let mut running = Running {
         node: node.clone(),
         tcp: None,

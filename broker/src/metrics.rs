@@ -24,6 +24,8 @@ pub struct Metrics {
     pub delivered: IntCounter,
     pub dropped_messages: IntCounterVec,
     pub auth_failures: IntCounter,
+    pub publish_throttled: IntCounter,
+    pub consumer_lag: prometheus::IntGaugeVec,
     pub disconnects: IntCounterVec,
 }
 
@@ -137,6 +139,24 @@ impl Metrics {
                 "lodestream_auth_failures_total",
                 "Failed authentications",
             ),
+            publish_throttled: counter(
+                &r,
+                "lodestream_publish_throttled_total",
+                "Times a client hit mqtt.max_publish_rate and its socket was paused",
+            ),
+            consumer_lag: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "lodestream_kafka_consumer_lag",
+                        "Records in Kafka not yet read for fan-out, by Kafka topic (sum over partitions)",
+                    ),
+                    &["topic"],
+                )
+                .unwrap_or_else(|e| panic!("consumer lag: {e}"));
+                r.register(Box::new(g.clone()))
+                    .unwrap_or_else(|e| panic!("consumer lag: {e}"));
+                g
+            },
             disconnects: counter_vec(
                 &r,
                 "lodestream_disconnects_total",

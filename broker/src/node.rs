@@ -518,6 +518,44 @@ impl Node {
     }
 }
 
+/// Every 10 s, sets `lodestream_kafka_consumer_lag{topic}`: how far this
+/// node's fan-out readers are behind the end of each Kafka topic.
+pub async fn report_consumer_lag(node: Arc<Node>) {
+    let mut shutdown = node.shutdown.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let topics: Vec<String> = node.readers.lock().await.keys().cloned().collect();
+        let n = node.clone();
+        let lags = tokio::task::spawn_blocking(move || {
+            topics
+                .iter()
+                .map(|t| {
+                    let lag: i64 = n
+                        .subs
+                        .positions_of(&[t.as_str()])
+                        .iter()
+                        .filter_map(|((_, p), pos)| {
+                            n.producer
+                                .watermarks(t, *p)
+                                .map(|(_, high)| (high - pos).max(0))
+                        })
+                        .sum();
+                    (t.clone(), lag)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (t, lag) in lags {
+            node.metrics.consumer_lag.with_label_values(&[&t]).set(lag);
+        }
+    }
+}
+
 /// Trie key and inner filter of a subscription as the client wrote it.
 pub fn sub_key<'a>(client_id: &Arc<str>, filter: &'a str) -> (SubKey, &'a str) {
     match filter

@@ -129,6 +129,15 @@ impl Producer {
 }
 
 impl Producer {
+    /// Low and high watermarks of a partition (blocking).
+    pub fn watermarks(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
+        use rdkafka::producer::Producer as _;
+        self.inner
+            .client()
+            .fetch_watermarks(topic, partition, Duration::from_secs(3))
+            .ok()
+    }
+
     /// True when Kafka answers a metadata request for `topic` (readiness).
     pub fn metadata_ok(&self, topic: &str) -> bool {
         use rdkafka::producer::Producer as _;
