@@ -238,7 +238,13 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        fig = fig.merge(Env::prefixed("LODESTREAM_").split("__"));
+        // LODESTREAM_CONFIG names the file (a flag's env) and LODESTREAM_KAFKA
+        // is the tests' bootstrap address: neither is a config key.
+        fig = fig.merge(
+            Env::prefixed("LODESTREAM_")
+                .filter(|k| k != "config" && k != "kafka")
+                .split("__"),
+        );
         let cfg: Config = fig.extract().map_err(Box::new)?;
         Ok(cfg)
     }
@@ -341,6 +347,8 @@ mod tests {
             )?;
             jail.set_env("LODESTREAM_MQTT__SESSION_QUEUE", "7");
             jail.set_env("LODESTREAM_KAFKA__MAPPINGS", "a:x/#,b:y/+");
+            jail.set_env("LODESTREAM_KAFKA", "127.0.0.1:9092");
+            jail.set_env("LODESTREAM_CONFIG", "b.toml");
             let c = Config::load(Some(Path::new("b.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.node_id, "n1");
             assert_eq!(c.mqtt.receive_maximum, 10);
