@@ -432,9 +432,14 @@ function onStats(payload) {
 
 // Once a second: rates, ages, sidebar list and the all-trucks layer.
 let lastMsgs = 0;
+let lastTick = performance.now();
 setInterval(() => {
-  L.msgsPerSec = L.msgs - lastMsgs;
+  // Timers fire late on a busy page: divide by the time that really passed.
+  const now = performance.now();
+  const secs = Math.max(0.001, (now - lastTick) / 1000);
+  L.msgsPerSec = Math.round((L.msgs - lastMsgs) / secs);
   lastMsgs = L.msgs;
+  lastTick = now;
   $('fig-seen').textContent = L.trucksSeen.toLocaleString('en-US');
   $('fig-rate').textContent = L.msgsPerSec.toLocaleString('en-US');
   if (L.lastStats && typeof L.lastStats.ts_ms === 'number') {
