@@ -210,7 +210,7 @@ async fn wait_port(port: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_killed_mid_stream_loses_nothing_acknowledged() {
     let survivor = common::start(&[]).await;
-    let port = 20000 + (std::process::id() % 20000) as u16;
+    let port = 23000 + (std::process::id() % 4000) as u16;
     let mut victim = spawn_node(port, &survivor, &common::unique("victim"));
     wait_port(port).await;
     let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -1,6 +1,6 @@
 //! Kafka is the truth: while Kafka is down a QoS 1 PUBLISH is not
 //! acknowledged; once Kafka is back the write completes, the PUBACK follows
-//! and the record is there. Runs its own Kafka instance (port 39092) so it
+//! and the record is there. Runs its own Kafka instance (port 19592, below the ephemeral range) so it
 //! can stop and start it without disturbing other tests.
 
 mod common;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lodestream_mqtt::{Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS};
 
-const PORT: &str = "39092";
+const PORT: &str = "19592";
 
 fn kafka_local(cmd: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-local");

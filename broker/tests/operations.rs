@@ -72,7 +72,7 @@ async fn publish_rate_limit_slows_without_dropping() {
 async fn sigterm_disconnects_clients_with_0x8b_and_exits() {
     let first = common::start(&[]).await;
     let c = &first.node().config.kafka;
-    let port = 30000 + (std::process::id() % 20000) as u16;
+    let port = 27000 + (std::process::id() % 4000) as u16;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
         .args([
             "--tcp",
