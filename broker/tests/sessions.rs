@@ -305,24 +305,26 @@ async fn last_will_rules() {
     );
 }
 
+fn with_keep_alive(v: ProtocolVersion, id: &str, keep_alive: u16) -> Packet {
+    match connect(v, id, true, None, None) {
+        Packet::Connect(mut c) => {
+            c.keep_alive = keep_alive;
+            Packet::Connect(c)
+        }
+        other => other,
+    }
+}
+
 /// [MQTT-3.1.2-24] no packet within 1.5 x keep alive closes the connection;
 /// a v5 client is told 0x8D.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_timeout_closes_connection() {
     let b = common::start(&[]).await;
-    let mut r = Raw::connect(b.addr()).await;
-    r.send(&Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 1,
-        client_id: common::unique("ka"),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })))
+    let (mut r, _) = open(
+        &b,
+        with_keep_alive(ProtocolVersion::V5, &common::unique("ka"), 1),
+    )
     .await;
-    assert!(matches!(r.recv().await, Some(Packet::ConnAck(_))));
     let t = Instant::now();
     match r.recv_within(Duration::from_secs(5)).await {
         Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::KeepAliveTimeout),
@@ -334,19 +336,11 @@ async fn keep_alive_timeout_closes_connection() {
         "{e:?}"
     );
     // PINGREQ keeps a connection alive.
-    let mut r = Raw::connect(b.addr()).await;
-    r.send(&Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V311,
-        clean_start: true,
-        keep_alive: 1,
-        client_id: common::unique("ka2"),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })))
+    let (mut r, _) = open(
+        &b,
+        with_keep_alive(ProtocolVersion::V311, &common::unique("ka2"), 1),
+    )
     .await;
-    assert!(matches!(r.recv().await, Some(Packet::ConnAck(_))));
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         r.send(&Packet::PingReq).await;
