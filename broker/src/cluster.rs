@@ -122,7 +122,7 @@ async fn heartbeat(node: &Node, alive: bool) {
     };
     let value = serde_json::to_vec(&hb).unwrap_or_default();
     if let Err(e) = node
-        .producer
+        .control_producer
         .send_and_wait(
             &node.config.kafka.nodes_topic,
             hb.node.as_bytes(),

@@ -28,6 +28,9 @@ pub struct Node {
     pub config: Config,
     pub mapping: Mapping,
     pub producer: Producer,
+    /// Session records and heartbeats: a separate queue, so a flood of
+    /// messages never delays a CONNECT's claim or a node's heartbeat.
+    pub control_producer: Producer,
     pub subs: Arc<SubscriptionIndex>,
     pub retained: Arc<RetainedStore>,
     pub registry: Arc<Registry>,
@@ -112,6 +115,8 @@ impl Node {
         })??;
         let producer =
             Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
+        let control_producer = Producer::new(kcfg, &format!("{}-control", config.node_id))
+            .context("creating the Kafka producer")?;
         let metrics = Arc::new(Metrics::new());
         let retained = Arc::new(RetainedStore::new());
         let r2 = retained.clone();
@@ -185,6 +190,7 @@ impl Node {
             config,
             mapping,
             producer,
+            control_producer,
             retained,
             metrics,
             shutdown,
@@ -395,7 +401,7 @@ impl Node {
     /// has it too (read-your-writes).
     pub async fn persist(&self, rec: SessionRecord) -> Result<(), kafka::ProduceError> {
         let value = rec.encode();
-        self.producer
+        self.control_producer
             .send_and_wait(
                 &self.config.kafka.sessions_topic,
                 rec.client_id.as_bytes(),
@@ -430,7 +436,7 @@ impl Node {
             return;
         }
         match self
-            .producer
+            .control_producer
             .send_and_wait(
                 &self.config.kafka.sessions_topic,
                 client_id.as_bytes(),
@@ -514,7 +520,12 @@ impl Node {
         let left = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_secs(1));
-        let _ = tokio::task::spawn_blocking(move || producer.flush(left)).await;
+        let control = self.control_producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(left);
+            control.flush(Duration::from_secs(1))
+        })
+        .await;
     }
 }
 

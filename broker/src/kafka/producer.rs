@@ -41,7 +41,14 @@ impl Producer {
             .set("enable.idempotence", "true")
             .set("linger.ms", cfg.linger_ms.to_string())
             .set("delivery.timeout.ms", cfg.delivery_timeout_ms.to_string())
-            .set("compression.type", "lz4");
+            .set("compression.type", "lz4")
+            // Bounds the memory of records waiting for Kafka (librdkafka's
+            // default is 1 GB); when full, publishers wait (back-pressure).
+            .set("queue.buffering.max.kbytes", "131072");
+        // User properties may still override the queue size.
+        for (k, v) in &cfg.properties {
+            c.set(k, v);
+        }
         // Idempotence and acks=all are the durability contract: refuse to
         // let extra properties weaken them.
         for k in ["acks", "enable.idempotence"] {
