@@ -37,7 +37,12 @@ pub async fn ensure_topics(
                     TopicReplication::Fixed(cfg.replication_factor),
                 );
                 if t.compacted {
+                    // Compaction only cleans closed segments: roll them hourly
+                    // so superseded session records and tombstones go away
+                    // (the 1 GB default segment would keep everything).
                     nt.set("cleanup.policy", "compact")
+                        .set("segment.ms", "3600000")
+                        .set("min.cleanable.dirty.ratio", "0.1")
                 } else {
                     nt
                 }
