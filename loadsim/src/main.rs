@@ -489,8 +489,12 @@ async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
     let s0 = sh.counters.snapshot();
     let steady_start = Instant::now();
     println!(
-        "STEADY after {ramp_secs:.1} s: {} of {} clients connected, {} connect failures; measuring for {} s",
-        s0.connected, args.clients, s0.connect_failures, args.duration_s
+        "STEADY after {ramp_secs:.1} s: {} of {} clients connected, {} connect failures; measuring for {} s (unix time {:.1})",
+        s0.connected,
+        args.clients,
+        s0.connect_failures,
+        args.duration_s,
+        client::now_us() as f64 / 1e6
     );
     let mut intr = interrupt.clone();
     tokio::select! {
@@ -509,7 +513,10 @@ async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
         a.absorb(&sh);
         a.steady = false;
     }
-    println!("stopping: draining acknowledgements and disconnecting");
+    println!(
+        "stopping: draining acknowledgements and disconnecting (unix time {:.1})",
+        client::now_us() as f64 / 1e6
+    );
 
     // Stop publishers, then subscribers after a grace period.
     let _ = pub_stop_tx.send(true);
