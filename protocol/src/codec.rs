@@ -255,7 +255,9 @@ const AUTH_REASONS: &[u8] = &[0x00, 0x18, 0x19];
 
 /// Reason codes an MQTT 5 packet type may carry, by the kind name used in
 /// [`Packet::kind`]; `None` for packets without reason codes.
-fn allowed_reasons(kind: &str) -> Option<&'static [u8]> {
+/// The MQTT 5 reason codes defined for a packet kind (as named by
+/// [`Packet::kind`]), `None` for kinds that carry no reason code.
+pub fn allowed_reasons(kind: &str) -> Option<&'static [u8]> {
     Some(match kind {
         "connack" => CONNACK_REASONS,
         "puback" | "pubrec" => PUBACK_REASONS,

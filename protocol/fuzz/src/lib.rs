@@ -325,21 +325,11 @@ fn props_if(u: &mut Unstructured, v5: bool, ctx: Ctx) -> AResult<Properties> {
     }
 }
 
-const CONNACK_REASONS: &[u8] = &[
-    0x00, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97,
-    0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
-];
-const PUBACK_REASONS: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
-const PUBREL_REASONS: &[u8] = &[0x00, 0x92];
-const SUBACK_REASONS: &[u8] = &[
-    0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2,
-];
-const UNSUBACK_REASONS: &[u8] = &[0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91];
-const DISCONNECT_REASONS: &[u8] = &[
-    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95,
-    0x96, 0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
-];
-const AUTH_REASONS: &[u8] = &[0x00, 0x18, 0x19];
+/// The codec's own table of reason codes per packet kind, so generated
+/// packets follow the same definition the decoder enforces.
+fn defined_reasons(kind: &str) -> &'static [u8] {
+    lodestream_mqtt::codec::allowed_reasons(kind).unwrap_or(&[0x00])
+}
 
 /// A valid CONNECT of `version`.
 pub fn gen_connect(u: &mut Unstructured, version: ProtocolVersion) -> AResult<Packet> {
@@ -400,7 +390,7 @@ pub fn gen_packet(u: &mut Unstructured, version: ProtocolVersion) -> AResult<Pac
     Ok(match u.int_in_range(0..=kinds - 1)? {
         0 => {
             let (reason, session_present) = if v5 {
-                let r = gen_reason(u, CONNACK_REASONS)?;
+                let r = gen_reason(u, defined_reasons("connack"))?;
                 (r, r == ReasonCode::Success && u.arbitrary()?)
             } else {
                 let r = v3_connack_reason(u.int_in_range(0..=5)?).expect("0..=5");
@@ -435,10 +425,10 @@ pub fn gen_packet(u: &mut Unstructured, version: ProtocolVersion) -> AResult<Pac
                 properties,
             })
         }
-        2 => Packet::PubAck(ack(u, PUBACK_REASONS, Ctx::PubAck)?),
-        3 => Packet::PubRec(ack(u, PUBACK_REASONS, Ctx::PubAck)?),
-        4 => Packet::PubRel(ack(u, PUBREL_REASONS, Ctx::PubRel)?),
-        5 => Packet::PubComp(ack(u, PUBREL_REASONS, Ctx::PubRel)?),
+        2 => Packet::PubAck(ack(u, defined_reasons("puback"), Ctx::PubAck)?),
+        3 => Packet::PubRec(ack(u, defined_reasons("puback"), Ctx::PubAck)?),
+        4 => Packet::PubRel(ack(u, defined_reasons("pubrel"), Ctx::PubRel)?),
+        5 => Packet::PubComp(ack(u, defined_reasons("pubrel"), Ctx::PubRel)?),
         6 => {
             let n = u.int_in_range(1..=4)?;
             let mut filters = Vec::new();
@@ -473,7 +463,7 @@ pub fn gen_packet(u: &mut Unstructured, version: ProtocolVersion) -> AResult<Pac
             let n = u.int_in_range(1..=4)?;
             let mut reasons = Vec::new();
             for _ in 0..n {
-                let r = gen_reason(u, SUBACK_REASONS)?;
+                let r = gen_reason(u, defined_reasons("suback"))?;
                 // 3.1.1 carries every error as 0x80 (decoded as 0x80).
                 reasons.push(if !v5 && r.is_error() {
                     ReasonCode::UnspecifiedError
@@ -503,7 +493,7 @@ pub fn gen_packet(u: &mut Unstructured, version: ProtocolVersion) -> AResult<Pac
             let mut reasons = Vec::new();
             if v5 {
                 for _ in 0..u.int_in_range(1..=4)? {
-                    reasons.push(gen_reason(u, UNSUBACK_REASONS)?);
+                    reasons.push(gen_reason(u, defined_reasons("unsuback"))?);
                 }
             }
             Packet::UnsubAck(UnsubAck {
@@ -516,14 +506,14 @@ pub fn gen_packet(u: &mut Unstructured, version: ProtocolVersion) -> AResult<Pac
         11 => Packet::PingResp,
         12 => Packet::Disconnect(if v5 {
             Disconnect {
-                reason: gen_reason(u, DISCONNECT_REASONS)?,
+                reason: gen_reason(u, defined_reasons("disconnect"))?,
                 properties: gen_props(u, Ctx::Disconnect)?,
             }
         } else {
             Disconnect::new(ReasonCode::Success)
         }),
         _ => Packet::Auth(Auth {
-            reason: gen_reason(u, AUTH_REASONS)?,
+            reason: gen_reason(u, defined_reasons("auth"))?,
             properties: gen_props(u, Ctx::Auth)?,
         }),
     })
