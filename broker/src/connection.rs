@@ -38,7 +38,7 @@ use crate::acl::Action;
 use crate::auth::Identity;
 use crate::kafka::{ProduceError, Producer};
 use crate::message::Message;
-use crate::node::{now_ms, sub_key, Node};
+use crate::node::{index_entries, now_ms, sub_key, Node};
 use crate::rate_limit::TokenBucket;
 use crate::registry::{Control, Released};
 use crate::session::{Delivery, OutFlow, Session, Subscription};
@@ -677,27 +677,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// offsets, then hands it to fan-out (see `kafka/catchup.rs`).
     async fn start_catch_up(&mut self) {
         let node = self.node.clone();
-        let mut entries = Vec::new();
+        let entries = index_entries(&self.session);
         let mut plain = Vec::new();
-        for (filter, sub) in &self.session.subscriptions {
-            let (key, inner) = sub_key(&self.session.client_id, filter);
+        for (inner, key, entry) in &entries {
             if let Err(e) = node.ensure_readers(inner).await {
-                tracing::warn!(filter = %filter, error = %e, "cannot read Kafka for resumed subscription");
+                tracing::warn!(filter = %inner, error = %e, "cannot read Kafka for resumed subscription");
             }
             if key.share_group.is_none() {
-                plain.push((inner.to_string(), sub.options.clone(), sub.identifier));
+                plain.push((inner.clone(), entry.options.clone(), entry.identifier));
             }
-            entries.push((
-                inner.to_string(),
-                key,
-                SubEntry {
-                    options: sub.options.clone(),
-                    identifier: sub.identifier,
-                    filter: Arc::from(inner),
-                    mailbox: self.session.mailbox.clone(),
-                    live_from: None,
-                },
-            ));
         }
         let job = crate::kafka::catchup::CatchUp {
             client_id: self.session.client_id.clone(),
@@ -1299,13 +1287,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 reasons.push(ReasonCode::UnspecifiedError);
                 continue;
             }
-            let entry = SubEntry {
-                options: opts.clone(),
+            let entry = SubEntry::new(
+                opts.clone(),
                 identifier,
-                filter: Arc::from(inner),
-                mailbox: self.session.mailbox.clone(),
-                live_from: None,
-            };
+                inner,
+                self.session.mailbox.clone(),
+            );
             if let Err(e) = self.node.subs.insert(inner, key, entry) {
                 tracing::debug!(filter = %filter, error = %e, "invalid filter");
                 reasons.push(ReasonCode::TopicFilterInvalid);

@@ -377,16 +377,8 @@ impl Node {
     /// Puts a session's subscriptions back into the index (a local take-over
     /// raced with the close).
     pub fn restore_subscriptions(&self, session: &Session) {
-        for (filter, sub) in &session.subscriptions {
-            let (key, inner) = sub_key(&session.client_id, filter);
-            let entry = crate::subscriptions::SubEntry {
-                options: sub.options.clone(),
-                identifier: sub.identifier,
-                filter: Arc::from(inner),
-                mailbox: session.mailbox.clone(),
-                live_from: None,
-            };
-            if self.subs.insert(inner, key, entry).is_ok() {
+        for (inner, key, entry) in index_entries(session) {
+            if self.subs.insert(&inner, key, entry).is_ok() {
                 self.metrics.subscriptions.inc();
             }
         }
@@ -565,6 +557,24 @@ pub async fn report_consumer_lag(node: Arc<Node>) {
             node.metrics.consumer_lag.with_label_values(&[&t]).set(lag);
         }
     }
+}
+
+/// A session's subscriptions as index entries: (inner filter, key, entry).
+pub fn index_entries(session: &Session) -> Vec<(String, SubKey, crate::subscriptions::SubEntry)> {
+    session
+        .subscriptions
+        .iter()
+        .map(|(filter, sub)| {
+            let (key, inner) = sub_key(&session.client_id, filter);
+            let entry = crate::subscriptions::SubEntry::new(
+                sub.options.clone(),
+                sub.identifier,
+                inner,
+                session.mailbox.clone(),
+            );
+            (inner.to_string(), key, entry)
+        })
+        .collect()
 }
 
 /// Trie key and inner filter of a subscription as the client wrote it.

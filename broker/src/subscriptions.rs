@@ -39,6 +39,24 @@ pub struct SubEntry {
     pub live_from: Option<Arc<Offsets>>,
 }
 
+impl SubEntry {
+    /// An entry delivering to `mailbox`, live from now on.
+    pub fn new(
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+        inner_filter: &str,
+        mailbox: Mailbox,
+    ) -> SubEntry {
+        SubEntry {
+            options,
+            identifier,
+            filter: Arc::from(inner_filter),
+            mailbox,
+            live_from: None,
+        }
+    }
+}
+
 pub struct SubscriptionIndex {
     trie: RwLock<TopicTrie<SubKey, SubEntry>>,
     /// Next offset fan-out will dispatch, per Kafka partition read by this
