@@ -4,7 +4,7 @@
 //! connection task drives it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lodestream_mqtt::{LastWill, Publish, QoS, SubscriptionOptions};
@@ -42,7 +42,6 @@ pub struct Delivery {
 pub struct SessionFlags {
     /// A QoS 1/2 message could not be queued because the mailbox was full.
     pub overflowed: AtomicBool,
-    pub dropped_qos0: AtomicU64,
 }
 
 /// The sending side of a session's mailbox, stored in the subscription index.

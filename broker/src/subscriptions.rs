@@ -251,7 +251,6 @@ impl SubscriptionIndex {
         match p.mailbox.tx.try_send(d) {
             Ok(()) => {}
             Err(TrySendError::Full(d)) if d.qos == QoS::AtMostOnce => {
-                p.mailbox.flags.dropped_qos0.fetch_add(1, Ordering::Relaxed);
                 self.metrics
                     .dropped_messages
                     .with_label_values(&["queue_full_qos0"])
