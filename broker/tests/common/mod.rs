@@ -104,8 +104,13 @@ pub struct KRecord {
 /// Reads every record of `topic` from the beginning until `want` records
 /// arrived or `timeout` passed.
 pub fn read_topic(topic: &str, want: usize, timeout: Duration) -> Vec<KRecord> {
+    read_topic_at(&kafka(), topic, want, timeout)
+}
+
+/// `read_topic` from the Kafka at `bootstrap` (tests running their own Kafka).
+pub fn read_topic_at(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> Vec<KRecord> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("test-reader"))
         .set("enable.auto.commit", "false")
         .create()
