@@ -207,6 +207,7 @@ mod tests {
             subscriptions: vec![],
             will: None,
             inbound_qos2: vec![],
+            qos2: None,
             outbound: vec![],
             offsets: vec![],
         };

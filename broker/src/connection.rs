@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use crate::acl::Action;
 use crate::auth::Identity;
 use crate::kafka::{ProduceError, Producer};
-use crate::message::Message;
+use crate::message::{Message, Qos2Flow};
 use crate::node::{index_entries, now_ms, sub_key, Node};
 use crate::rate_limit::TokenBucket;
 use crate::registry::{Control, Released};
@@ -91,6 +91,19 @@ struct AckDone {
     result: Result<(), ProduceError>,
     msg: Arc<Message>,
     started: Instant,
+    /// A retransmission found already written in Kafka: acknowledge only.
+    duplicate: bool,
+}
+
+/// At most this many packets wait for a session write (QoS 0 deliveries
+/// pause meanwhile; QoS 1/2 are bounded by the window anyway).
+const HELD_MAX: usize = 256;
+
+/// A session write in flight and the packets that may go out once it is
+/// acknowledged by Kafka.
+struct Syncing {
+    write: Pin<Box<dyn Future<Output = ()> + Send>>,
+    packets: Vec<Packet>,
 }
 
 /// Counts the connection in the node's gauges for as long as it lives.
@@ -301,6 +314,18 @@ struct Conn<S> {
     acks: FuturesOrdered<AckFuture>,
     /// QoS 2 ids whose Kafka write is still in progress.
     pending_qos2: HashSet<u16>,
+    /// Retransmitted QoS 2 ids the restored state does not know that may
+    /// still be checked against Kafka (`kafka/qos2_scan.rs`): a resumed
+    /// session's client resends at most Receive Maximum of them.
+    scans_left: usize,
+    /// Packets that may go out only after the session state that promises
+    /// them is in Kafka (QoS 2 exactly-once across a node crash), and
+    /// anything emitted after them, in order.
+    held: Vec<Packet>,
+    held_needs_sync: bool,
+    /// A session write is wanted (periodic progress, subscriptions).
+    sync_wanted: bool,
+    syncing: Option<Syncing>,
     /// Inbound topic aliases [MQTT-3.3.2-7]: per connection.
     aliases_in: HashMap<u16, String>,
     aliases_out: HashMap<String, u16>,
@@ -585,6 +610,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             last_recv: Instant::now(),
             acks: FuturesOrdered::new(),
             pending_qos2: HashSet::new(),
+            scans_left: if present {
+                limits.receive_maximum as usize
+            } else {
+                0
+            },
+            held: Vec::new(),
+            held_needs_sync: false,
+            sync_wanted: false,
+            syncing: None,
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
             client_alias_max: if v5 {
@@ -665,12 +699,72 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         )
     }
 
-    /// Writes the session to Kafka in the background when it is persistent.
+    /// Asks for the session to be written to Kafka (when persistent). All
+    /// writes of a connected session go through `start_sync`, one at a time,
+    /// so an older snapshot can never land after a newer one.
     fn persist_soon(&mut self) {
-        if self.session.expiry_s > 0 {
-            self.node.persist_later(self.record(true));
-        }
+        self.sync_wanted = self.session.expiry_s > 0;
         self.dirty = false;
+    }
+
+    /// Sends `p`, or holds it until the session state is in Kafka when
+    /// `needs_sync` (a QoS 2 step that must survive a crash of this node) or
+    /// when earlier packets are held (order [MQTT-4.6.0]).
+    fn emit(&mut self, p: Packet, needs_sync: bool) {
+        let needs_sync = needs_sync && self.session.expiry_s > 0;
+        let waiting =
+            !self.held.is_empty() || self.syncing.as_ref().is_some_and(|s| !s.packets.is_empty());
+        if !needs_sync && !waiting {
+            self.io.send(&p);
+            return;
+        }
+        self.held.push(p);
+        self.held_needs_sync |= needs_sync;
+    }
+
+    fn held_len(&self) -> usize {
+        self.held.len() + self.syncing.as_ref().map_or(0, |s| s.packets.len())
+    }
+
+    /// Starts the next session write if one is needed and none is running;
+    /// releases held packets that need none.
+    fn start_sync(&mut self) {
+        if self.syncing.is_some() {
+            return;
+        }
+        if !self.held_needs_sync && !self.sync_wanted {
+            for p in std::mem::take(&mut self.held) {
+                self.io.send(&p);
+            }
+            return;
+        }
+        let rec = self.record(true);
+        let node = self.node.clone();
+        let write = Box::pin(async move {
+            // Kafka is the truth: until the state is written, the packets
+            // that depend on it wait (the client sees a slow broker).
+            let mut wait = Duration::from_millis(500);
+            while let Err(e) = node.persist(rec.clone()).await {
+                tracing::warn!(client_id = %rec.client_id, error = %e, "session write failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        });
+        self.syncing = Some(Syncing {
+            write,
+            packets: std::mem::take(&mut self.held),
+        });
+        self.held_needs_sync = false;
+        self.sync_wanted = false;
+        self.dirty = false;
+    }
+
+    fn on_synced(&mut self) {
+        if let Some(s) = self.syncing.take() {
+            for p in s.packets {
+                self.io.send(&p);
+            }
+        }
     }
 
     /// Re-reads what a resumed session missed from Kafka, from its stored
@@ -740,7 +834,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             let ka_deadline = self
                 .keep_alive
                 .map(|ka| tokio::time::Instant::from_std(self.last_recv + ka));
-            let can_deliver = self.backlog.is_empty() && self.window_open();
+            let can_deliver =
+                self.backlog.is_empty() && self.window_open() && self.held_len() < HELD_MAX;
             let live = can_deliver && self.catchup.is_none();
             let step = tokio::select! {
                 biased;
@@ -752,6 +847,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 },
                 _ = shutdown.changed() => Err(End::Server(ReasonCode::ServerShuttingDown, "server shutting down".into())),
                 Some(done) = self.acks.next(), if !self.acks.is_empty() => self.on_kafka_ack(done),
+                _ = sync_done(&mut self.syncing), if self.syncing.is_some() => {
+                    self.on_synced();
+                    Ok(())
+                },
                 _ = sleep_until(self.throttled_until.map(tokio::time::Instant::from_std)), if self.throttled_until.is_some() => {
                     self.throttled_until = None;
                     // Packets already buffered while paused.
@@ -791,6 +890,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 break end;
             }
             self.drain_backlog();
+            self.start_sync();
             if self.session.take_overflow() {
                 break End::Server(
                     ReasonCode::QuotaExceeded,
@@ -805,7 +905,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// whatever is already waiting in the mailbox, to batch writes.
     fn drain_backlog(&mut self) {
         loop {
-            if !self.window_open() {
+            if !self.window_open() || self.held_len() >= HELD_MAX {
                 return;
             }
             let d = match self.backlog.pop_front() {
@@ -900,7 +1000,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             // Stored without alias: aliases do not survive a reconnect.
             self.session.outbound.start(id, full);
         }
-        self.io.send(&Packet::Publish(wire));
+        // [MQTT-4.3.3] exactly once to a QoS 2 subscriber: the flow (and the
+        // offsets past it) must be in Kafka before the client can see it, so
+        // a node that takes the session over resends it with the same id.
+        self.emit(Packet::Publish(wire), d.qos == QoS::ExactlyOnce);
         self.node.metrics.delivered.inc();
     }
 
@@ -969,14 +1072,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     .outbound
                     .pubrec(a.packet_id, a.reason.is_error())
                 {
-                    Some(true) => self.io.send(&Packet::PubRel(Ack::new(a.packet_id))),
+                    // Stored before PUBREL: a new owner must resend PUBREL,
+                    // not the PUBLISH the client has already released.
+                    Some(true) => self.emit(Packet::PubRel(Ack::new(a.packet_id)), true),
                     Some(false) => {}
-                    None if self.v5() => self.io.send(&Packet::PubRel(ack_with(
-                        a.packet_id,
-                        ReasonCode::PacketIdentifierNotFound,
-                        None,
-                    ))),
-                    None => self.io.send(&Packet::PubRel(Ack::new(a.packet_id))),
+                    None if self.v5() => self.emit(
+                        Packet::PubRel(ack_with(
+                            a.packet_id,
+                            ReasonCode::PacketIdentifierNotFound,
+                            None,
+                        )),
+                        false,
+                    ),
+                    None => self.emit(Packet::PubRel(Ack::new(a.packet_id)), false),
                 }
                 Ok(())
             }
@@ -986,8 +1094,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             Packet::PubRel(a) => {
                 let id = a.packet_id;
-                if self.session.inbound_qos2.remove(&id) {
-                    self.io.send(&Packet::PubComp(Ack::new(id)));
+                if self.session.inbound_qos2.release(id) {
+                    // The completed flow is stored before PUBCOMP frees the id
+                    // for reuse: see `inbound_qos2.rs`.
+                    self.dirty = true;
+                    self.emit(Packet::PubComp(Ack::new(id)), true);
                 } else if self.pending_qos2.contains(&id) {
                     // PUBREL before our PUBREC: the PUBCOMP follows the Kafka ack.
                     return Err(End::Server(
@@ -995,14 +1106,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         "PUBREL before PUBREC".into(),
                     ));
                 } else if self.v5() {
-                    self.io.send(&Packet::PubComp(ack_with(
-                        id,
-                        ReasonCode::PacketIdentifierNotFound,
-                        None,
-                    )));
+                    self.emit(
+                        Packet::PubComp(ack_with(id, ReasonCode::PacketIdentifierNotFound, None)),
+                        false,
+                    );
                 } else {
                     // [MQTT-4.3.3-11] (3.1.1) answer PUBCOMP even if already completed.
-                    self.io.send(&Packet::PubComp(Ack::new(id)));
+                    self.emit(Packet::PubComp(Ack::new(id)), false);
                 }
                 Ok(())
             }
@@ -1106,22 +1216,21 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             };
             match p.qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self
-                    .io
-                    .send(&Packet::PubAck(ack_with(packet_id, reason, None))),
+                QoS::AtLeastOnce => {
+                    self.emit(Packet::PubAck(ack_with(packet_id, reason, None)), false)
+                }
                 QoS::ExactlyOnce => {
                     if !v5 {
                         // Completes with PUBREL/PUBCOMP like any QoS 2 flow.
-                        self.session.inbound_qos2.insert(packet_id);
+                        self.session.inbound_qos2.received_unwritten(packet_id);
                     }
-                    self.io
-                        .send(&Packet::PubRec(ack_with(packet_id, reason, None)));
+                    self.emit(Packet::PubRec(ack_with(packet_id, reason, None)), false);
                 }
             }
             return Ok(());
         }
         if p.qos > QoS::AtMostOnce {
-            let in_flight = self.acks.len() + self.session.inbound_qos2.len();
+            let in_flight = self.acks.len() + self.session.inbound_qos2.received_len();
             if v5 && in_flight >= self.node.config.mqtt.receive_maximum as usize {
                 return Err(End::Server(
                     ReasonCode::ReceiveMaximumExceeded,
@@ -1129,15 +1238,45 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 ));
             }
         }
+        let mut flow = None;
         if p.qos == QoS::ExactlyOnce {
             // [MQTT-4.3.3-9/10] a known id is a retransmission: never written twice.
             if self.pending_qos2.contains(&packet_id) {
                 return Ok(());
             }
-            if self.session.inbound_qos2.contains(&packet_id) {
-                self.io.send(&Packet::PubRec(Ack::new(packet_id)));
+            if self.session.inbound_qos2.is_received(packet_id) {
+                self.emit(Packet::PubRec(Ack::new(packet_id)), false);
                 return Ok(());
             }
+            if p.dup && self.scans_left > 0 && self.session.expiry_s > 0 {
+                self.scans_left -= 1;
+                if let Some(seq) = self.written_before(&p.topic, packet_id).await? {
+                    self.session.inbound_qos2.found_written(packet_id, seq);
+                    self.node.metrics.qos2_duplicates_suppressed.inc();
+                    let msg = Arc::new(Message {
+                        properties: Properties::default(),
+                        topic: p.topic,
+                        payload: p.payload,
+                        qos: p.qos,
+                        retain: false,
+                        publisher: None,
+                        timestamp_ms: now_ms(),
+                    });
+                    // Queued behind earlier acknowledgements [MQTT-4.6.0-2].
+                    self.acks.push_back(Box::pin(std::future::ready(AckDone {
+                        packet_id,
+                        qos: QoS::ExactlyOnce,
+                        result: Ok(()),
+                        msg,
+                        started: Instant::now(),
+                        duplicate: true,
+                    })));
+                    return Ok(());
+                }
+            }
+            let seq = self.session.inbound_qos2.begin(packet_id, p.dup, now_ms());
+            self.dirty = true;
+            flow = Some(Qos2Flow { packet_id, seq });
         }
         let msg = Arc::new(Message {
             properties: Message::forwardable_properties(&p.properties),
@@ -1149,7 +1288,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             timestamp_ms: now_ms(),
         });
         let started = Instant::now();
-        let sent = self.node.send(&msg).await;
+        let sent = self.node.send(&msg, flow).await;
         let qos = p.qos;
         if qos == QoS::AtMostOnce {
             match sent {
@@ -1198,9 +1337,49 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 result,
                 msg,
                 started,
+                duplicate: false,
             }
         }));
         Ok(())
+    }
+
+    /// For a retransmitted QoS 2 PUBLISH of an id the restored session does
+    /// not know: the sequence number of its first transmission if the
+    /// previous owner wrote it to Kafka without recording that.
+    async fn written_before(&mut self, topic: &str, packet_id: u16) -> Result<Option<u64>, End> {
+        let now = now_ms();
+        let bound = self.session.inbound_qos2.bound(now);
+        let req = crate::kafka::qos2_scan::ScanRequest {
+            topic: self.node.mapping.kafka_topic_for(topic),
+            client_id: &self.session.client_id,
+            packet_id,
+            since_ms: bound.since_ms,
+        };
+        match crate::kafka::qos2_scan::find_writes(
+            &self.node.config.kafka,
+            &self.node.config.node_id,
+            req,
+        )
+        .await
+        {
+            Ok(seqs) => Ok(seqs
+                .into_iter()
+                .filter(|s| {
+                    self.session
+                        .inbound_qos2
+                        .is_unrecorded_write(packet_id, *s, now)
+                })
+                .max()),
+            Err(e) => {
+                // Unverifiable: writing could duplicate, acknowledging could
+                // lose. The client retransmits after reconnecting.
+                tracing::warn!(client_id = %self.session.client_id, error = %e, "cannot check a QoS 2 retransmission against Kafka");
+                Err(End::Server(
+                    ReasonCode::UnspecifiedError,
+                    "cannot check a QoS 2 retransmission against Kafka".into(),
+                ))
+            }
+        }
     }
 
     /// Kafka answered for a QoS 1/2 PUBLISH: acknowledge it now, in the order
@@ -1211,6 +1390,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.pending_qos2.remove(&id);
         }
         match done.result {
+            Ok(()) if done.duplicate => {
+                self.emit(Packet::PubRec(Ack::new(id)), false);
+                Ok(())
+            }
             Ok(()) => {
                 self.node
                     .metrics
@@ -1220,14 +1403,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     self.node.retained.apply(done.msg);
                 }
                 if done.qos == QoS::AtLeastOnce {
-                    self.io.send(&Packet::PubAck(Ack::new(id)));
+                    self.emit(Packet::PubAck(Ack::new(id)), false);
                 } else {
-                    self.session.inbound_qos2.insert(id);
-                    self.io.send(&Packet::PubRec(Ack::new(id)));
+                    self.session.inbound_qos2.written(id);
+                    self.emit(Packet::PubRec(Ack::new(id)), false);
                 }
                 Ok(())
             }
             Err(e) => {
+                if done.qos == QoS::ExactlyOnce {
+                    self.session.inbound_qos2.failed(id);
+                }
                 self.node.metrics.kafka_produce_errors.inc();
                 tracing::warn!(client_id = %self.session.client_id, error = %e, "Kafka write failed; PUBLISH not acknowledged as success");
                 if self.v5() {
@@ -1236,11 +1422,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         ReasonCode::UnspecifiedError,
                         Some(format!("Kafka write failed: {e}")),
                     );
-                    self.io.send(&if done.qos == QoS::AtLeastOnce {
-                        Packet::PubAck(a)
-                    } else {
-                        Packet::PubRec(a)
-                    });
+                    self.emit(
+                        if done.qos == QoS::AtLeastOnce {
+                            Packet::PubAck(a)
+                        } else {
+                            Packet::PubRec(a)
+                        },
+                        false,
+                    );
                     Ok(())
                 } else {
                     // 3.1.1 has no negative ack: close so the client retransmits.
@@ -1431,9 +1620,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             match tokio::time::timeout_at(deadline, self.acks.next()).await {
                 Ok(Some(done)) => {
                     if done.result.is_ok() && done.qos == QoS::ExactlyOnce {
-                        self.session.inbound_qos2.insert(done.packet_id);
+                        self.session.inbound_qos2.written(done.packet_id);
                     }
-                    if done.result.is_ok() && done.msg.retain {
+                    if done.result.is_ok() && !done.duplicate && done.msg.retain {
                         node.retained.apply(done.msg);
                     }
                 }
@@ -1548,6 +1737,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
     match rx {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sync_done(s: &mut Option<Syncing>) {
+    match s {
+        Some(s) => s.write.as_mut().await,
         None => std::future::pending().await,
     }
 }

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod inbound_qos2;
 pub mod kafka;
 pub mod mapping;
 pub mod message;

@@ -10,6 +10,10 @@
 //! - `mqtt.payload_format`: "0" | "1"
 //! - `mqtt.correlation_data`: raw bytes
 //! - `mqtt.message_expiry`: seconds, counted from the record timestamp
+//! - `mqtt.packet_id`, `mqtt.qos2_seq`: on QoS 2 records only, the
+//!   publisher's packet id and the session's QoS 2 sequence number (decimal),
+//!   which let a node recognise a retransmission after a crash
+//!   (`inbound_qos2.rs`)
 //! - any header whose name does not start with `mqtt.` is an MQTT 5 user
 //!   property (so plain Kafka producers can set user properties); a user
 //!   property whose name starts with `mqtt.` is escaped as `mqtt.user.<name>`.
@@ -25,7 +29,46 @@ pub const H_RESPONSE_TOPIC: &str = "mqtt.response_topic";
 pub const H_PAYLOAD_FORMAT: &str = "mqtt.payload_format";
 pub const H_CORRELATION: &str = "mqtt.correlation_data";
 pub const H_EXPIRY: &str = "mqtt.message_expiry";
+pub const H_PACKET_ID: &str = "mqtt.packet_id";
+pub const H_QOS2_SEQ: &str = "mqtt.qos2_seq";
 const USER_ESCAPE: &str = "mqtt.user.";
+
+/// Identifies the write of one inbound QoS 2 flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qos2Flow {
+    pub packet_id: u16,
+    pub seq: u64,
+}
+
+impl Qos2Flow {
+    pub fn push_headers(&self, h: &mut Vec<(String, Vec<u8>)>) {
+        h.push((H_PACKET_ID.into(), self.packet_id.to_string().into_bytes()));
+        h.push((H_QOS2_SEQ.into(), self.seq.to_string().into_bytes()));
+    }
+
+    /// The publishing client id and flow of a record, if it has both.
+    pub fn from_headers<'a>(
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Option<(&'a str, Qos2Flow)> {
+        let (mut client, mut id, mut seq) = (None, None, None);
+        for (name, value) in headers {
+            let text = value.and_then(|v| std::str::from_utf8(v).ok());
+            match name {
+                H_CLIENT_ID => client = text,
+                H_PACKET_ID => id = text.and_then(|t| t.parse::<u16>().ok()),
+                H_QOS2_SEQ => seq = text.and_then(|t| t.parse::<u64>().ok()),
+                _ => {}
+            }
+        }
+        Some((
+            client?,
+            Qos2Flow {
+                packet_id: id?,
+                seq: seq?,
+            },
+        ))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -198,7 +241,7 @@ mod tests {
                 ],
                 ..Properties::default()
             },
-            publisher: Some("c1".into()),
+            publisher: Some("pub-1".into()),
             timestamp_ms: 1_000,
         }
     }
@@ -243,5 +286,32 @@ mod tests {
         assert_eq!(m.remaining_expiry(31_500), Some(30));
         assert!(!m.is_expired(60_999));
         assert!(m.is_expired(61_000));
+    }
+
+    /// A QoS 2 record carries what identifies its flow; other headers do
+    /// not turn into user properties on the way back.
+    #[test]
+    fn qos2_flow_headers_round_trip_and_stay_internal() {
+        let mut h = sample().to_headers();
+        Qos2Flow {
+            packet_id: 42,
+            seq: 7,
+        }
+        .push_headers(&mut h);
+        let view = || h.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice())));
+        let (client, flow) = Qos2Flow::from_headers(view()).unwrap();
+        assert_eq!((client, flow.packet_id, flow.seq), ("pub-1", 42, 7));
+        let back = Message::from_record("t".into(), Bytes::new(), 0, view());
+        assert_eq!(
+            back.properties.user_properties,
+            sample().properties.user_properties
+        );
+        assert!(Qos2Flow::from_headers(
+            sample()
+                .to_headers()
+                .iter()
+                .map(|(k, v)| (k.as_str(), Some(v.as_slice())))
+        )
+        .is_none());
     }
 }

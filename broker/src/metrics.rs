@@ -25,6 +25,7 @@ pub struct Metrics {
     pub dropped_messages: IntCounterVec,
     pub auth_failures: IntCounter,
     pub publish_throttled: IntCounter,
+    pub qos2_duplicates_suppressed: IntCounter,
     pub consumer_lag: prometheus::IntGaugeVec,
     pub disconnects: IntCounterVec,
 }
@@ -133,6 +134,11 @@ impl Metrics {
                 "lodestream_messages_dropped_total",
                 "Messages not delivered, by reason",
                 &["reason"],
+            ),
+            qos2_duplicates_suppressed: counter(
+                &r,
+                "lodestream_qos2_duplicates_suppressed_total",
+                "Retransmitted QoS 2 PUBLISHes found already written in Kafka after a session moved nodes",
             ),
             auth_failures: counter(
                 &r,

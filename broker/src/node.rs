@@ -15,7 +15,7 @@ use tokio::sync::{watch, Mutex};
 use crate::config::Config;
 use crate::kafka::{self, Producer, TopicReader};
 use crate::mapping::Mapping;
-use crate::message::Message;
+use crate::message::{Message, Qos2Flow};
 use crate::metrics::Metrics;
 use crate::registry::{Control, Registry};
 use crate::retained::RetainedStore;
@@ -288,7 +288,7 @@ impl Node {
     /// topic when RETAIN is set) and waits for Kafka's acknowledgement.
     pub async fn publish(&self, msg: Arc<Message>) -> Result<(), kafka::ProduceError> {
         let started = std::time::Instant::now();
-        let futs = self.send(&msg).await?;
+        let futs = self.send(&msg, None).await?;
         for f in futs {
             Producer::delivered(f)
                 .await
@@ -307,9 +307,13 @@ impl Node {
     pub async fn send(
         &self,
         msg: &Message,
+        flow: Option<Qos2Flow>,
     ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, kafka::ProduceError> {
         let topic = self.mapping.kafka_topic_for(&msg.topic);
-        let headers = msg.to_headers();
+        let mut headers = msg.to_headers();
+        if let Some(f) = flow {
+            f.push_headers(&mut headers);
+        }
         let mut out = Vec::with_capacity(2);
         out.push(
             self.producer

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use lodestream_mqtt::{LastWill, Publish, QoS, SubscriptionOptions};
 use tokio::sync::mpsc;
 
+use crate::inbound_qos2::InboundQos2;
 use crate::message::Message;
 
 /// Where a message sits in Kafka: sessions remember how far they got per
@@ -193,9 +194,10 @@ pub struct Session {
     pub mailbox: Mailbox,
     pub inbox: mpsc::Receiver<Delivery>,
     pub outbound: Outbound,
-    /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting
-    /// PUBREL: a PUBLISH with one of these ids is a duplicate [MQTT-4.3.3-9].
-    pub inbound_qos2: HashSet<u16>,
+    /// QoS 2 flows from the client: ids acknowledged with PUBREC and
+    /// awaiting PUBREL (a PUBLISH with one of these ids is a duplicate
+    /// [MQTT-4.3.3-9]), plus what recognises duplicates after a node crash.
+    pub inbound_qos2: InboundQos2,
     pub will: Option<LastWill>,
     /// Next Kafka offset per partition this session has not been given.
     pub offsets: Offsets,
@@ -216,7 +218,7 @@ impl Session {
             },
             inbox: rx,
             outbound: Outbound::default(),
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: InboundQos2::default(),
             will: None,
             offsets: Offsets::new(),
             epoch: 0,

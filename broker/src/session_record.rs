@@ -15,6 +15,7 @@ use bytes::Bytes;
 use lodestream_mqtt::{LastWill, Properties, Publish, QoS, RetainHandling, SubscriptionOptions};
 use serde::{Deserialize, Serialize};
 
+use crate::inbound_qos2::{InboundQos2, Qos2Parts, ScanBound};
 use crate::session::{Offsets, OutFlow, Session, Subscription};
 
 pub const SCHEMA_VERSION: u32 = 1;
@@ -40,8 +41,13 @@ pub struct SessionRecord {
     pub subscriptions: Vec<SubRecord>,
     #[serde(default)]
     pub will: Option<WillRecord>,
+    /// Ids of QoS 2 flows awaiting PUBREL (also inside `qos2`; kept for
+    /// brokers that predate `qos2`).
     #[serde(default)]
     pub inbound_qos2: Vec<u16>,
+    /// Inbound QoS 2 exactly-once state (see `inbound_qos2.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos2: Option<Qos2Record>,
     #[serde(default)]
     pub outbound: Vec<OutRecord>,
     /// Next Kafka offset to read, per message-topic partition.
@@ -108,6 +114,50 @@ pub struct MsgRecord {
     pub retain: bool,
     #[serde(default)]
     pub props: PropsRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Qos2Record {
+    /// [packet id, qos2_seq or null]
+    #[serde(default)]
+    pub received: Vec<(u16, Option<u64>)>,
+    /// [packet id, qos2_seq, produced ms]
+    #[serde(default)]
+    pub unconfirmed: Vec<(u16, u64, i64)>,
+    /// [packet id, qos2_seq of its last completed flow]
+    #[serde(default)]
+    pub done: Vec<(u16, u64)>,
+    pub next_seq: u64,
+    /// Writes this state may not know of have qos2_seq >= floor and were
+    /// produced at or after since_ms.
+    pub floor: u64,
+    pub since_ms: i64,
+}
+
+impl Qos2Record {
+    fn from_parts(p: Qos2Parts) -> Qos2Record {
+        Qos2Record {
+            received: p.received,
+            unconfirmed: p.unconfirmed,
+            done: p.done,
+            next_seq: p.next_seq,
+            floor: p.bound.floor,
+            since_ms: p.bound.since_ms,
+        }
+    }
+
+    fn to_parts(&self) -> Qos2Parts {
+        Qos2Parts {
+            received: self.received.clone(),
+            unconfirmed: self.unconfirmed.clone(),
+            done: self.done.clone(),
+            next_seq: self.next_seq,
+            bound: ScanBound {
+                floor: self.floor,
+                since_ms: self.since_ms,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,8 +236,8 @@ impl SessionRecord {
             })
             .collect();
         subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
-        let mut inbound_qos2: Vec<u16> = s.inbound_qos2.iter().copied().collect();
-        inbound_qos2.sort_unstable();
+        let qos2 = s.inbound_qos2.to_parts(now_ms);
+        let inbound_qos2: Vec<u16> = qos2.received.iter().map(|(id, _)| *id).collect();
         let mut offsets: Vec<OffsetRecord> = s
             .offsets
             .iter()
@@ -216,6 +266,7 @@ impl SessionRecord {
                 props: props_to_record(&w.properties),
             }),
             inbound_qos2,
+            qos2: Some(Qos2Record::from_parts(qos2)),
             outbound: s
                 .outbound
                 .resend()
@@ -266,7 +317,16 @@ impl SessionRecord {
             );
         }
         s.will = self.will.as_ref().map(will_from_record);
-        s.inbound_qos2 = self.inbound_qos2.iter().copied().collect();
+        s.inbound_qos2 = match &self.qos2 {
+            Some(q) => InboundQos2::from_parts(&q.to_parts()),
+            None => {
+                let mut q = InboundQos2::default();
+                for id in &self.inbound_qos2 {
+                    q.received_unwritten(*id);
+                }
+                q
+            }
+        };
         for o in &self.outbound {
             match &o.publish {
                 Some(m) if !o.released => s.outbound.start(
@@ -343,7 +403,8 @@ mod tests {
                 ..Properties::default()
             },
         });
-        s.inbound_qos2.insert(9);
+        s.inbound_qos2.begin(9, false, 500);
+        s.inbound_qos2.written(9);
         s.outbound.start(
             3,
             Publish {
@@ -375,7 +436,11 @@ mod tests {
         back.restore_into(&mut s2);
         assert_eq!(s2.subscriptions, s.subscriptions);
         assert_eq!(s2.will, s.will);
-        assert_eq!(s2.inbound_qos2, s.inbound_qos2);
+        assert!(s2.inbound_qos2.is_received(9));
+        assert_eq!(
+            s2.inbound_qos2.to_parts(1000),
+            s.inbound_qos2.to_parts(1000)
+        );
         assert_eq!(s2.outbound.resend(), s.outbound.resend());
         assert_eq!(s2.offsets, s.offsets);
         assert_eq!(s2.expiry_s, 300);

@@ -175,6 +175,7 @@ mod tests {
             subscriptions: vec![],
             will: None,
             inbound_qos2: vec![],
+            qos2: None,
             outbound: vec![],
             offsets: vec![],
         }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod catchup;
 mod producer;
+pub mod qos2_scan;
 mod reader;
 
 pub use admin::ensure_topics;

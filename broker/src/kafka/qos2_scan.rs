@@ -1,0 +1,112 @@
+//! Looks in Kafka for the first transmission of a QoS 2 PUBLISH that a
+//! client retransmits after its session moved to this node, when the
+//! session state the node restored may predate that write (see
+//! `inbound_qos2.rs` for why and for the bounds).
+//!
+//! Reads every partition of the message's Kafka topic from the first record
+//! produced at or after the bound's time (minus a margin for clock steps),
+//! up to the high watermark seen at the start, and reports the sequence
+//! number of a record this client wrote with this packet id that `accept`
+//! takes as the unfinished write. Only retransmissions of ids the state
+//! does not know trigger it, so it runs rarely and reads a few seconds of
+//! one topic.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+use crate::message::Qos2Flow;
+
+/// Records may carry a timestamp a little before the bound if the clock
+/// stepped back between the write and the bound being taken.
+const CLOCK_MARGIN_MS: i64 = 5_000;
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct ScanRequest<'a> {
+    pub topic: &'a str,
+    pub client_id: &'a str,
+    pub packet_id: u16,
+    pub since_ms: i64,
+}
+
+/// Returns the sequence numbers of the matching records (this client, this
+/// packet id), oldest first; the caller decides which one counts.
+pub async fn find_writes(
+    cfg: &KafkaConfig,
+    node_id: &str,
+    req: ScanRequest<'_>,
+) -> anyhow::Result<Vec<u64>> {
+    let mut c = super::client_config(cfg, &format!("lodestream-qos2-scan-{node_id}"));
+    c.set("group.id", format!("lodestream-qos2-scan-{node_id}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "50")
+        .set("auto.offset.reset", "earliest");
+    let consumer: StreamConsumer = c.create()?;
+    let started = Instant::now();
+    let meta = consumer.fetch_metadata(Some(req.topic), TIMEOUT)?;
+    let partitions: Vec<i32> = meta
+        .topics()
+        .iter()
+        .filter(|t| t.name() == req.topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut by_time = TopicPartitionList::new();
+    for p in &partitions {
+        by_time.add_partition_offset(
+            req.topic,
+            *p,
+            Offset::Offset(req.since_ms - CLOCK_MARGIN_MS),
+        )?;
+    }
+    let starts = consumer.offsets_for_times(by_time, TIMEOUT)?;
+    // Per partition: read [start, end) where end is the high watermark now.
+    let mut todo: HashMap<i32, i64> = HashMap::new();
+    let mut assign = TopicPartitionList::new();
+    for e in starts.elements() {
+        let Offset::Offset(start) = e.offset() else {
+            continue; // no record at or after the time: nothing to read
+        };
+        let (_, high) = consumer.fetch_watermarks(req.topic, e.partition(), TIMEOUT)?;
+        if start < high {
+            todo.insert(e.partition(), high);
+            assign.add_partition_offset(req.topic, e.partition(), Offset::Offset(start))?;
+        }
+    }
+    let mut found = Vec::new();
+    if todo.is_empty() {
+        return Ok(found);
+    }
+    consumer.assign(&assign)?;
+    let mut stream = consumer.stream();
+    while !todo.is_empty() {
+        let left = TIMEOUT.saturating_sub(started.elapsed());
+        let m = match tokio::time::timeout(left, stream.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) => anyhow::bail!("QoS 2 scan consumer closed"),
+            Err(_) => anyhow::bail!("QoS 2 scan of {} timed out", req.topic),
+        };
+        if let Some(hs) = m.headers() {
+            if let Some((client, flow)) =
+                Qos2Flow::from_headers(hs.iter().map(|h| (h.key, h.value)))
+            {
+                if client == req.client_id && flow.packet_id == req.packet_id {
+                    found.push(flow.seq);
+                }
+            }
+        }
+        if todo
+            .get(&m.partition())
+            .is_some_and(|end| m.offset() + 1 >= *end)
+        {
+            todo.remove(&m.partition());
+        }
+    }
+    Ok(found)
+}
