@@ -33,7 +33,12 @@ pub struct Shared {
     pub brokers: Vec<SocketAddr>,
     pub sources: Vec<IpAddr>,
     pub version: ProtocolVersion,
-    pub qos: QoS,
+    /// QoS of the PUBLISHes: (QoS, weight) pairs; a client's QoS is picked
+    /// by its index in proportion to the weights.
+    pub qos_mix: Vec<(QoS, u32)>,
+    /// Mean lifetime of a publisher connection before it disconnects and
+    /// reconnects (`--churn-per-sec`); `None`: connections stay.
+    pub churn_lifetime: Option<Duration>,
     /// Zero: publish as fast as the in-flight window allows.
     pub interval: Duration,
     pub inflight: usize,
@@ -104,6 +109,23 @@ impl Conn {
 }
 
 impl Shared {
+    /// The QoS client `index` publishes with (deterministic, spread evenly).
+    pub fn qos_for(&self, index: u32) -> QoS {
+        let total: u32 = self.qos_mix.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            return QoS::AtLeastOnce;
+        }
+        // A multiplicative hash spreads neighbouring indexes over the mix.
+        let mut x = index.wrapping_mul(2_654_435_761) % total;
+        for (q, w) in &self.qos_mix {
+            if x < *w {
+                return *q;
+            }
+            x -= w;
+        }
+        QoS::AtLeastOnce
+    }
+
     fn show_error(&self, what: &str, e: &anyhow::Error) {
         let n = self.errors_shown.fetch_add(1, Ordering::Relaxed);
         if n < 10 {
@@ -234,6 +256,8 @@ struct Pending {
 enum End {
     Stopped,
     Lost,
+    /// Closed on purpose after its lifetime (churn); reconnect at once.
+    Churned,
 }
 
 async fn wait_stop(stop: &mut watch::Receiver<bool>) {
@@ -269,8 +293,13 @@ pub async fn publisher(
                 sh.counters.on_connected();
                 let end = run_publisher(&sh, conn, &topic, index, &mut res, &mut stop).await;
                 sh.counters.connected.fetch_sub(1, Ordering::Relaxed);
-                if matches!(end, End::Stopped) {
-                    break;
+                match end {
+                    End::Stopped => break,
+                    End::Churned => {
+                        sh.counters.churned.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    End::Lost => {}
                 }
                 sh.counters
                     .connection_losses
@@ -294,7 +323,7 @@ async fn run_publisher(
     res: &mut ClientResult,
     stop: &mut watch::Receiver<bool>,
 ) -> End {
-    let qos = sh.qos;
+    let qos = sh.qos_for(index);
     let window = sh.inflight.min(conn.server_receive_max).max(1);
     let fast = sh.interval.is_zero();
     let keep_alive = Duration::from_secs(sh.keep_alive_s as u64);
@@ -309,11 +338,16 @@ async fn run_publisher(
     };
     let mut last_send = now;
     let mut draining: Option<Instant> = None;
+    // Churn: this connection ends after a random lifetime (0.5–1.5 × mean).
+    let mut churn_at = sh
+        .churn_lifetime
+        .map(|m| now + m.mul_f64(rand::thread_rng().gen_range(0.5..1.5)));
+    let mut churning = false;
     let mut wbuf = BytesMut::new();
     loop {
         if draining.is_some() && inflight.is_empty() {
             conn.disconnect().await;
-            return End::Stopped;
+            return if churning { End::Churned } else { End::Stopped };
         }
         let can_publish = draining.is_none() && (qos == QoS::AtMostOnce || inflight.len() < window);
         // One timer: the earliest of next publish, keep-alive ping, drain end.
@@ -328,10 +362,14 @@ async fn run_publisher(
         if let Some(d) = draining {
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
+        if let Some(c) = churn_at {
+            wake = Some(wake.map_or(c, |w| w.min(c)));
+        }
         let mut timer_fired = false;
         tokio::select! {
             biased;
-            _ = wait_stop(stop), if draining.is_none() => {
+            _ = wait_stop(stop), if draining.is_none() || churning => {
+                churning = false;
                 draining = Some(Instant::now() + sh.drain_timeout);
             }
             ok = conn.fill(64) => {
@@ -348,14 +386,20 @@ async fn run_publisher(
         }
         if timer_fired {
             let now = Instant::now();
+            if churn_at.is_some_and(|c| now >= c) && draining.is_none() {
+                // Stop publishing, wait for the acknowledgements, then reconnect.
+                churn_at = None;
+                churning = true;
+                draining = Some(now + sh.drain_timeout);
+            }
             if let Some(d) = draining {
                 if now >= d {
                     res.unacked += inflight.len() as u32;
                     conn.disconnect().await;
-                    return End::Stopped;
+                    return if churning { End::Churned } else { End::Stopped };
                 }
             }
-            if can_publish && now >= next_pub {
+            if can_publish && draining.is_none() && now >= next_pub {
                 // Fast mode sends a small batch per wake-up to cut syscalls.
                 let batch = if fast {
                     if qos == QoS::AtMostOnce {
@@ -400,6 +444,9 @@ async fn run_publisher(
                     );
                     res.published += 1;
                     sh.counters.published.fetch_add(1, Ordering::Relaxed);
+                    if qos == QoS::AtMostOnce {
+                        sh.counters.published_qos0.fetch_add(1, Ordering::Relaxed);
+                    }
                     if let Some(id) = packet_id {
                         inflight.push_back(Pending {
                             id,
@@ -539,7 +586,7 @@ pub async fn subscriber(
         match attempt {
             Ok(conn) => match run_subscriber(&sh, conn, &filter, qos, &mut stop).await {
                 End::Stopped => break,
-                End::Lost => {
+                End::Lost | End::Churned => {
                     sh.counters
                         .connection_losses
                         .fetch_add(1, Ordering::Relaxed);

@@ -89,6 +89,15 @@ struct RunArgs {
     /// QoS of the PUBLISHes: 0, 1 or 2.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
+    /// Mixed QoS: `QOS:WEIGHT,...`, e.g. `0:20,1:50,2:30`; each publisher
+    /// gets one QoS, in proportion to the weights (overrides --qos).
+    #[arg(long)]
+    qos_mix: Option<String>,
+    /// Publisher connections closed and reopened per second (clean
+    /// DISCONNECT after the in-flight acknowledgements, then a new CONNECT);
+    /// 0 = clients stay connected.
+    #[arg(long, default_value_t = 0.0)]
+    churn_per_sec: f64,
     /// MQTT version: 3.1.1 (also 4, 311) or 5.
     #[arg(long, default_value = "3.1.1")]
     mqtt_version: String,
@@ -158,6 +167,31 @@ fn parse_version(s: &str) -> anyhow::Result<ProtocolVersion> {
         "5" | "5.0" => ProtocolVersion::V5,
         _ => bail!("--mqtt-version {s:?}: use 3.1.1 or 5"),
     })
+}
+
+/// Parses `--qos-mix` (`0:20,1:50,2:30`).
+fn parse_qos_mix(s: &str) -> anyhow::Result<Vec<(QoS, u32)>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (q, w) = part
+            .split_once(':')
+            .with_context(|| format!("--qos-mix {part:?}: use QOS:WEIGHT"))?;
+        let q = q
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .and_then(QoS::from_u8)
+            .with_context(|| format!("--qos-mix {part:?}: QoS must be 0, 1 or 2"))?;
+        let w: u32 = w
+            .trim()
+            .parse()
+            .with_context(|| format!("--qos-mix {part:?}: weight must be a number"))?;
+        out.push((q, w));
+    }
+    if out.iter().map(|(_, w)| *w as u64).sum::<u64>() == 0 {
+        bail!("--qos-mix {s:?}: weights add up to 0");
+    }
+    Ok(out)
 }
 
 fn version_name(v: ProtocolVersion) -> &'static str {
@@ -290,6 +324,16 @@ async fn interrupted() {
 async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
     let version = parse_version(&args.mqtt_version)?;
     let qos = QoS::from_u8(args.qos).unwrap_or(QoS::AtLeastOnce);
+    let qos_mix = match &args.qos_mix {
+        Some(m) => parse_qos_mix(m)?,
+        None => vec![(qos, 1)],
+    };
+    if args.churn_per_sec < 0.0 {
+        bail!("--churn-per-sec must be >= 0");
+    }
+    // Each of N clients reconnecting every N/rate seconds on average gives `rate` per second.
+    let churn_lifetime = (args.churn_per_sec > 0.0)
+        .then(|| Duration::from_secs_f64(f64::from(args.clients.max(1)) / args.churn_per_sec));
     let brokers = resolve(&args.brokers).await?;
     if args.ramp_per_sec <= 0.0 || args.interval_s < 0.0 || args.duration_s < 0.0 {
         bail!("--ramp-per-sec must be > 0, --interval-s and --duration-s >= 0");
@@ -302,7 +346,7 @@ async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
         bail!("--run-id must be non-empty without spaces");
     }
     println!(
-        "loadsim run {run_id}: {} clients (index {}..{}), {} subscribers -> {} broker(s), {} source addr(s), MQTT {} QoS {}, interval {} s, ramp {}/s, nofile {nofile}",
+        "loadsim run {run_id}: {} clients (index {}..{}), {} subscribers -> {} broker(s), {} source addr(s), MQTT {} QoS {}, interval {} s, ramp {}/s, churn {}/s, nofile {nofile}",
         args.clients,
         args.first_index,
         u64::from(args.first_index) + u64::from(args.clients),
@@ -310,9 +354,10 @@ async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
         brokers.len(),
         args.source_addrs.len(),
         version_name(version),
-        args.qos,
+        args.qos_mix.as_deref().unwrap_or(&args.qos.to_string()),
         args.interval_s,
-        args.ramp_per_sec
+        args.ramp_per_sec,
+        args.churn_per_sec
     );
 
     // Kafka offsets before anything is published.
@@ -335,7 +380,8 @@ async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
         brokers: brokers.clone(),
         sources: args.source_addrs.clone(),
         version,
-        qos,
+        qos_mix,
+        churn_lifetime,
         interval: Duration::from_secs_f64(args.interval_s),
         inflight: args.inflight.max(1) as usize,
         keep_alive_s: args.keep_alive_s,
@@ -398,12 +444,13 @@ async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
                     e2e_p99_ms: e2e.p99_ms,
                 };
                 println!(
-                    "[{:6.1}s] conn {}/{} fail {} lost {} | pub {:.1}/s ack {:.1}/s | ack {} | e2e {} ({:.1}/s) | ack errors {}",
+                    "[{:6.1}s] conn {}/{} fail {} lost {} churned {} | pub {:.1}/s ack {:.1}/s | ack {} | e2e {} ({:.1}/s) | ack errors {}",
                     iv.t_s,
                     s.connected,
                     clients,
                     s.connect_failures,
                     s.connection_losses,
+                    s.churned,
                     iv.publish_rate,
                     iv.ack_rate,
                     ack.brief(),
@@ -578,11 +625,10 @@ async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
     };
     let (sp, sa, se) = steady(&s1, &s0);
     let secs = steady_secs.max(1e-9);
-    let unacked = if qos == QoS::AtMostOnce {
-        0
-    } else {
-        fin.published.saturating_sub(fin.acked + fin.ack_errors)
-    };
+    // QoS 0 PUBLISHes are never acknowledged.
+    let unacked = fin
+        .published
+        .saturating_sub(fin.published_qos0 + fin.acked + fin.ack_errors);
     Ok(Summary {
         run_id,
         processes: 1,

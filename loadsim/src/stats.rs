@@ -30,6 +30,10 @@ pub struct Counters {
     /// Established connections that were lost before the end.
     pub connection_losses: AtomicU64,
     pub published: AtomicU64,
+    /// Of `published`, the QoS 0 ones (never acknowledged).
+    pub published_qos0: AtomicU64,
+    /// Connections a publisher closed on purpose to reconnect (`--churn-per-sec`).
+    pub churned: AtomicU64,
     /// PUBACK (QoS 1) or PUBREC (QoS 2) with a success reason code.
     pub acked: AtomicU64,
     /// PUBACK/PUBREC with an error reason code (MQTT 5).
@@ -56,6 +60,8 @@ impl Counters {
             connect_failures: l(&self.connect_failures),
             connection_losses: l(&self.connection_losses),
             published: l(&self.published),
+            published_qos0: l(&self.published_qos0),
+            churned: l(&self.churned),
             acked: l(&self.acked),
             ack_errors: l(&self.ack_errors),
             completed: l(&self.completed),
@@ -71,6 +77,8 @@ pub struct Snapshot {
     pub connect_failures: u64,
     pub connection_losses: u64,
     pub published: u64,
+    pub published_qos0: u64,
+    pub churned: u64,
     pub acked: u64,
     pub ack_errors: u64,
     pub completed: u64,
