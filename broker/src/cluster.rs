@@ -4,10 +4,13 @@
 //! id) and reads everyone's. When a node stops heartbeating for
 //! `kafka.node_timeout_ms` (kill -9, lost network), one survivor (the live
 //! node with the smallest id, so normally exactly one) adopts the sessions
-//! that were online there: it writes them as offline with a new epoch
-//! (fencing out the dead node should it come back), publishes their Last
-//! Wills (after the will delay, unless the client reconnected first) and
-//! expires them in time. No store other than Kafka is involved.
+//! that were online there, and the offline ones whose delayed will was
+//! still pending: it writes them as offline with a new epoch (fencing out
+//! the dead node should it come back), publishes their Last Wills when due
+//! (the will delay counts from the disconnect, and nothing goes if the
+//! client reconnected first) and expires them in time. A node that restarts
+//! under the same id does the same once for the sessions its previous run
+//! left (their timers died with it). No store other than Kafka is involved.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,11 +64,26 @@ pub fn responsible(me: &str, live: &[String]) -> bool {
     live.iter().all(|n| n.as_str() >= me)
 }
 
-/// Sessions to adopt: online on a node that is not live.
+/// Sessions to adopt: online, or offline with a will pending, on a node
+/// that is not live.
 pub fn orphans(records: &[SessionRecord], me: &str, live: &[String]) -> Vec<SessionRecord> {
     records
         .iter()
-        .filter(|r| r.online && r.node != me && !live.contains(&r.node))
+        .filter(|r| (r.online || r.will.is_some()) && r.node != me && !live.contains(&r.node))
+        .cloned()
+        .collect()
+}
+
+/// After a restart: sessions the previous run of this node owned (online,
+/// or offline with a will pending) that no connection has claimed since.
+pub fn left_by_previous_run(
+    records: &[SessionRecord],
+    me: &str,
+    claimed: impl Fn(&str) -> bool,
+) -> Vec<SessionRecord> {
+    records
+        .iter()
+        .filter(|r| (r.online || r.will.is_some()) && r.node == me && !claimed(&r.client_id))
         .cloned()
         .collect()
 }
@@ -76,6 +94,7 @@ pub async fn run(node: Arc<Node>) {
     let every = Duration::from_millis(k.heartbeat_interval_ms.max(100));
     let timeout = Duration::from_millis(k.node_timeout_ms.max(k.heartbeat_interval_ms * 2));
     let started = Instant::now();
+    let mut own_checked = false;
     let mut shutdown = node.shutdown.subscribe();
     let mut tick = tokio::time::interval(every);
     loop {
@@ -100,6 +119,13 @@ pub async fn run(node: Arc<Node>) {
         }
         let now = now_ms();
         let records = node.store.snapshot();
+        if !own_checked {
+            own_checked = true;
+            let me = &node.config.node_id;
+            for r in left_by_previous_run(&records, me, |id| node.registry.contains(id)) {
+                adopt(&node, r).await;
+            }
+        }
         for r in orphans(&records, &node.config.node_id, &live) {
             adopt(&node, r).await;
         }
@@ -135,20 +161,26 @@ async fn heartbeat(node: &Node, alive: bool) {
     }
 }
 
-/// Takes over a dead node's online session: offline under a new epoch,
-/// will per its delay, expiry timer.
+/// Takes over a dead node's session: offline under a new epoch (the will
+/// stays in the record until published), will when due, expiry timer.
 async fn adopt(node: &Arc<Node>, r: SessionRecord) {
     let client_id = r.client_id.clone();
     let epoch = r.epoch + 1;
     let will = r.will.clone();
     let expiry_s = r.expiry_s;
+    let now = now_ms();
+    // An online session was disconnected by the death; an offline one
+    // keeps its disconnect time, which its will delay and expiry count from.
+    let since = match (r.online, r.disconnected_ms) {
+        (false, Some(at)) => at,
+        _ => now,
+    };
     let mut adopted = r;
     adopted.epoch = epoch;
     adopted.node = node.config.node_id.clone();
     adopted.online = false;
     adopted.handoff = false;
-    adopted.disconnected_ms = Some(now_ms());
-    adopted.will = None;
+    adopted.disconnected_ms = Some(since);
     if let Err(e) = node.persist(adopted).await {
         tracing::warn!(client_id, error = %e, "could not adopt orphaned session; will retry");
         return;
@@ -165,17 +197,19 @@ async fn adopt(node: &Arc<Node>, r: SessionRecord) {
                 .get(&client_id)
                 .is_some_and(|r| r.epoch == epoch && !r.online)
         };
-        let mut waited = 0u32;
+        let until = |s: u32| {
+            let due = since + s as i64 * 1000;
+            Duration::from_millis((due - now_ms()).max(0) as u64)
+        };
         if let Some((w, delay)) = will {
             // The will goes after its delay, or when the session ends first.
-            let wait = delay.min(expiry_s);
-            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
-            waited = wait;
+            tokio::time::sleep(until(delay.min(expiry_s))).await;
             if still_parked(&node) {
                 node.publish_will(&client_id, w).await;
+                node.will_published(&client_id, epoch).await;
             }
         }
-        tokio::time::sleep(Duration::from_secs(expiry_s.saturating_sub(waited) as u64)).await;
+        tokio::time::sleep(until(expiry_s)).await;
         if still_parked(&node) {
             node.tombstone(&client_id, epoch).await;
         }
@@ -211,16 +245,33 @@ mod tests {
             outbound: vec![],
             offsets: vec![],
         };
+        let mut pending_will = rec("5", "dead", false);
+        pending_will.will = Some(crate::session_record::WillRecord {
+            topic: "w".into(),
+            payload_b64: String::new(),
+            qos: 0,
+            retain: false,
+            props: Default::default(),
+        });
         let rs = vec![
             rec("1", "dead", true),
             rec("2", "live", true),
             rec("3", "dead", false),
             rec("4", "me", true),
+            pending_will,
         ];
         let live = vec!["live".to_string(), "me".to_string()];
-        let o = orphans(&rs, "me", &live);
-        assert_eq!(o.len(), 1);
-        assert_eq!(o[0].client_id, "1");
+        let o: Vec<_> = orphans(&rs, "me", &live)
+            .into_iter()
+            .map(|r| r.client_id)
+            .collect();
+        assert_eq!(o, ["1", "5"]);
+        let mine: Vec<_> = left_by_previous_run(&rs, "me", |_| false)
+            .into_iter()
+            .map(|r| r.client_id)
+            .collect();
+        assert_eq!(mine, ["4"]);
+        assert!(left_by_previous_run(&rs, "me", |id| id == "4").is_empty());
     }
 
     #[test]

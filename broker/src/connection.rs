@@ -1685,7 +1685,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let persistent = self.session.expiry_s > 0;
         let epoch = self.session.epoch;
         if persistent {
-            let rec = self.record(false);
+            let mut rec = self.record(false);
+            // A delayed will stays in the record until it is published, so
+            // a survivor publishes it if this node dies during the delay.
+            rec.will = will
+                .as_ref()
+                .filter(|_| will_delay > 0)
+                .map(crate::session_record::will_to_record);
             match tokio::time::timeout(Duration::from_secs(10), node.persist(rec.clone())).await {
                 Ok(Ok(())) => {}
                 _ => node.persist_later(rec),

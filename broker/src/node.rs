@@ -492,11 +492,28 @@ impl Node {
                     tokio::time::sleep(Duration::from_secs(delay as u64)).await;
                     if still_parked(&node, &id) {
                         node.publish_will(&id, w).await;
+                        node.will_published(&id, epoch).await;
                     }
                 });
                 self.registry
                     .add_timer(&client_id, generation, t.abort_handle());
             }
+        }
+    }
+
+    /// Removes a published delayed will from the offline session's record
+    /// (same epoch only), so nobody publishes it again.
+    pub async fn will_published(&self, client_id: &str, epoch: u64) {
+        let Some(mut r) = self.store.get(client_id) else {
+            return;
+        };
+        if r.epoch != epoch || r.online || r.will.is_none() {
+            return;
+        }
+        r.will = None;
+        if let Err(e) = self.persist(r).await {
+            // Worst case a survivor publishes the will a second time.
+            tracing::warn!(client_id, error = %e, "could not clear a published will");
         }
     }
 

@@ -85,6 +85,11 @@ impl Registry {
         self.lock().len()
     }
 
+    /// True while a connection or a parked session of this node holds the id.
+    pub fn contains(&self, client_id: &str) -> bool {
+        self.lock().contains_key(client_id)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

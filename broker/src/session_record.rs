@@ -35,6 +35,10 @@ pub struct SessionRecord {
     #[serde(default)]
     pub handoff: bool,
     pub expiry_s: u32,
+    /// When offline: since when (ms). An offline record that still has a
+    /// `will` has a delayed will pending, due at `disconnected_ms` + the
+    /// will delay (or at expiry if sooner); whoever owns the session
+    /// publishes it then, and a survivor does if the owner dies.
     #[serde(default)]
     pub disconnected_ms: Option<i64>,
     #[serde(default)]
@@ -204,6 +208,16 @@ fn payload(b64: &str) -> Bytes {
     B64.decode(b64).map(Bytes::from).unwrap_or_default()
 }
 
+pub fn will_to_record(w: &LastWill) -> WillRecord {
+    WillRecord {
+        topic: w.topic.clone(),
+        payload_b64: B64.encode(&w.payload),
+        qos: w.qos as u8,
+        retain: w.retain,
+        props: props_to_record(&w.properties),
+    }
+}
+
 pub fn will_from_record(w: &WillRecord) -> LastWill {
     LastWill {
         topic: w.topic.clone(),
@@ -258,13 +272,7 @@ impl SessionRecord {
             expiry_s: s.expiry_s,
             disconnected_ms: (!online).then_some(now_ms),
             subscriptions,
-            will: s.will.as_ref().map(|w| WillRecord {
-                topic: w.topic.clone(),
-                payload_b64: B64.encode(&w.payload),
-                qos: w.qos as u8,
-                retain: w.retain,
-                props: props_to_record(&w.properties),
-            }),
+            will: s.will.as_ref().map(will_to_record),
             inbound_qos2,
             qos2: Some(Qos2Record::from_parts(qos2)),
             outbound: s

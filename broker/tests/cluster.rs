@@ -372,3 +372,73 @@ async fn node_killed_mid_stream_loses_nothing_acknowledged() {
         seen.len()
     );
 }
+
+/// A client with a delayed will drops off a node, and the node is killed
+/// before the delay ends: a survivor still publishes the will, when it is
+/// due (counted from the disconnect, not from the adoption), and once
+/// [MQTT-3.1.3-9].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_will_survives_its_node() {
+    let survivor = common::start(&[]).await;
+    let port = 19_000 + (std::process::id() % 500) as u16;
+    let mut victim = spawn_node(port, &survivor, &common::unique("victim"));
+    wait_port(port).await;
+    let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (mut watcher, _) = open(survivor.addr(), connect(&common::unique("watch"), true, 0)).await;
+    watcher.send(&subscribe("dwills/#")).await;
+    assert!(matches!(watcher.recv().await, Some(Packet::SubAck(_))));
+
+    let mut c = Raw::connect(victim_addr).await;
+    c.send(&Packet::Connect(Box::new(Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: common::unique("delayed"),
+        will: Some(lodestream_mqtt::LastWill {
+            topic: "dwills/one".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: Q::AtLeastOnce,
+            retain: false,
+            properties: Properties {
+                will_delay_interval: Some(6),
+                ..Properties::default()
+            },
+        }),
+        username: None,
+        password: None,
+        properties: Properties {
+            session_expiry_interval: Some(300),
+            ..Properties::default()
+        },
+    })))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    // Network drop (no DISCONNECT): the will is kept, delayed 6 s.
+    drop(c);
+    let dropped_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    victim.0.kill().expect("SIGKILL");
+    let _ = victim.0.wait();
+    // Nothing before the delay, even though the node is detected dead at ~3 s.
+    let early = collect(&mut watcher, 1, Duration::from_secs(4)).await;
+    assert!(
+        early.is_empty(),
+        "will published before its delay: {early:?}"
+    );
+    let will = collect(&mut watcher, 1, Duration::from_secs(20)).await;
+    let after = dropped_at.elapsed();
+    assert_eq!(
+        will,
+        vec!["gone".to_string()],
+        "[MQTT-3.1.2-8] delayed will of a client on a dead node"
+    );
+    assert!(
+        after >= Duration::from_secs(6),
+        "published {after:?} after the disconnect"
+    );
+    eprintln!(
+        "delayed will published {after:?} after the disconnect (delay 6 s, node killed at 0.5 s)"
+    );
+    let again = collect(&mut watcher, 1, Duration::from_secs(4)).await;
+    assert!(again.is_empty(), "will published twice");
+}
