@@ -281,6 +281,7 @@ pub async fn publisher(
     mut stop: watch::Receiver<bool>,
 ) -> ClientResult {
     let mut res = ClientResult::default();
+    let mut first = true;
     let topic = format!("{}/{}", sh.topic_prefix, index);
     let client_id = format!("ls-{}-{}", sh.run_id, index);
     while !*stop.borrow() {
@@ -291,7 +292,8 @@ pub async fn publisher(
         match attempt {
             Ok(conn) => {
                 sh.counters.on_connected();
-                let end = run_publisher(&sh, conn, &topic, index, &mut res, &mut stop).await;
+                let end = run_publisher(&sh, conn, &topic, index, first, &mut res, &mut stop).await;
+                first = false;
                 sh.counters.connected.fetch_sub(1, Ordering::Relaxed);
                 match end {
                     End::Stopped => break,
@@ -320,6 +322,7 @@ async fn run_publisher(
     mut conn: Conn,
     topic: &str,
     index: u32,
+    first: bool,
     res: &mut ClientResult,
     stop: &mut watch::Receiver<bool>,
 ) -> End {
@@ -338,10 +341,12 @@ async fn run_publisher(
     };
     let mut last_send = now;
     let mut draining: Option<Instant> = None;
-    // Churn: this connection ends after a random lifetime (0.5–1.5 × mean).
+    // Churn: this connection ends after a random lifetime (0.5–1.5 × mean;
+    // the first one 0–1.5 × mean, so the churn rate holds from the start).
+    let low = if first { 0.0 } else { 0.5 };
     let mut churn_at = sh
         .churn_lifetime
-        .map(|m| now + m.mul_f64(rand::thread_rng().gen_range(0.5..1.5)));
+        .map(|m| now + m.mul_f64(rand::thread_rng().gen_range(low..1.5)));
     let mut churning = false;
     let mut wbuf = BytesMut::new();
     loop {
