@@ -538,7 +538,7 @@ async fn try_mqtt(addr: SocketAddr, id: &str, t: Duration) -> Option<raw::Raw> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_broker_backs_off_serves_existing_clients_and_recovers() {
     let _serial = SERIAL.lock().await;
-    const NOFILE: u32 = 160;
+    const NOFILE: u32 = 256;
     let addr: SocketAddr = format!("127.0.0.1:{FD_MQTT_PORT}").parse().expect("addr");
     let log_path = format!("{}/broker-fd-test.log", run_dir("faults"));
     std::fs::create_dir_all(run_dir("faults")).expect("mkdir");
