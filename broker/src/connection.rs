@@ -134,7 +134,7 @@ pub async fn serve<S>(
     let mut io = Io {
         rd,
         wr,
-        rbuf: BytesMut::with_capacity(1024),
+        rbuf: BytesMut::with_capacity(RBUF_IDLE),
         wbuf: BytesMut::new(),
         decoder: Decoder::new(node.config.mqtt.max_packet_size),
         node: node.clone(),
@@ -164,6 +164,12 @@ pub async fn serve<S>(
         conn.run().await;
     }
 }
+
+/// Read buffer between packets: one read takes CONNECT, acks, PINGREQ or a
+/// typical PUBLISH (a few hundred bytes) whole.
+const RBUF_IDLE: usize = 1024;
+/// Write buffer capacity kept once everything is written.
+const WBUF_KEEP: usize = 4096;
 
 /// Socket halves, buffers and codec.
 struct Io<S> {
@@ -203,6 +209,11 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
 
     async fn flush(&mut self) -> Result<(), String> {
         if self.wbuf.is_empty() {
+            // Written out: a buffer grown by a burst of deliveries is freed
+            // rather than kept for the life of the connection.
+            if self.wbuf.capacity() > WBUF_KEEP {
+                self.wbuf = BytesMut::new();
+            }
             return Ok(());
         }
         let t = Duration::from_secs(self.node.config.mqtt.write_timeout_s);
@@ -220,7 +231,16 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
 
     /// Reads more bytes; `Ok(false)` on end of stream.
     async fn fill(&mut self) -> Result<bool, String> {
-        if self.rbuf.capacity() - self.rbuf.len() < 512 {
+        let spare = self.rbuf.capacity() - self.rbuf.len();
+        if self.rbuf.is_empty() {
+            // Between packets the buffer goes back to `RBUF_IDLE`: a large
+            // packet (or the tail left after a PUBLISH was split off, which
+            // shares its allocation with the payload on its way to Kafka)
+            // must not stay allocated for the rest of the connection.
+            if !(RBUF_IDLE / 2..=RBUF_IDLE).contains(&spare) {
+                self.rbuf = BytesMut::with_capacity(RBUF_IDLE);
+            }
+        } else if spare < 512 {
             self.rbuf.reserve(4096);
         }
         match self.rd.read_buf(&mut self.rbuf).await {

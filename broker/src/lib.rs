@@ -6,6 +6,7 @@ pub mod config;
 pub mod connection;
 pub mod inbound_qos2;
 pub mod kafka;
+pub mod mailbox;
 pub mod mapping;
 pub mod message;
 pub mod metrics;
@@ -70,7 +71,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tokio::spawn(server::run_listener(node.clone(), l, transport));
     }
     if !metrics_addr.is_empty() {
-        let l = server::bind_tcp(&metrics_addr).await?;
+        let l = server::bind_http(&metrics_addr).await?;
         running.metrics = server::local_addr(&l);
         tokio::spawn(server::run_http(node.clone(), l));
     }

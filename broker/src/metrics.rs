@@ -6,6 +6,56 @@ use prometheus::{
     TextEncoder,
 };
 
+/// `lodestream_packets_{received,sent}_total`: one counter per MQTT packet
+/// type, looked up by a `match` on the type name. `IntCounterVec::
+/// with_label_values` hashes the label and takes a lock on every call, and
+/// these two are counted for every packet.
+pub struct PacketCounters {
+    vec: IntCounterVec,
+    by_kind: [IntCounter; PACKET_KINDS.len()],
+}
+
+/// `lodestream_mqtt::Packet::kind` of every packet type.
+const PACKET_KINDS: [&str; 15] = [
+    "connect",
+    "connack",
+    "publish",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+    "subscribe",
+    "suback",
+    "unsubscribe",
+    "unsuback",
+    "pingreq",
+    "pingresp",
+    "disconnect",
+    "auth",
+];
+
+impl PacketCounters {
+    fn new(r: &Registry, name: &str, help: &str) -> PacketCounters {
+        let vec = counter_vec(r, name, help, &["type"]);
+        let by_kind = PACKET_KINDS.map(|k| vec.with_label_values(&[k]));
+        PacketCounters { vec, by_kind }
+    }
+
+    /// The counter of packet type `labels[0]` (same call as on an
+    /// `IntCounterVec`, so call sites read the same).
+    pub fn with_label_values(&self, labels: &[&str]) -> std::borrow::Cow<'_, IntCounter> {
+        let i = match labels {
+            [k] => PACKET_KINDS.iter().position(|p| p == k),
+            _ => None,
+        };
+        match i {
+            Some(i) => std::borrow::Cow::Borrowed(&self.by_kind[i]),
+            // Not a packet type: counted all the same, the slow way.
+            None => std::borrow::Cow::Owned(self.vec.with_label_values(labels)),
+        }
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub connections: IntGauge,
@@ -13,8 +63,8 @@ pub struct Metrics {
     pub connect_rejected: IntCounterVec,
     pub sessions: IntGauge,
     pub subscriptions: IntGauge,
-    pub packets_in: IntCounterVec,
-    pub packets_out: IntCounterVec,
+    pub packets_in: PacketCounters,
+    pub packets_out: PacketCounters,
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub published_to_kafka: IntCounterVec,
@@ -92,17 +142,15 @@ impl Metrics {
                 "lodestream_subscriptions",
                 "Subscriptions held by this node",
             ),
-            packets_in: counter_vec(
+            packets_in: PacketCounters::new(
                 &r,
                 "lodestream_packets_received_total",
                 "MQTT packets received",
-                &["type"],
             ),
-            packets_out: counter_vec(
+            packets_out: PacketCounters::new(
                 &r,
                 "lodestream_packets_sent_total",
                 "MQTT packets sent",
-                &["type"],
             ),
             bytes_in: counter(&r, "lodestream_bytes_received_total", "MQTT bytes received"),
             bytes_out: counter(&r, "lodestream_bytes_sent_total", "MQTT bytes sent"),

@@ -308,7 +308,7 @@ impl Node {
         &self,
         msg: &Message,
         flow: Option<Qos2Flow>,
-    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, kafka::ProduceError> {
+    ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
         let topic = self.mapping.kafka_topic_for(&msg.topic);
         let mut headers = msg.to_headers();
         if let Some(f) = flow {

@@ -13,11 +13,19 @@ use crate::connection;
 use crate::node::Node;
 use crate::transport::{ws, PeerCert, Transport};
 
-/// Binds the MQTT/TCP listener; returns the bound address (port 0 allowed).
+/// Binds an MQTT listener (TCP, TLS, WebSocket); port 0 allowed.
 pub async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for MQTT on {addr}"))
+}
+
+/// Binds the metrics/health HTTP listener; port 0 allowed. Its own error
+/// message: a taken metrics port must not read as an MQTT port problem.
+pub async fn bind_http(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics/health HTTP on {addr}"))
 }
 
 /// Accepts connections on one listener and serves each with the

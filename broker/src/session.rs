@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lodestream_mqtt::{LastWill, Publish, QoS, SubscriptionOptions};
-use tokio::sync::mpsc;
 
 use crate::inbound_qos2::InboundQos2;
+use crate::mailbox;
 use crate::message::Message;
 
 /// Where a message sits in Kafka: sessions remember how far they got per
@@ -48,7 +48,7 @@ pub struct SessionFlags {
 /// The sending side of a session's mailbox, stored in the subscription index.
 #[derive(Debug, Clone)]
 pub struct Mailbox {
-    pub tx: mpsc::Sender<Delivery>,
+    pub tx: mailbox::Sender<Delivery>,
     pub flags: Arc<SessionFlags>,
 }
 
@@ -192,7 +192,7 @@ pub struct Session {
     /// Keyed by the filter as the client sent it (incl. `$share/…`).
     pub subscriptions: HashMap<String, Subscription>,
     pub mailbox: Mailbox,
-    pub inbox: mpsc::Receiver<Delivery>,
+    pub inbox: mailbox::Receiver<Delivery>,
     pub outbound: Outbound,
     /// QoS 2 flows from the client: ids acknowledged with PUBREC and
     /// awaiting PUBREL (a PUBLISH with one of these ids is a duplicate
@@ -207,7 +207,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(client_id: Arc<str>, queue: usize) -> Session {
-        let (tx, rx) = mpsc::channel(queue.max(1));
+        let (tx, rx) = mailbox::channel(queue.max(1));
         Session {
             client_id,
             expiry_s: 0,

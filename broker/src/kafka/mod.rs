@@ -9,7 +9,7 @@ pub mod qos2_scan;
 mod reader;
 
 pub use admin::ensure_topics;
-pub use producer::{ProduceError, Produced, Producer};
+pub use producer::{DeliveryFuture, ProduceError, Produced, Producer};
 pub use reader::{Record, StartAt, TopicReader};
 
 use rdkafka::ClientConfig;
