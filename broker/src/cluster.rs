@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::kafka::Record;
 use crate::node::{now_ms, Node};
 use crate::session_record::SessionRecord;
+use crate::session_store::Summary;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -64,28 +65,16 @@ pub fn responsible(me: &str, live: &[String]) -> bool {
     live.iter().all(|n| n.as_str() >= me)
 }
 
-/// Sessions to adopt: online, or offline with a will pending, on a node
+/// A session to adopt: online, or offline with a will pending, on a node
 /// that is not live.
-pub fn orphans(records: &[SessionRecord], me: &str, live: &[String]) -> Vec<SessionRecord> {
-    records
-        .iter()
-        .filter(|r| (r.online || r.will.is_some()) && r.node != me && !live.contains(&r.node))
-        .cloned()
-        .collect()
+pub fn is_orphan(s: &Summary, me: &str, live: &[String]) -> bool {
+    (s.online || s.has_will) && &*s.node != me && !live.iter().any(|n| **n == *s.node)
 }
 
-/// After a restart: sessions the previous run of this node owned (online,
+/// After a restart: a session the previous run of this node owned (online,
 /// or offline with a will pending) that no connection has claimed since.
-pub fn left_by_previous_run(
-    records: &[SessionRecord],
-    me: &str,
-    claimed: impl Fn(&str) -> bool,
-) -> Vec<SessionRecord> {
-    records
-        .iter()
-        .filter(|r| (r.online || r.will.is_some()) && r.node == me && !claimed(&r.client_id))
-        .cloned()
-        .collect()
+pub fn left_by_previous_run(s: &Summary, me: &str, claimed: bool) -> bool {
+    (s.online || s.has_will) && &*s.node == me && !claimed
 }
 
 /// Heartbeats and sweeps until the node shuts down.
@@ -118,22 +107,24 @@ pub async fn run(node: Arc<Node>) {
             continue;
         }
         let now = now_ms();
-        let records = node.store.snapshot();
+        let me = node.config.node_id.as_str();
         if !own_checked {
             own_checked = true;
-            let me = &node.config.node_id;
-            for r in left_by_previous_run(&records, me, |id| node.registry.contains(id)) {
+            let left = node
+                .store
+                .select(|id, s| left_by_previous_run(s, me, node.registry.contains(id)));
+            for r in left {
                 adopt(&node, r).await;
             }
         }
-        for r in orphans(&records, &node.config.node_id, &live) {
+        for r in node.store.select(|_, s| is_orphan(s, me, &live)) {
             adopt(&node, r).await;
         }
         // Offline sessions whose owner died before expiring them.
-        for r in records
-            .iter()
-            .filter(|r| r.expired(now) && !live.contains(&r.node))
-        {
+        let expired = node
+            .store
+            .select(|_, s| s.expired(now) && !live.iter().any(|n| **n == *s.node));
+        for r in expired {
             node.tombstone(&r.client_id, r.epoch).await;
         }
     }
@@ -229,49 +220,27 @@ mod tests {
 
     #[test]
     fn orphans_are_online_sessions_of_dead_nodes() {
-        let rec = |id: &str, node: &str, online: bool| SessionRecord {
-            v: 1,
-            client_id: id.into(),
+        let sum = |node: &str, online: bool, has_will: bool| Summary {
             epoch: 1,
-            node: node.into(),
+            node: std::sync::Arc::from(node),
             online,
             handoff: false,
+            has_will,
             expiry_s: 10,
             disconnected_ms: None,
-            subscriptions: vec![],
-            will: None,
-            inbound_qos2: vec![],
-            qos2: None,
-            outbound: vec![],
-            offsets: vec![],
         };
-        let mut pending_will = rec("5", "dead", false);
-        pending_will.will = Some(crate::session_record::WillRecord {
-            topic: "w".into(),
-            payload_b64: String::new(),
-            qos: 0,
-            retain: false,
-            props: Default::default(),
-        });
-        let rs = vec![
-            rec("1", "dead", true),
-            rec("2", "live", true),
-            rec("3", "dead", false),
-            rec("4", "me", true),
-            pending_will,
-        ];
         let live = vec!["live".to_string(), "me".to_string()];
-        let o: Vec<_> = orphans(&rs, "me", &live)
-            .into_iter()
-            .map(|r| r.client_id)
-            .collect();
-        assert_eq!(o, ["1", "5"]);
-        let mine: Vec<_> = left_by_previous_run(&rs, "me", |_| false)
-            .into_iter()
-            .map(|r| r.client_id)
-            .collect();
-        assert_eq!(mine, ["4"]);
-        assert!(left_by_previous_run(&rs, "me", |id| id == "4").is_empty());
+        assert!(is_orphan(&sum("dead", true, false), "me", &live));
+        assert!(!is_orphan(&sum("live", true, false), "me", &live));
+        assert!(!is_orphan(&sum("dead", false, false), "me", &live));
+        assert!(!is_orphan(&sum("me", true, false), "me", &live));
+        assert!(
+            is_orphan(&sum("dead", false, true), "me", &live),
+            "offline with a delayed will pending"
+        );
+        assert!(left_by_previous_run(&sum("me", true, false), "me", false));
+        assert!(!left_by_previous_run(&sum("me", true, false), "me", true));
+        assert!(!left_by_previous_run(&sum("me", false, false), "me", false));
     }
 
     #[test]

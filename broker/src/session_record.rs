@@ -32,27 +32,27 @@ pub struct SessionRecord {
     pub online: bool,
     /// The previous owner's final state, written after it was taken over by
     /// the claim with this same epoch.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub handoff: bool,
     pub expiry_s: u32,
     /// When offline: since when (ms). An offline record that still has a
     /// `will` has a delayed will pending, due at `disconnected_ms` + the
     /// will delay (or at expiry if sooner); whoever owns the session
     /// publishes it then, and a survivor does if the owner dies.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disconnected_ms: Option<i64>,
     #[serde(default)]
     pub subscriptions: Vec<SubRecord>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub will: Option<WillRecord>,
     /// Ids of QoS 2 flows awaiting PUBREL (also inside `qos2`; kept for
     /// brokers that predate `qos2`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound_qos2: Vec<u16>,
     /// Inbound QoS 2 exactly-once state (see `inbound_qos2.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos2: Option<Qos2Record>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<OutRecord>,
     /// Next Kafka offset to read, per message-topic partition.
     #[serde(default)]
@@ -63,13 +63,13 @@ pub struct SessionRecord {
 pub struct SubRecord {
     pub filter: String,
     pub qos: u8,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub no_local: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub retain_as_published: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub retain_handling: u8,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u32>,
 }
 
@@ -123,13 +123,13 @@ pub struct MsgRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Qos2Record {
     /// [packet id, qos2_seq or null]
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub received: Vec<(u16, Option<u64>)>,
     /// [packet id, qos2_seq, produced ms]
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unconfirmed: Vec<(u16, u64, i64)>,
     /// [packet id, qos2_seq of its last completed flow]
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub done: Vec<(u16, u64)>,
     pub next_seq: u64,
     /// Writes this state may not know of have qos2_seq >= floor and were
@@ -208,6 +208,22 @@ fn payload(b64: &str) -> Bytes {
     B64.decode(b64).map(Bytes::from).unwrap_or_default()
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
+/// An offline session outlives its expiry counted from its disconnect.
+pub fn expired(online: bool, disconnected_ms: Option<i64>, expiry_s: u32, now_ms: i64) -> bool {
+    match (online, disconnected_ms) {
+        (false, Some(at)) => now_ms >= at + expiry_s as i64 * 1000,
+        _ => false,
+    }
+}
+
 pub fn will_to_record(w: &LastWill) -> WillRecord {
     WillRecord {
         topic: w.topic.clone(),
@@ -274,7 +290,10 @@ impl SessionRecord {
             subscriptions,
             will: s.will.as_ref().map(will_to_record),
             inbound_qos2,
-            qos2: Some(Qos2Record::from_parts(qos2)),
+            // Omitted for sessions that never sent QoS 2 (most of a fleet):
+            // restoring nothing is then the same state.
+            qos2: (qos2.next_seq > 0 || !qos2.received.is_empty())
+                .then(|| Qos2Record::from_parts(qos2)),
             outbound: s
                 .outbound
                 .resend()
@@ -365,10 +384,7 @@ impl SessionRecord {
 
     /// True when an offline session has outlived its expiry at `now_ms`.
     pub fn expired(&self, now_ms: i64) -> bool {
-        match (self.online, self.disconnected_ms) {
-            (false, Some(at)) => now_ms >= at + self.expiry_s as i64 * 1000,
-            _ => false,
-        }
+        expired(self.online, self.disconnected_ms, self.expiry_s, now_ms)
     }
 
     pub fn encode(&self) -> Vec<u8> {

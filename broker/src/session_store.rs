@@ -2,15 +2,16 @@
 //! latest record per client id, with epoch fencing, plus the rendezvous a
 //! claiming node uses to receive the previous owner's hand-off.
 //!
-//! Memory bound: one record per session that exists (online or within its
-//! expiry): a few hundred bytes for a typical session (subscriptions, will,
-//! offsets of the partitions it reads), more for one holding QoS 1/2 messages
-//! in flight (their payloads). A million idle sessions with one subscription
-//! and a few partitions take roughly 0.5 GB per node; start-up reads the
-//! compacted topic once (measured in docs/benchmarks.md).
+//! Memory bound: one entry per session that exists (online or within its
+//! expiry). An entry keeps the record as Kafka holds it (encoded, ~600 bytes
+//! for a fleet device's session: one subscription, three partitions'
+//! offsets), decoded only when a client connects, plus a small summary that
+//! sweeps read without decoding. More for a session holding QoS 1/2
+//! messages in flight (their payloads). Measured with a million sessions in
+//! docs/benchmarks.md (`scripts/bench-sessions`).
 
-use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::oneshot;
 
@@ -30,10 +31,38 @@ pub enum Applied {
     },
 }
 
+/// What sweeps and fencing need of a record, without decoding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub epoch: u64,
+    pub node: Arc<str>,
+    pub online: bool,
+    pub handoff: bool,
+    /// Online: the client's will; offline: a delayed will still pending.
+    pub has_will: bool,
+    pub expiry_s: u32,
+    pub disconnected_ms: Option<i64>,
+}
+
+impl Summary {
+    /// True when an offline session has outlived its expiry at `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        crate::session_record::expired(self.online, self.disconnected_ms, self.expiry_s, now_ms)
+    }
+}
+
+struct Entry {
+    summary: Summary,
+    /// The record's JSON, as in the sessions topic.
+    raw: Box<[u8]>,
+}
+
 #[derive(Default)]
 pub struct SessionStore {
     node_id: String,
-    records: RwLock<HashMap<String, SessionRecord>>,
+    records: RwLock<HashMap<Box<str>, Entry>>,
+    /// Node ids are shared by many records: stored once.
+    node_names: Mutex<HashSet<Arc<str>>>,
     waiters: Mutex<HashMap<(String, u64), oneshot::Sender<SessionRecord>>>,
 }
 
@@ -46,11 +75,15 @@ impl SessionStore {
     }
 
     pub fn get(&self, client_id: &str) -> Option<SessionRecord> {
-        self.records
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(client_id)
-            .cloned()
+        let map = self.records.read().unwrap_or_else(|e| e.into_inner());
+        let e = map.get(client_id)?;
+        // Only records that decoded when applied are stored.
+        SessionRecord::decode(&e.raw).ok()
+    }
+
+    pub fn summary(&self, client_id: &str) -> Option<Summary> {
+        let map = self.records.read().unwrap_or_else(|e| e.into_inner());
+        map.get(client_id).map(|e| e.summary.clone())
     }
 
     pub fn len(&self) -> usize {
@@ -61,14 +94,25 @@ impl SessionStore {
         self.len() == 0
     }
 
-    /// All records (for sweeps).
-    pub fn snapshot(&self) -> Vec<SessionRecord> {
-        self.records
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
+    /// The records whose summary satisfies `pred` (sweeps: only the
+    /// matches are decoded, so a sweep over a million idle sessions costs a
+    /// pass over their summaries).
+    pub fn select(&self, pred: impl Fn(&str, &Summary) -> bool) -> Vec<SessionRecord> {
+        let map = self.records.read().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter(|(id, e)| pred(id, &e.summary))
+            .filter_map(|(_, e)| SessionRecord::decode(&e.raw).ok())
             .collect()
+    }
+
+    fn intern(&self, node: &str) -> Arc<str> {
+        let mut names = self.node_names.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = names.get(node) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(node);
+        names.insert(n.clone());
+        n
     }
 
     /// Registers interest in the hand-off record for the claim `epoch`.
@@ -91,7 +135,12 @@ impl SessionStore {
     /// Applies one record of the sessions topic (also used for our own
     /// writes once Kafka acknowledged them).
     pub fn apply(&self, client_id: &str, rec: Option<SessionRecord>) -> Applied {
-        let Some(rec) = rec else {
+        let raw = rec.as_ref().map(|r| r.encode().into_boxed_slice());
+        self.apply_encoded(client_id, rec.zip(raw))
+    }
+
+    fn apply_encoded(&self, client_id: &str, rec: Option<(SessionRecord, Box<[u8]>)>) -> Applied {
+        let Some((rec, raw)) = rec else {
             self.records
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -108,19 +157,29 @@ impl SessionStore {
                 let _ = tx.send(rec.clone());
             }
         }
+        let node = self.intern(&rec.node);
         let mut map = self.records.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(cur) = map.get(client_id) {
+        if let Some(cur) = map.get(client_id).map(|e| &e.summary) {
             // Fencing: a record from an older epoch is stale. The hand-off of
             // the current epoch is kept only if the claimer wrote nothing newer.
             if rec.epoch < cur.epoch
-                || (rec.handoff && rec.epoch == cur.epoch && cur.node != rec.node)
+                || (rec.handoff && rec.epoch == cur.epoch && *cur.node != *rec.node)
             {
                 return Applied::Ignored;
             }
         }
         let foreign = rec.online && !rec.handoff && rec.node != self.node_id;
         let epoch = rec.epoch;
-        map.insert(client_id.to_string(), rec);
+        let summary = Summary {
+            epoch,
+            node,
+            online: rec.online,
+            handoff: rec.handoff,
+            has_will: rec.will.is_some(),
+            expiry_s: rec.expiry_s,
+            disconnected_ms: rec.disconnected_ms,
+        };
+        map.insert(Box::from(client_id), Entry { summary, raw });
         if foreign {
             Applied::ForeignClaim {
                 client_id: client_id.to_string(),
@@ -140,7 +199,9 @@ impl SessionStore {
         match &rec.value {
             None => self.apply(key, None),
             Some(v) => match SessionRecord::decode(v) {
-                Ok(r) if r.v <= crate::session_record::SCHEMA_VERSION => self.apply(key, Some(r)),
+                Ok(r) if r.v <= crate::session_record::SCHEMA_VERSION => {
+                    self.apply_encoded(key, Some((r, v.to_vec().into_boxed_slice())))
+                }
                 Ok(r) => {
                     tracing::warn!(
                         client_id = key,
