@@ -152,58 +152,6 @@ async fn takeover_across_nodes() {
     assert!(on_a.closed_within(Duration::from_secs(2)).await);
 }
 
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_node(port: u16, first: &common::Broker, node_id: &str) -> Proc {
-    let c = &first.node().config.kafka;
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args([
-            "--tcp",
-            &format!("127.0.0.1:{port}"),
-            "--metrics",
-            "",
-            "--node-id",
-            node_id,
-        ])
-        .env("LODESTREAM_KAFKA__BOOTSTRAP_SERVERS", common::kafka())
-        .env("LODESTREAM_KAFKA__DEFAULT_TOPIC", &c.default_topic)
-        .env("LODESTREAM_KAFKA__RETAINED_TOPIC", &c.retained_topic)
-        .env("LODESTREAM_KAFKA__SESSIONS_TOPIC", &c.sessions_topic)
-        .env("LODESTREAM_KAFKA__NODES_TOPIC", &c.nodes_topic)
-        .env(
-            "LODESTREAM_KAFKA__NODE_TIMEOUT_MS",
-            c.node_timeout_ms.to_string(),
-        )
-        .env(
-            "LODESTREAM_KAFKA__HEARTBEAT_INTERVAL_MS",
-            c.heartbeat_interval_ms.to_string(),
-        )
-        .env("LODESTREAM_LISTENERS__WS", "")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("broker binary");
-    Proc(child)
-}
-
-async fn wait_port(port: u16) {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("node on port {port} did not start");
-}
-
 /// SIGKILL a node in the middle of QoS 1 streams: every acknowledged
 /// PUBLISH is in Kafka, and a persistent subscriber that moves to a
 /// surviving node gets every message, in order per topic.
@@ -211,8 +159,8 @@ async fn wait_port(port: u16) {
 async fn node_killed_mid_stream_loses_nothing_acknowledged() {
     let survivor = common::start(&[]).await;
     let port = 23000 + (std::process::id() % 4000) as u16;
-    let mut victim = spawn_node(port, &survivor, &common::unique("victim"));
-    wait_port(port).await;
+    let mut victim = common::spawn_node(port, &survivor, &common::unique("victim"));
+    common::wait_port(port).await;
     let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     // Subscriber and publisher both on the node that will die.
@@ -381,8 +329,8 @@ async fn node_killed_mid_stream_loses_nothing_acknowledged() {
 async fn delayed_will_survives_its_node() {
     let survivor = common::start(&[]).await;
     let port = 19_000 + (std::process::id() % 500) as u16;
-    let mut victim = spawn_node(port, &survivor, &common::unique("victim"));
-    wait_port(port).await;
+    let mut victim = common::spawn_node(port, &survivor, &common::unique("victim"));
+    common::wait_port(port).await;
     let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (mut watcher, _) = open(survivor.addr(), connect(&common::unique("watch"), true, 0)).await;
     watcher.send(&subscribe("dwills/#")).await;

@@ -183,58 +183,6 @@ async fn retransmission_after_crash_is_not_written_twice() {
     assert!(r8.headers.contains_key("mqtt.qos2_seq"));
 }
 
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_node(port: u16, first: &common::Broker, node_id: &str) -> Proc {
-    let c = &first.node().config.kafka;
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args([
-            "--tcp",
-            &format!("127.0.0.1:{port}"),
-            "--metrics",
-            "",
-            "--node-id",
-            node_id,
-        ])
-        .env("LODESTREAM_KAFKA__BOOTSTRAP_SERVERS", common::kafka())
-        .env("LODESTREAM_KAFKA__DEFAULT_TOPIC", &c.default_topic)
-        .env("LODESTREAM_KAFKA__RETAINED_TOPIC", &c.retained_topic)
-        .env("LODESTREAM_KAFKA__SESSIONS_TOPIC", &c.sessions_topic)
-        .env("LODESTREAM_KAFKA__NODES_TOPIC", &c.nodes_topic)
-        .env(
-            "LODESTREAM_KAFKA__NODE_TIMEOUT_MS",
-            c.node_timeout_ms.to_string(),
-        )
-        .env(
-            "LODESTREAM_KAFKA__HEARTBEAT_INTERVAL_MS",
-            c.heartbeat_interval_ms.to_string(),
-        )
-        .env("LODESTREAM_LISTENERS__WS", "")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("broker binary");
-    Proc(child)
-}
-
-async fn wait_port(port: u16) {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("node on port {port} did not start");
-}
-
 /// A QoS 2 publisher as the spec describes the sender [MQTT-4.3.3]: a
 /// window of flows, each PUBLISH until PUBREC, then PUBREL until PUBCOMP;
 /// after a reconnect it resends both stages with the same ids (PUBLISH with
@@ -377,8 +325,8 @@ async fn pump(
 async fn qos2_streams_survive_sigkill_exactly_once() {
     let survivor = common::start(&[]).await;
     let port = 30_000 + (std::process::id() % 2000) as u16;
-    let mut victim = spawn_node(port, &survivor, &common::unique("victim"));
-    wait_port(port).await;
+    let mut victim = common::spawn_node(port, &survivor, &common::unique("victim"));
+    common::wait_port(port).await;
     let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     const PER_PUBLISHER: u32 = 1500;

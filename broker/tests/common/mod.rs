@@ -193,3 +193,59 @@ pub fn metric(scrape: &str, name: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A broker binary started by a test; killed when dropped.
+pub struct Proc(pub std::process::Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the broker binary as another node of `first`'s cluster (same
+/// Kafka topics), listening for MQTT on 127.0.0.1:`port`.
+pub fn spawn_node(port: u16, first: &Broker, node_id: &str) -> Proc {
+    let c = &first.node().config.kafka;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args([
+            "--tcp",
+            &format!("127.0.0.1:{port}"),
+            "--metrics",
+            "",
+            "--node-id",
+            node_id,
+        ])
+        .env("LODESTREAM_KAFKA__BOOTSTRAP_SERVERS", kafka())
+        .env("LODESTREAM_KAFKA__DEFAULT_TOPIC", &c.default_topic)
+        .env("LODESTREAM_KAFKA__RETAINED_TOPIC", &c.retained_topic)
+        .env("LODESTREAM_KAFKA__SESSIONS_TOPIC", &c.sessions_topic)
+        .env("LODESTREAM_KAFKA__NODES_TOPIC", &c.nodes_topic)
+        .env(
+            "LODESTREAM_KAFKA__NODE_TIMEOUT_MS",
+            c.node_timeout_ms.to_string(),
+        )
+        .env(
+            "LODESTREAM_KAFKA__HEARTBEAT_INTERVAL_MS",
+            c.heartbeat_interval_ms.to_string(),
+        )
+        .env("LODESTREAM_LISTENERS__WS", "")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("broker binary");
+    Proc(child)
+}
+
+/// Waits until something listens on 127.0.0.1:`port`.
+pub async fn wait_port(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("node on port {port} did not start");
+}
