@@ -21,6 +21,14 @@
 //! anonymous logins are not affected (there is nothing to guess). Each
 //! refusal for bad credentials or a ban is delayed by `failure_delay_ms`.
 //!
+//! A successful password check is remembered for `success_cache_ttl_s` as a
+//! keyed BLAKE2 digest of (user, password) under a random per-process key,
+//! so a fleet reconnecting after a network blip or a node restart costs one
+//! argon2 check per device per TTL, not per CONNECT. Only successes are
+//! cached (a wrong password always costs argon2); the cache is bounded
+//! (`success_cache_max` entries, full: new successes are not cached) and
+//! dropped when the password file is reloaded.
+//!
 //! Password file format: one `username:PHC-string` per line, `#` starts a
 //! comment line, blank lines are ignored. Usernames must not contain `:` or
 //! whitespace. Create entries with `broker passwd FILE USER` ([`set_password`]).
@@ -81,6 +89,11 @@ pub struct AuthConfig {
     /// that source is refused with `Banned` for the rest of the minute;
     /// 0 disables the limit.
     pub max_failures_per_minute: u32,
+    /// How long a verified (user, password) is accepted without argon2;
+    /// 0 disables the cache.
+    pub success_cache_ttl_s: u64,
+    /// Entries the success cache holds at most.
+    pub success_cache_max: usize,
 }
 
 impl Default for AuthConfig {
@@ -91,6 +104,8 @@ impl Default for AuthConfig {
             cert_identity: CertIdentitySource::Cn,
             failure_delay_ms: 500,
             max_failures_per_minute: 20,
+            success_cache_ttl_s: 300,
+            success_cache_max: 200_000,
         }
     }
 }
@@ -127,6 +142,53 @@ struct Users {
     /// Hash of a random password with the file's parameters, verified for
     /// unknown users so they cost as much as known ones.
     dummy: String,
+    /// user -> (keyed digest of the password last verified, when).
+    verified: Mutex<HashMap<String, ([u8; 32], Instant)>>,
+    /// Key of those digests, random per load.
+    key: [u8; 32],
+}
+
+impl Users {
+    fn digest(&self, user: &str, password: &[u8]) -> Option<[u8; 32]> {
+        use blake2::digest::{Mac, Update};
+        let mut mac =
+            blake2::Blake2bMac::<blake2::digest::consts::U32>::new_from_slice(&self.key).ok()?;
+        Update::update(&mut mac, &(user.len() as u64).to_le_bytes());
+        Update::update(&mut mac, user.as_bytes());
+        Update::update(&mut mac, password);
+        Some(mac.finalize().into_bytes().into())
+    }
+
+    fn cached(&self, user: &str, password: &[u8], ttl: Duration) -> bool {
+        if ttl.is_zero() {
+            return false;
+        }
+        let Some(d) = self.digest(user, password) else {
+            return false;
+        };
+        let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        // Constant-time compare: the digest is secret-derived.
+        map.get(user).is_some_and(|(want, at)| {
+            at.elapsed() < ttl && want.iter().zip(d).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        })
+    }
+
+    fn remember(&self, user: &str, password: &[u8], ttl: Duration, max: usize) {
+        if ttl.is_zero() {
+            return;
+        }
+        let Some(d) = self.digest(user, password) else {
+            return;
+        };
+        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= max && !map.contains_key(user) {
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if map.len() >= max {
+                return;
+            }
+        }
+        map.insert(user.to_string(), (d, Instant::now()));
+    }
 }
 
 struct Window {
@@ -319,7 +381,12 @@ impl Authenticator {
             return Err(ReasonCode::Banned);
         }
         if let (Some(user), Some(pw), Some(users)) = (username, password, users) {
+            let ttl = Duration::from_secs(self.inner.cfg.success_cache_ttl_s);
+            if users.cached(user, pw, ttl) {
+                return Ok(identity(Some(user), false));
+            }
             if self.verify(&users, user, pw).await {
+                users.remember(user, pw, ttl, self.inner.cfg.success_cache_max);
                 return Ok(identity(Some(user), false));
             }
         }
@@ -419,7 +486,14 @@ fn load_users(path: &Path) -> Result<Users, AuthError> {
     let mut random = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut random);
     let dummy = hash_with(&random, params)?;
-    Ok(Users { hashes, dummy })
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    Ok(Users {
+        hashes,
+        dummy,
+        verified: Mutex::new(HashMap::new()),
+        key,
+    })
 }
 
 fn valid_username(user: &str) -> bool {
@@ -863,5 +937,63 @@ mod tests {
         assert_eq!(c.cert_identity, CertIdentitySource::SanDns);
         assert!(c.allow_anonymous);
         assert!(toml::from_str::<AuthConfig>("alow_anonymous = true").is_err());
+    }
+
+    /// The success cache answers only for the exact (user, password) it
+    /// saw succeed, within its TTL, up to its size.
+    #[test]
+    fn success_cache_matches_exact_credentials_within_ttl_and_bound() {
+        let f = fixture(&[("alice", "s3cret")]);
+        let users = load_users(&f.file).unwrap();
+        let ttl = Duration::from_secs(60);
+        assert!(!users.cached("alice", b"s3cret", ttl));
+        users.remember("alice", b"s3cret", ttl, 2);
+        assert!(users.cached("alice", b"s3cret", ttl));
+        assert!(!users.cached("alice", b"s3cret!", ttl), "other password");
+        assert!(!users.cached("alicf", b"s3cret", ttl), "other user");
+        assert!(
+            !users.cached("alice", b"s3cret", Duration::ZERO),
+            "TTL 0 disables"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            !users.cached("alice", b"s3cret", Duration::from_millis(1)),
+            "expired"
+        );
+        users.remember("bob", b"x", ttl, 2);
+        users.remember("carol", b"y", ttl, 2);
+        assert!(
+            !users.cached("carol", b"y", ttl),
+            "bounded: full cache does not grow"
+        );
+        // User and password are not confused across the boundary.
+        users.remember("ab", b"c", ttl, 10);
+        assert!(!users.cached("a", b"bc", ttl));
+    }
+
+    /// A reload drops the cache: a changed password is refused at once.
+    #[tokio::test]
+    async fn reload_forgets_cached_successes() {
+        let f = fixture(&[("alice", "old")]);
+        let a = Authenticator::new(&config(&f)).unwrap();
+        assert!(a
+            .authenticate("c", Some("alice"), Some(b"old"), None, IP)
+            .await
+            .is_ok());
+        assert!(a
+            .authenticate("c", Some("alice"), Some(b"old"), None, IP)
+            .await
+            .is_ok());
+        set_password_with(&f.file, "alice", "new", cheap()).unwrap();
+        a.reload().unwrap();
+        assert_eq!(
+            a.authenticate("c", Some("alice"), Some(b"old"), None, IP)
+                .await,
+            Err(ReasonCode::BadUserNameOrPassword)
+        );
+        assert!(a
+            .authenticate("c", Some("alice"), Some(b"new"), None, IP)
+            .await
+            .is_ok());
     }
 }
