@@ -160,7 +160,11 @@ pub async fn serve<S>(
             return;
         }
     };
-    if let Some(conn) = Conn::accept(io, *connect, peer, transport, cert_identity).await {
+    // Rare, deep paths (CONNECT with its Kafka claim, the close, SUBSCRIBE
+    // starting Kafka readers) are boxed: inline they set the size of every
+    // connection's task for its whole life.
+    let accept = Box::pin(Conn::accept(io, *connect, peer, transport, cert_identity));
+    if let Some(conn) = accept.await {
         conn.run().await;
     }
 }
@@ -918,7 +922,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 );
             }
         };
-        self.finish(end).await;
+        Box::pin(self.finish(end)).await;
     }
 
     /// Sends queued deliveries while the outbound window has room; also pulls
@@ -1136,7 +1140,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 }
                 Ok(())
             }
-            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Subscribe(s) => Box::pin(self.on_subscribe(s)).await,
             Packet::Unsubscribe(u) => {
                 self.on_unsubscribe(u);
                 Ok(())
@@ -1270,7 +1274,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             if p.dup && self.scans_left > 0 && self.session.expiry_s > 0 {
                 self.scans_left -= 1;
-                if let Some(seq) = self.written_before(&p.topic, packet_id).await? {
+                if let Some(seq) = Box::pin(self.written_before(&p.topic, packet_id)).await? {
                     self.session.inbound_qos2.found_written(packet_id, seq);
                     self.node.metrics.qos2_duplicates_suppressed.inc();
                     let msg = Arc::new(Message {

@@ -70,10 +70,15 @@ async fn handshake(node: Arc<Node>, stream: TcpStream, peer: SocketAddr, transpo
             .inc();
     };
     match transport {
+        // The task's future is as large as its largest branch, for every
+        // connection: TLS and WebSocket streams (several KB inline) are
+        // boxed so plain TCP connections do not pay for them.
         Transport::Tcp => connection::serve(node.clone(), stream, peer, transport, None).await,
         Transport::Ws => {
             match tokio::time::timeout(limit, ws::accept(stream, &node.config.ws)).await {
-                Ok(Ok(s)) => connection::serve(node.clone(), s, peer, transport, None).await,
+                Ok(Ok(s)) => {
+                    Box::pin(connection::serve(node.clone(), s, peer, transport, None)).await
+                }
                 Ok(Err(e)) => fail("ws_upgrade", e.to_string()),
                 Err(_) => fail("ws_upgrade", "timeout".into()),
             }
@@ -87,10 +92,12 @@ async fn handshake(node: Arc<Node>, stream: TcpStream, peer: SocketAddr, transpo
             };
             let id = cert_identity(pc);
             if transport == Transport::Tls {
-                return connection::serve(node.clone(), s, peer, transport, id).await;
+                return Box::pin(connection::serve(node.clone(), s, peer, transport, id)).await;
             }
             match tokio::time::timeout(limit, ws::accept(s, &node.config.ws)).await {
-                Ok(Ok(s)) => connection::serve(node.clone(), s, peer, transport, id).await,
+                Ok(Ok(s)) => {
+                    Box::pin(connection::serve(node.clone(), s, peer, transport, id)).await
+                }
                 Ok(Err(e)) => fail("ws_upgrade", e.to_string()),
                 Err(_) => fail("ws_upgrade", "timeout".into()),
             }

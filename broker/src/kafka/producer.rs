@@ -46,6 +46,9 @@ pub struct Produced {
 /// Resolves with the record's delivery report (see `Producer::delivered`).
 pub type DeliveryFuture = oneshot::Receiver<Result<Produced, KafkaError>>;
 
+/// A record as handed to librdkafka, with the sender of its report.
+type Record<'a> = BaseRecord<'a, [u8], [u8], Box<oneshot::Sender<Result<Produced, KafkaError>>>>;
+
 /// Completes each record's `DeliveryFuture` from its delivery report.
 struct Reports;
 
@@ -211,15 +214,27 @@ impl Producer {
         if let Some(v) = value {
             record = record.payload(v);
         }
+        match self.inner.base.send(record) {
+            Ok(()) => Ok(rx),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                // Boxed: the waiting state would otherwise sit in every
+                // publishing connection's future.
+                Box::pin(self.send_when_room(r)).await?;
+                Ok(rx)
+            }
+            Err((e, _)) => Err(e.into()),
+        }
+    }
+
+    /// Retries a record while librdkafka's queue is full.
+    async fn send_when_room<'a>(&self, mut record: Record<'a>) -> Result<(), ProduceError> {
         let mut backoff = Duration::from_millis(1);
         loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(100));
             match self.inner.base.send(record) {
-                Ok(()) => return Ok(rx),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
-                }
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => record = r,
                 Err((e, _)) => return Err(e.into()),
             }
         }
