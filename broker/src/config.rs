@@ -91,7 +91,10 @@ pub struct KafkaConfig {
     /// How long a produce may take before it fails (and the QoS>0 PUBLISH
     /// stays unacknowledged).
     pub delivery_timeout_ms: u32,
-    /// Consumer `fetch.wait.max.ms`: bounds end-to-end latency when idle.
+    /// Consumer `fetch.wait.max.ms`: how long Kafka holds a fetch that finds
+    /// no new record. Kafka answers as soon as a record arrives, so this does
+    /// not add latency; a short wait only makes idle readers poll more
+    /// (measured: same end-to-end p50/p99 at 20 and 500 ms).
     pub fetch_wait_max_ms: u32,
     /// Extra librdkafka properties, applied to producer and consumers.
     pub properties: BTreeMap<String, String>,
@@ -171,7 +174,7 @@ impl Default for KafkaConfig {
             replication_factor: 1,
             linger_ms: 5,
             delivery_timeout_ms: 30_000,
-            fetch_wait_max_ms: 20,
+            fetch_wait_max_ms: 500,
             properties: BTreeMap::new(),
         }
     }
