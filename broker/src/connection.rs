@@ -1440,6 +1440,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 }
                 self.node.metrics.kafka_produce_errors.inc();
                 tracing::warn!(client_id = %self.session.client_id, error = %e, "Kafka write failed; PUBLISH not acknowledged as success");
+                if done.qos == QoS::ExactlyOnce && self.session.expiry_s > 0 {
+                    // A failed write may still land (a timed-out request can
+                    // reach Kafka late). An error PUBREC would end the flow and
+                    // a resend would be a new message; closing makes the
+                    // client retransmit with DUP after reconnecting, and the
+                    // Kafka scan then tells whether the first one landed.
+                    return Err(End::Server(
+                        ReasonCode::UnspecifiedError,
+                        format!("Kafka write failed: {e}"),
+                    ));
+                }
                 if self.v5() {
                     let a = ack_with(
                         id,

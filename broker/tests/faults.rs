@@ -267,7 +267,36 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
     // Stalled beyond the delivery timeout: never a success. v5 gets 0x80,
     // 3.1.1 (no negative ack) is disconnected.
     let mut v3 = client(b.addr(), ProtocolVersion::V311, &common::unique("slow-v3")).await;
+    // A persistent QoS 2 publisher: its failed write may land anyway, so it
+    // is disconnected to retransmit (DUP) rather than refused with a PUBREC
+    // that would end the flow.
+    let eo_id = common::unique("slow-eo");
+    let persistent = |clean: bool| {
+        Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: clean,
+            keep_alive: 0,
+            client_id: eo_id.clone(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties {
+                session_expiry_interval: Some(300),
+                ..Properties::default()
+            },
+        }))
+    };
+    let mut eo = raw::Raw::connect(b.addr()).await;
+    eo.send(&persistent(true)).await;
+    assert!(matches!(eo.recv().await, Some(Packet::ConnAck(_))));
     mode_tx.send_replace(Mode::Stall);
+    eo.send(&publish(
+        QoS::ExactlyOnce,
+        7,
+        topic,
+        &b"stalled-qos2-persistent"[..],
+    ))
+    .await;
     let stall_start = Instant::now();
     v5.send(&publish(QoS::AtLeastOnce, 4, topic, &b"stalled-qos1"[..]))
         .await;
@@ -295,6 +324,12 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
     let v3_answer = next_ack(&mut v3, limit).await;
     let v3_closed = stall_start.elapsed();
     assert_eq!(v3_answer, None, "3.1.1: closed without PUBACK");
+    let eo_answer = eo.recv_within(limit).await;
+    assert!(
+        matches!(&eo_answer, Some(Packet::Disconnect(d)) if d.reason == ReasonCode::UnspecifiedError),
+        "persistent QoS 2 publisher: DISCONNECT 0x80, got {eo_answer:?}"
+    );
+    assert!(eo.closed_within(Duration::from_secs(5)).await);
 
     // Fast again: the broker recovers by itself; the 3.1.1 client
     // reconnects and retransmits, as it must.
@@ -324,10 +359,26 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
         1
     ));
     acked.push(b"stalled-v311");
+    // [MQTT-4.3.3] the persistent publisher resumes and retransmits: one record.
+    let mut eo = raw::Raw::connect(b.addr()).await;
+    eo.send(&persistent(false)).await;
+    assert!(matches!(eo.recv().await, Some(Packet::ConnAck(a)) if a.session_present));
+    let mut dup = publish(QoS::ExactlyOnce, 7, topic, &b"stalled-qos2-persistent"[..]);
+    if let Packet::Publish(p) = &mut dup {
+        p.dup = true;
+    }
+    eo.send(&dup).await;
+    assert!(is_success(
+        &next_ack(&mut eo, Duration::from_secs(30)).await,
+        7
+    ));
+    eo.send(&Packet::PubRel(Ack::new(7))).await;
+    assert!(matches!(eo.recv().await, Some(Packet::PubComp(a)) if a.packet_id == 7));
+    acked.push(b"stalled-qos2-persistent");
 
     let bs = bootstrap.clone();
     let dt = b.default_topic.clone();
-    let values = tokio::task::spawn_blocking(move || values_in(&bs, &dt, 8))
+    let values = tokio::task::spawn_blocking(move || values_in(&bs, &dt, 10))
         .await
         .expect("reader");
     for m in &acked {
@@ -338,14 +389,24 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
         );
     }
     let late = |p: &[u8]| values.iter().filter(|v| v.as_slice() == p).count();
+    assert_eq!(
+        late(b"stalled-qos2-persistent"),
+        1,
+        "[MQTT-4.3.3] a QoS 2 message whose first write failed ambiguously is in Kafka once"
+    );
     eprintln!(
         "slow Kafka: fast PUBACK {fast_ack:?}; with 400 ms/chunk: PUBACK {slow_ack:?}, PUBREC {slow_rec:?}; \
          stalled (delivery timeout {delivery_timeout:?}): v5 PUBACK 0x80 after {v5_first_answer:?}, PUBREC 0x80 after {v5_second_answer:?}, \
          3.1.1 closed after {v3_closed:?}; first success after un-stalling {recovered:?}; \
-         records in Kafka {} (error-acked ones that landed anyway: stalled-qos1 x{}, stalled-qos2 x{})",
+         records in Kafka {} (error-acked ones that landed anyway: stalled-qos1 x{}, stalled-qos2 x{}); \
+         persistent QoS 2 retransmission found already written: {}",
         values.len(),
         late(b"stalled-qos1"),
         late(b"stalled-qos2"),
+        common::metric(
+            &common::scrape(&b).await,
+            "lodestream_qos2_duplicates_suppressed_total"
+        ),
     );
 }
 
