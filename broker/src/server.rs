@@ -34,6 +34,10 @@ pub async fn bind_http(addr: &str) -> anyhow::Result<TcpListener> {
 /// handshake never blocks the accept loop.
 pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Transport) {
     let mut shutdown = node.shutdown.subscribe();
+    // Accept errors are logged at most every 10 s (with how many there were),
+    // not at the 10 per second the back-off allows; the counter has them all.
+    let mut failures_unlogged = 0u64;
+    let mut last_log: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -47,7 +51,12 @@ pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Tra
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning; existing
                 // connections keep working.
-                tracing::warn!(error = %e, "accept failed");
+                failures_unlogged += 1;
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, failures = failures_unlogged, "accept failed (new connections wait; existing ones are served)");
+                    failures_unlogged = 0;
+                    last_log = Some(std::time::Instant::now());
+                }
                 node.metrics
                     .connect_rejected
                     .with_label_values(&["accept_error"])
