@@ -60,6 +60,10 @@ pub struct Listeners {
     pub wss: String,
     /// Prometheus `/metrics`, `/health`, `/ready`; empty disables it.
     pub metrics: String,
+    /// Every MQTT connection (tcp, tls, ws, wss) starts with a PROXY
+    /// protocol v1/v2 header naming the client (HAProxy `send-proxy`);
+    /// connections without one are closed. Enable only behind such a proxy.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -154,6 +158,7 @@ impl Default for Listeners {
             ws: "0.0.0.0:1893".into(),
             wss: String::new(),
             metrics: "0.0.0.0:1884".into(),
+            proxy_protocol: false,
         }
     }
 }

@@ -67,8 +67,32 @@ pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Tra
     }
 }
 
-async fn handshake(node: Arc<Node>, stream: TcpStream, peer: SocketAddr, transport: Transport) {
+async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, transport: Transport) {
     let limit = Duration::from_secs(node.config.mqtt.connect_timeout_s);
+    let peer = if node.config.listeners.proxy_protocol {
+        match tokio::time::timeout(limit, crate::transport::proxy::read_header(&mut stream)).await {
+            Ok(Ok(Some(client))) => client,
+            // The balancer's own connection (health check): keep its address.
+            Ok(Ok(None)) => peer,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "PROXY header refused");
+                node.metrics
+                    .connect_rejected
+                    .with_label_values(&["proxy_header"])
+                    .inc();
+                return;
+            }
+            Err(_) => {
+                node.metrics
+                    .connect_rejected
+                    .with_label_values(&["proxy_header"])
+                    .inc();
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     let cert_identity =
         |pc: Option<PeerCert>| pc.and_then(|c| c.identity(node.config.auth.cert_identity));
     let fail = |what: &str, e: String| {

@@ -356,6 +356,15 @@ impl Client {
         Client::over(Wire::Bytes(Box::new(s)))
     }
 
+    /// A TCP connection that first sends a PROXY protocol header, as
+    /// HAProxy with `send-proxy` does.
+    async fn tcp_proxied(addr: SocketAddr, header: &[u8]) -> Client {
+        use tokio::io::AsyncWriteExt;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(header).await.expect("PROXY header");
+        Client::over(Wire::Bytes(Box::new(s)))
+    }
+
     async fn tls(addr: SocketAddr, connector: &tokio_rustls::TlsConnector) -> Client {
         let tcp = TcpStream::connect(addr).await.expect("connect");
         let s = connector
@@ -1412,6 +1421,63 @@ async fn auth_rate_limit_answers_0x8a_banned_after_the_configured_failures() {
     assert_eq!(
         metric(&scrape(&b).await, "lodestream_auth_failures_total"),
         5.0
+    );
+}
+
+/// Behind a balancer that sends PROXY headers (`listeners.proxy_protocol`),
+/// the failed-login limit applies to each client's own address, not to the
+/// balancer's: one client guessing is banned, another client through the
+/// same balancer logs in. A connection without a header is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_gives_each_client_its_own_failed_login_budget() {
+    let pki = Pki::new();
+    let mut c = secure_config(&pki, &[]);
+    c.listeners.proxy_protocol = true;
+    c.auth.max_failures_per_minute = 2;
+    c.auth.failure_delay_ms = 0;
+    with_users(&mut c, &pki, &[("trucksim", "sim-secret")]);
+    let b = start(c).await;
+    let guesser = b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 1883\r\n";
+    for i in 0..2 {
+        let mut c = Client::tcp_proxied(b.addr(), guesser).await;
+        let (_, reason) = c
+            .connect_as(
+                V5,
+                &unique("guess"),
+                Some("trucksim"),
+                Some(&format!("no{i}")),
+            )
+            .await;
+        assert_eq!(reason, ReasonCode::BadUserNameOrPassword);
+    }
+    let mut c = Client::tcp_proxied(b.addr(), guesser).await;
+    let (_, reason) = c
+        .connect_as(V5, &unique("right"), Some("trucksim"), Some("sim-secret"))
+        .await;
+    assert_eq!(reason, ReasonCode::Banned, "the guessing client is banned");
+    // Another client behind the same balancer (v2 header) is not.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend([198, 51, 100, 9, 10, 0, 0, 1, 0x1f, 0x90, 0x07, 0x5b]);
+    let mut c = Client::tcp_proxied(b.addr(), &v2).await;
+    let (_, reason) = c
+        .connect_as(V5, &unique("other"), Some("trucksim"), Some("sim-secret"))
+        .await;
+    assert_eq!(
+        reason,
+        ReasonCode::Success,
+        "a different client address is not banned"
+    );
+    // A client that skips the balancer (no header) is cut off.
+    let mut c = Client::tcp(b.addr()).await;
+    c.send(&connect_packet(V5, &unique("direct"), None, None))
+        .await;
+    assert!(c.closed_within(Duration::from_secs(5)).await);
+    assert_eq!(
+        metric(
+            &scrape(&b).await,
+            "lodestream_connect_rejected_total{reason=\"proxy_header\"}"
+        ),
+        1.0
     );
 }
 

@@ -2,6 +2,7 @@
 //! client certificates) and WebSocket. Each yields an `AsyncRead +
 //! AsyncWrite` stream for `connection::serve`.
 
+pub mod proxy;
 pub mod tls;
 pub mod ws;
 
