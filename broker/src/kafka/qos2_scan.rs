@@ -41,6 +41,27 @@ pub async fn find_writes(
     node_id: &str,
     req: ScanRequest<'_>,
 ) -> anyhow::Result<Vec<u64>> {
+    let started = Instant::now();
+    // Metadata, timestamps and watermarks can fail transiently (a leader
+    // moving, a cluster still starting): retry the scan until the deadline.
+    loop {
+        match scan(cfg, node_id, &req, started).await {
+            Ok(found) => return Ok(found),
+            Err(e) if started.elapsed() < TIMEOUT => {
+                tracing::debug!(topic = req.topic, error = %e, "QoS 2 scan failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn scan(
+    cfg: &KafkaConfig,
+    node_id: &str,
+    req: &ScanRequest<'_>,
+    started: Instant,
+) -> anyhow::Result<Vec<u64>> {
     let mut c = super::client_config(cfg, &format!("lodestream-qos2-scan-{node_id}"));
     c.set("group.id", format!("lodestream-qos2-scan-{node_id}"))
         .set("enable.auto.commit", "false")
@@ -48,7 +69,6 @@ pub async fn find_writes(
         .set("fetch.wait.max.ms", "50")
         .set("auto.offset.reset", "earliest");
     let consumer: StreamConsumer = c.create()?;
-    let started = Instant::now();
     let meta = consumer.fetch_metadata(Some(req.topic), TIMEOUT)?;
     let partitions: Vec<i32> = meta
         .topics()
@@ -88,7 +108,12 @@ pub async fn find_writes(
         let left = TIMEOUT.saturating_sub(started.elapsed());
         let m = match tokio::time::timeout(left, stream.next()).await {
             Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(e.into()),
+            // Transient consumer errors (e.g. no group coordinator yet on a
+            // fresh cluster) are retried until the deadline, as catch-up does.
+            Ok(Some(Err(e))) => {
+                tracing::debug!(topic = req.topic, error = %e, "QoS 2 scan read error; retrying");
+                continue;
+            }
             Ok(None) => anyhow::bail!("QoS 2 scan consumer closed"),
             Err(_) => anyhow::bail!("QoS 2 scan of {} timed out", req.topic),
         };
