@@ -72,9 +72,18 @@ impl InboundQos2 {
     }
 
     /// Kafka acknowledged the write of `id`: PUBREC may go out.
+    /// Also reached for a retransmission `found_written` already recorded
+    /// (its acknowledgement settling when the connection closes): the
+    /// sequence number found then is kept.
     pub fn written(&mut self, id: u16) {
-        let seq = self.unconfirmed.remove(&id).map(|(s, _)| s);
-        self.received.insert(id, seq);
+        match self.unconfirmed.remove(&id) {
+            Some((seq, _)) => {
+                self.received.insert(id, Some(seq));
+            }
+            None => {
+                self.received.entry(id).or_insert(None);
+            }
+        }
         self.prune();
     }
 
@@ -276,6 +285,18 @@ mod tests {
         assert!(q.release(9));
         assert!(!q.release(9), "a second PUBREL finds nothing");
         assert!(q.to_parts(0).done.is_empty());
+    }
+
+    /// The recognised retransmission's seq survives its acknowledgement
+    /// settling, so its completion is recorded in `done` and the old record
+    /// cannot later pass for an unfinished write of a reused id.
+    #[test]
+    fn written_after_found_written_keeps_the_sequence() {
+        let mut q = InboundQos2::from_parts(&InboundQos2::default().to_parts(0));
+        q.found_written(5, 41);
+        q.written(5);
+        assert!(q.release(5));
+        assert!(!q.is_unrecorded_write(5, 41, 0));
     }
 
     #[test]
