@@ -68,7 +68,12 @@ pub fn responsible(me: &str, live: &[String]) -> bool {
 /// A session to adopt: online, or offline with a will pending, on a node
 /// that is not live.
 pub fn is_orphan(s: &Summary, me: &str, live: &[String]) -> bool {
-    (s.online || s.has_will) && &*s.node != me && !live.iter().any(|n| **n == *s.node)
+    (s.online || s.has_will) && &*s.node != me && !is_live(s, live)
+}
+
+/// The session's owner is among the live nodes.
+fn is_live(s: &Summary, live: &[String]) -> bool {
+    live.iter().any(|n| **n == *s.node)
 }
 
 /// After a restart: a session the previous run of this node owned (online,
@@ -123,7 +128,7 @@ pub async fn run(node: Arc<Node>) {
         // Offline sessions whose owner died before expiring them.
         let expired = node
             .store
-            .select(|_, s| s.expired(now) && !live.iter().any(|n| **n == *s.node));
+            .select(|_, s| s.expired(now) && !is_live(s, &live));
         for r in expired {
             node.tombstone(&r.client_id, r.epoch).await;
         }

@@ -1435,9 +1435,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 Ok(())
             }
             Err(e) => {
-                if done.qos == QoS::ExactlyOnce {
-                    self.session.inbound_qos2.failed(id);
-                }
+                // A failed QoS 2 write stays unconfirmed in `inbound_qos2`:
+                // it may still have landed (a delivery timeout is ambiguous).
                 self.node.metrics.kafka_produce_errors.inc();
                 tracing::warn!(client_id = %self.session.client_id, error = %e, "Kafka write failed; PUBLISH not acknowledged as success");
                 if done.qos == QoS::ExactlyOnce && self.session.expiry_s > 0 {

@@ -87,10 +87,6 @@ impl InboundQos2 {
         self.prune();
     }
 
-    /// Kafka refused the write of `id`. It may still have landed (a delivery
-    /// timeout is ambiguous), so it stays unconfirmed until the id is reused.
-    pub fn failed(&mut self, _id: u16) {}
-
     /// PUBREC without a write (3.1.1 refusal: the flow must still complete).
     pub fn received_unwritten(&mut self, id: u16) {
         self.received.insert(id, None);
