@@ -188,11 +188,7 @@ async fn adopt(node: &Arc<Node>, r: SessionRecord) {
     });
     let node = node.clone();
     tokio::spawn(async move {
-        let still_parked = |node: &Node| {
-            node.store
-                .get(&client_id)
-                .is_some_and(|r| r.epoch == epoch && !r.online)
-        };
+        let still_parked = |node: &Node| node.store.is_parked(&client_id, epoch);
         let until = |s: u32| {
             let due = since + s as i64 * 1000;
             Duration::from_millis((due - now_ms()).max(0) as u64)

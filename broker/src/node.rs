@@ -428,7 +428,11 @@ impl Node {
 
     /// Deletes a session record, unless a newer claim exists.
     pub async fn tombstone(&self, client_id: &str, epoch: u64) {
-        if self.store.get(client_id).is_some_and(|r| r.epoch > epoch) {
+        if self
+            .store
+            .summary(client_id)
+            .is_some_and(|r| r.epoch > epoch)
+        {
             return;
         }
         match self
@@ -442,7 +446,11 @@ impl Node {
             .await
         {
             Ok(_) => {
-                if self.store.get(client_id).is_some_and(|r| r.epoch <= epoch) {
+                if self
+                    .store
+                    .summary(client_id)
+                    .is_some_and(|r| r.epoch <= epoch)
+                {
                     self.store.apply(client_id, None);
                 }
             }
@@ -462,11 +470,7 @@ impl Node {
         expiry_s: u32,
         will: Option<(LastWill, u32)>,
     ) {
-        let still_parked = move |node: &Node, id: &str| {
-            node.store
-                .get(id)
-                .is_some_and(|r| r.epoch == epoch && !r.online)
-        };
+        let still_parked = move |node: &Node, id: &str| node.store.is_parked(id, epoch);
         let node = self.clone();
         let id = client_id.clone();
         let will_on_expiry = will.clone().map(|(w, _)| w);

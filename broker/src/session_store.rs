@@ -86,6 +86,13 @@ impl SessionStore {
         map.get(client_id).map(|e| e.summary.clone())
     }
 
+    /// The latest record is the offline one written under `epoch`: nobody
+    /// has resumed or claimed the session since (timers act only then).
+    pub fn is_parked(&self, client_id: &str, epoch: u64) -> bool {
+        self.summary(client_id)
+            .is_some_and(|s| s.epoch == epoch && !s.online)
+    }
+
     pub fn len(&self) -> usize {
         self.records.read().unwrap_or_else(|e| e.into_inner()).len()
     }
