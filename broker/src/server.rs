@@ -69,30 +69,17 @@ pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Tra
 
 async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, transport: Transport) {
     let limit = Duration::from_secs(node.config.mqtt.connect_timeout_s);
-    let peer = if node.config.listeners.proxy_protocol {
+    let proxied = if node.config.listeners.proxy_protocol {
         match tokio::time::timeout(limit, crate::transport::proxy::read_header(&mut stream)).await {
-            Ok(Ok(Some(client))) => client,
-            // The balancer's own connection (health check): keep its address.
-            Ok(Ok(None)) => peer,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "PROXY header refused");
-                node.metrics
-                    .connect_rejected
-                    .with_label_values(&["proxy_header"])
-                    .inc();
-                return;
-            }
-            Err(_) => {
-                node.metrics
-                    .connect_rejected
-                    .with_label_values(&["proxy_header"])
-                    .inc();
-                return;
-            }
+            // `None`: the balancer's own connection (health check) keeps its address.
+            Ok(Ok(client)) => Ok(client.unwrap_or(peer)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timeout".to_string()),
         }
     } else {
-        peer
+        Ok(peer)
     };
+    let peer = proxied.as_ref().copied().unwrap_or(peer);
     let cert_identity =
         |pc: Option<PeerCert>| pc.and_then(|c| c.identity(node.config.auth.cert_identity));
     let fail = |what: &str, e: String| {
@@ -102,6 +89,9 @@ async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, tra
             .with_label_values(&[what])
             .inc();
     };
+    if let Err(e) = proxied {
+        return fail("proxy_header", e);
+    }
     match transport {
         // The task's future is as large as its largest branch, for every
         // connection: TLS and WebSocket streams (several KB inline) are
