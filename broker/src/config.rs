@@ -89,6 +89,9 @@ pub struct KafkaConfig {
     /// Create missing message/retained topics at start-up.
     pub create_topics: bool,
     pub topic_partitions: i32,
+    /// Replication of created topics; 0 = decided from the cluster: 3 (with
+    /// `min.insync.replicas` 2) when Kafka has at least 3 brokers, else the
+    /// broker count.
     pub replication_factor: i32,
     /// Producer linger: small batching window for throughput.
     pub linger_ms: u32,
@@ -176,7 +179,7 @@ impl Default for KafkaConfig {
             node_timeout_ms: 10_000,
             create_topics: true,
             topic_partitions: 3,
-            replication_factor: 1,
+            replication_factor: 0,
             linger_ms: 5,
             delivery_timeout_ms: 30_000,
             fetch_wait_max_ms: 500,
@@ -313,9 +316,10 @@ impl Config {
                 "mqtt.session_queue, max_connections and max_sessions must be at least 1".into(),
             );
         }
-        if self.kafka.topic_partitions < 1 || self.kafka.replication_factor < 1 {
+        if self.kafka.topic_partitions < 1 || self.kafka.replication_factor < 0 {
             return bad(
-                "kafka.topic_partitions and kafka.replication_factor must be at least 1".into(),
+                "kafka.topic_partitions must be at least 1, kafka.replication_factor at least 0 (auto)"
+                    .into(),
             );
         }
         let rules = self

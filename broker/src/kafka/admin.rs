@@ -11,6 +11,21 @@ use rdkafka::types::RDKafkaErrorCode as Code;
 
 use crate::config::KafkaConfig;
 
+/// Replication of the topics the broker creates: `(replication factor,
+/// min.insync.replicas)`. `configured` 0 means decide from the cluster: 3
+/// replicas with 2 in sync when Kafka has 3 or more brokers (one may die
+/// without losing an acknowledged write or refusing writes), else as many
+/// replicas as brokers. An explicit factor gets a majority in sync.
+pub fn replication_for(configured: i32, brokers: usize) -> (i32, i32) {
+    let rf = if configured > 0 {
+        configured
+    } else {
+        i32::try_from(brokers.clamp(1, 3)).unwrap_or(1)
+    };
+    let min_isr = if rf >= 3 { rf / 2 + 1 } else { 1 };
+    (rf, min_isr)
+}
+
 /// A topic the broker needs, and whether it must be compacted.
 #[derive(Debug, Clone)]
 pub struct TopicSpec {
@@ -28,14 +43,19 @@ pub async fn ensure_topics(
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     if cfg.create_topics {
         let partitions = cfg.topic_partitions;
+        let brokers = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(30))?
+            .brokers()
+            .len();
+        let (rf, min_isr) = replication_for(cfg.replication_factor, brokers);
+        let min_isr = min_isr.to_string();
+        tracing::info!(brokers, replication_factor = rf, min_insync_replicas = %min_isr, "Kafka topic replication");
         let new: Vec<NewTopic> = topics
             .iter()
             .map(|t| {
-                let nt = NewTopic::new(
-                    &t.name,
-                    partitions,
-                    TopicReplication::Fixed(cfg.replication_factor),
-                );
+                let nt = NewTopic::new(&t.name, partitions, TopicReplication::Fixed(rf))
+                    .set("min.insync.replicas", &min_isr);
                 if t.compacted {
                     // Compaction only cleans closed segments: roll them hourly
                     // so superseded session records and tombstones go away
@@ -105,4 +125,25 @@ async fn cleanup_policy(
         anyhow::bail!("Kafka topic {topic} is missing or its configuration cannot be read (kafka.create_topics = false?)");
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replication_for;
+
+    #[test]
+    fn auto_replication_is_three_with_two_in_sync_on_a_cluster_of_three_or_more() {
+        assert_eq!(replication_for(0, 1), (1, 1));
+        assert_eq!(replication_for(0, 2), (2, 1));
+        assert_eq!(replication_for(0, 3), (3, 2));
+        assert_eq!(replication_for(0, 7), (3, 2));
+        assert_eq!(replication_for(0, 0), (1, 1));
+    }
+
+    #[test]
+    fn explicit_replication_is_kept_with_a_majority_in_sync() {
+        assert_eq!(replication_for(1, 3), (1, 1));
+        assert_eq!(replication_for(3, 3), (3, 2));
+        assert_eq!(replication_for(5, 5), (5, 3));
+    }
 }
