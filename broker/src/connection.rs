@@ -342,6 +342,9 @@ struct Conn<S> {
     /// still be checked against Kafka (`kafka/qos2_scan.rs`): a resumed
     /// session's client resends at most Receive Maximum of them.
     scans_left: usize,
+    /// Until when the previous owner's last writes may still land in Kafka
+    /// (ms): no QoS 2 scan decides before (`qos2_scan::settled_at_ms`).
+    scan_settled_ms: Option<i64>,
     /// Packets that may go out only after the session state that promises
     /// them is in Kafka (QoS 2 exactly-once across a node crash), and
     /// anything emitted after them, in order.
@@ -513,6 +516,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 }
             }
         }
+        let scan_settled_ms = source.as_ref().and_then(|r| {
+            let from = crate::kafka::qos2_scan::RestoredFrom {
+                handoff: r.handoff,
+                online: r.online,
+                disconnected_ms: r.disconnected_ms,
+            };
+            let k = &node.config.kafka;
+            crate::kafka::qos2_scan::settled_at_ms(
+                from,
+                now_ms(),
+                k.delivery_timeout_ms,
+                k.node_timeout_ms,
+            )
+        });
         // [MQTT-3.1.2-4/5] clean start discards, otherwise the session resumes.
         let (mut session, present) = match existing {
             Some(s) if !c.clean_start => (s, true),
@@ -639,6 +656,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             } else {
                 0
             },
+            scan_settled_ms,
             held: Vec::new(),
             held_needs_sync: false,
             sync_wanted: false,
@@ -1371,6 +1389,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// not know: the sequence number of its first transmission if the
     /// previous owner wrote it to Kafka without recording that.
     async fn written_before(&mut self, topic: &str, packet_id: u16) -> Result<Option<u64>, End> {
+        if let Some(wait) = self
+            .scan_settled_ms
+            .map(|at| at - now_ms())
+            .filter(|w| *w > 0)
+        {
+            tracing::debug!(client_id = %self.session.client_id, wait_ms = wait, "QoS 2 scan waits for the previous owner's last writes");
+            tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
+        }
         let now = now_ms();
         let bound = self.session.inbound_qos2.bound(now);
         let req = crate::kafka::qos2_scan::ScanRequest {

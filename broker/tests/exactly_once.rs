@@ -101,7 +101,9 @@ async fn retransmission_after_crash_is_not_written_twice() {
         online: false,
         handoff: false,
         expiry_s: 600,
-        disconnected_ms: Some(now),
+        // The ghost died long enough ago that its last writes have landed
+        // (the scan would otherwise wait for them: qos2_scan::settled_at_ms).
+        disconnected_ms: Some(now - 60_000),
         subscriptions: vec![],
         will: None,
         inbound_qos2: vec![],

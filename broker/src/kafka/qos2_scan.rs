@@ -10,6 +10,14 @@
 //! takes as the unfinished write. Only retransmissions of ids the state
 //! does not know trigger it, so it runs rarely and reads a few seconds of
 //! one topic.
+//!
+//! On a replicated Kafka a write the previous owner sent just before it died
+//! may sit on the partition leader beyond the high watermark (not yet in
+//! sync replicas) and become visible later, or arrive late from a stalled
+//! connection. A scan up to the high watermark taken too early would miss it
+//! and the retransmission would be written a second time. So a scan of a
+//! state restored without the owner's hand-off does not decide before
+//! [`settled_at_ms`]: until then the owner's last writes may still land.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,6 +34,44 @@ use crate::message::Qos2Flow;
 /// stepped back between the write and the bound being taken.
 const CLOCK_MARGIN_MS: i64 = 5_000;
 const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a restored session record says about its previous owner.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoredFrom {
+    pub handoff: bool,
+    pub online: bool,
+    pub disconnected_ms: Option<i64>,
+}
+
+/// When every write the previous owner of a restored session may have sent
+/// has landed in Kafka or failed for good (ms since the epoch), or `None`
+/// when the state is the owner's hand-off (it settled its writes first).
+///
+/// A write is sent before the owner loses the session and lands or fails
+/// within `delivery_timeout_ms` of being sent (Kafka's
+/// `replica.lag.time.max.ms` must not exceed it, see docs/operations.md):
+/// - an online record without hand-off (owner dead or unreachable): the
+///   owner's writes were sent before `now_ms`, when this node claimed it;
+/// - an offline record (a clean disconnect, or adopted after the owner's
+///   death, `disconnected_ms` then being the owner's last heartbeat): sent
+///   before `disconnected_ms + node_timeout_ms`.
+pub fn settled_at_ms(
+    record: RestoredFrom,
+    now_ms: i64,
+    delivery_timeout_ms: u32,
+    node_timeout_ms: u64,
+) -> Option<i64> {
+    if record.handoff {
+        return None;
+    }
+    let last_send = match record.disconnected_ms {
+        Some(at) if !record.online => {
+            at.saturating_add(i64::try_from(node_timeout_ms).unwrap_or(i64::MAX))
+        }
+        _ => now_ms,
+    };
+    Some(last_send.saturating_add(i64::from(delivery_timeout_ms)))
+}
 
 pub struct ScanRequest<'a> {
     pub topic: &'a str,
@@ -134,4 +180,43 @@ async fn scan(
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{settled_at_ms, RestoredFrom};
+
+    const T: u32 = 30_000;
+    const NODE_TIMEOUT: u64 = 10_000;
+
+    #[test]
+    fn a_hand_off_needs_no_wait() {
+        let r = RestoredFrom {
+            handoff: true,
+            online: false,
+            disconnected_ms: Some(5),
+        };
+        assert_eq!(settled_at_ms(r, 1_000, T, NODE_TIMEOUT), None);
+    }
+
+    #[test]
+    fn a_claimed_online_session_waits_the_delivery_timeout_from_the_claim() {
+        let r = RestoredFrom {
+            handoff: false,
+            online: true,
+            disconnected_ms: None,
+        };
+        assert_eq!(settled_at_ms(r, 1_000, T, NODE_TIMEOUT), Some(31_000));
+    }
+
+    #[test]
+    fn an_offline_or_adopted_session_counts_from_its_owner_last_sign_of_life() {
+        let r = RestoredFrom {
+            handoff: false,
+            online: false,
+            disconnected_ms: Some(1_000),
+        };
+        // Owner declared dead node_timeout after its last heartbeat.
+        assert_eq!(settled_at_ms(r, 500_000, T, NODE_TIMEOUT), Some(41_000));
+    }
 }
