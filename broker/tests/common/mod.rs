@@ -206,6 +206,11 @@ impl Drop for Proc {
 /// Starts the broker binary as another node of `first`'s cluster (same
 /// Kafka topics), listening for MQTT on 127.0.0.1:`port`.
 pub fn spawn_node(port: u16, first: &Broker, node_id: &str) -> Proc {
+    spawn_node_env(port, first, node_id, &[])
+}
+
+/// `spawn_node` with extra environment (`LODESTREAM_*` settings) on top.
+pub fn spawn_node_env(port: u16, first: &Broker, node_id: &str, env: &[(&str, String)]) -> Proc {
     let c = &first.node().config.kafka;
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
         .args([
@@ -231,6 +236,7 @@ pub fn spawn_node(port: u16, first: &Broker, node_id: &str) -> Proc {
         )
         .env("LODESTREAM_LISTENERS__WS", "")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .spawn()
         .expect("broker binary");
     Proc(child)
