@@ -141,6 +141,13 @@ pub struct MqttLimits {
     pub max_publish_rate: u32,
     /// Persistent sessions remembered by this node (bounded map).
     pub max_sessions: usize,
+    /// Deliveries to a persistent session that no session write in Kafka
+    /// covers yet; at the limit deliveries to it pause until the next write
+    /// lands. Bounds what a node's death re-delivers (about this many plus
+    /// what is in flight) at a cost in per-session throughput (this many per
+    /// session-write latency). 0: unbounded (a death re-delivers what
+    /// arrived during one or two session writes, at least 16).
+    pub max_unsaved_deliveries: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -205,6 +212,7 @@ impl Default for MqttLimits {
             write_timeout_s: 30,
             max_publish_rate: 0,
             max_sessions: 1_000_000,
+            max_unsaved_deliveries: 0,
         }
     }
 }

@@ -112,6 +112,8 @@ const HELD_MAX: usize = 256;
 struct Syncing {
     write: Pin<Box<dyn Future<Output = ()> + Send>>,
     packets: Vec<Packet>,
+    /// Deliveries this write covers once it lands.
+    covers: usize,
 }
 
 /// Counts the connection in the node's gauges for as long as it lives.
@@ -378,6 +380,10 @@ struct Conn<S> {
     dirty: bool,
     /// Deliveries acknowledged by the client since the last session write.
     acked_since_sync: usize,
+    /// Deliveries no landed session write covers, and their bound
+    /// (`mqtt.max_unsaved_deliveries`, 0 = none).
+    unsaved: usize,
+    unsaved_max: usize,
     /// `mqtt.max_publish_rate`, and until when reading is paused by it.
     bucket: Option<TokenBucket>,
     throttled_until: Option<Instant>,
@@ -514,11 +520,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         return None;
                     }
                     source = match tokio::time::timeout(HANDOFF_WAIT, handoff).await {
-                        Ok(Ok(h)) => Some(h),
+                        Ok(Ok(h)) => {
+                            let _ = node.store.take_late(&client_id);
+                            Some(h)
+                        }
                         _ => {
                             node.store.cancel_handoff(&client_id, epoch);
                             tracing::info!(client_id = %client_id, owner = %r.node, "no hand-off from previous owner; resuming from its last persisted state");
-                            Some(r)
+                            // Its last writes may have reached this node's
+                            // view only after the claim: they are newer.
+                            Some(node.store.take_late(&client_id).unwrap_or(r))
                         }
                     };
                 } else {
@@ -689,6 +700,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             catchup_removed: Arc::new(std::sync::Mutex::new(Vec::new())),
             dirty: false,
             acked_since_sync: 0,
+            unsaved: 0,
+            unsaved_max: limits.max_unsaved_deliveries,
             bucket: (limits.max_publish_rate > 0).then(|| {
                 TokenBucket::new(
                     limits.max_publish_rate,
@@ -785,7 +798,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if self.syncing.is_some() {
             return;
         }
-        if self.acked_since_sync >= PERSIST_AFTER_ACKS {
+        if self.acked_since_sync >= PERSIST_AFTER_ACKS
+            || (self.unsaved_max > 0 && self.unsaved >= self.unsaved_max.div_ceil(2))
+        {
             self.sync_wanted |= self.session.expiry_s > 0;
         }
         if !self.held_needs_sync && !self.sync_wanted {
@@ -809,6 +824,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         self.syncing = Some(Syncing {
             write,
             packets: std::mem::take(&mut self.held),
+            covers: self.unsaved,
         });
         self.held_needs_sync = false;
         self.sync_wanted = false;
@@ -818,6 +834,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     fn on_synced(&mut self) {
         if let Some(s) = self.syncing.take() {
+            self.unsaved = self.unsaved.saturating_sub(s.covers);
             for p in s.packets {
                 self.io.send(&p);
             }
@@ -871,7 +888,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 
     fn window_open(&self) -> bool {
-        self.session.outbound.len() < self.client_receive_max
+        self.session.outbound.len() < self.client_receive_max && self.unsaved_ok()
+    }
+
+    /// Under `mqtt.max_unsaved_deliveries` (or it does not apply).
+    fn unsaved_ok(&self) -> bool {
+        self.unsaved_max == 0 || self.session.expiry_s == 0 || self.unsaved < self.unsaved_max
     }
 
     async fn run(mut self) {
@@ -990,6 +1012,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .or_insert(0);
             *next = (*next).max(src.offset + 1);
             self.dirty = true;
+            self.unsaved += 1;
         }
         let now = now_ms();
         let msg = &d.msg;

@@ -64,6 +64,12 @@ pub struct SessionStore {
     /// Node ids are shared by many records: stored once.
     node_names: Mutex<HashSet<Arc<str>>>,
     waiters: Mutex<HashMap<(String, u64), oneshot::Sender<SessionRecord>>>,
+    /// While a claim waits for its hand-off: the previous owner's newest
+    /// record that reached this view only after the claim (so fencing
+    /// ignores it). It precedes the claim in the sessions topic, so it is
+    /// newer than what the claimer read before claiming: the state to
+    /// resume from if no hand-off comes (the owner died).
+    late: Mutex<HashMap<String, SessionRecord>>,
 }
 
 impl SessionStore {
@@ -139,6 +145,15 @@ impl SessionStore {
             .remove(&(client_id.to_string(), epoch));
     }
 
+    /// After a hand-off wait timed out: the previous owner's newest record
+    /// that arrived after the claim (see `late`), if any.
+    pub fn take_late(&self, client_id: &str) -> Option<SessionRecord> {
+        self.late
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(client_id)
+    }
+
     /// Applies one record of the sessions topic (also used for our own
     /// writes once Kafka acknowledged them).
     pub fn apply(&self, client_id: &str, rec: Option<SessionRecord>) -> Applied {
@@ -172,6 +187,18 @@ impl SessionStore {
             if rec.epoch < cur.epoch
                 || (rec.handoff && rec.epoch == cur.epoch && *cur.node != *rec.node)
             {
+                let claim = (client_id.to_string(), cur.epoch);
+                let waiting = self
+                    .waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&claim);
+                if waiting && rec.epoch + 1 == cur.epoch {
+                    self.late
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(claim.0, rec);
+                }
                 return Applied::Ignored;
             }
         }
@@ -247,6 +274,28 @@ mod tests {
             outbound: vec![],
             offsets: vec![],
         }
+    }
+
+    /// Read-your-writes across a node death: the dead owner's last record
+    /// that this view read only after our claim is kept for the claimer
+    /// (it is newer than what the claimer read before), yet fenced.
+    #[test]
+    fn owner_record_arriving_after_the_claim_is_kept_for_the_claimer() {
+        let s = SessionStore::new("me");
+        s.apply("c", Some(rec(1, "dead", true, false)));
+        let _handoff = s.wait_handoff("c", 2);
+        s.apply("c", Some(rec(2, "me", true, false)));
+        let mut last = rec(1, "dead", true, false);
+        last.offsets = vec![crate::session_record::OffsetRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset: 42,
+        }];
+        assert_eq!(s.apply("c", Some(last.clone())), Applied::Ignored);
+        assert_eq!(s.get("c").map(|r| r.epoch), Some(2), "still fenced");
+        s.cancel_handoff("c", 2);
+        assert_eq!(s.take_late("c"), Some(last));
+        assert_eq!(s.take_late("c"), None);
     }
 
     /// Two nodes never both own a session: an older epoch cannot overwrite.
