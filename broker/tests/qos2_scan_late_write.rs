@@ -15,38 +15,20 @@ mod common;
 mod raw {
     include!("common/raw.rs");
 }
+mod clients {
+    include!("common/clients.rs");
+}
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use lodestream_mqtt::{Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS};
+use lodestream_mqtt::{Ack, Packet, Properties, ProtocolVersion, Publish, QoS};
 use raw::Raw;
 
 const TOPIC: &str = "scan/late";
 
-fn connect(id: &str, clean: bool) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: clean,
-        keep_alive: 60,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties {
-            session_expiry_interval: Some(600),
-            ..Properties::default()
-        },
-    }))
-}
-
 async fn open(addr: std::net::SocketAddr, id: &str, clean: bool) -> (Raw, bool) {
-    let mut r = Raw::connect(addr).await;
-    r.send(&connect(id, clean)).await;
-    match r.recv().await {
-        Some(Packet::ConnAck(c)) => (r, c.session_present),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    clients::open(addr, ProtocolVersion::V5, id, clean).await
 }
 
 fn publish(id: u16, payload: &str, dup: bool) -> Packet {

@@ -28,12 +28,39 @@ const N: usize = 3000;
 const KILL_AT: usize = 1500;
 const MAX_QOS1_DUPLICATES: usize = 30;
 const FILTER: &str = "redeliver/#";
+/// `mqtt.max_unsaved_deliveries`: at most this many deliveries per session
+/// not yet covered by a session write (a write starts at half of it).
+const UNSAVED: usize = 24;
+
+/// Session queues that hold the whole stream: deliveries paused by the
+/// bound must not overflow them (which disconnects the client) when
+/// session writes are slow on a busy machine.
+const QUEUE: usize = 2 * N;
+
+/// A node whose sessions re-deliver at most about `UNSAVED` after a crash.
+async fn bounded_node() -> common::Broker {
+    let mut c = common::test_config(&[]);
+    c.mqtt.max_unsaved_deliveries = UNSAVED;
+    c.mqtt.session_queue = QUEUE;
+    common::start_with(c).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_subscriber_sees_at_most_one_percent_again_after_its_node_is_killed() {
-    let survivor = common::start(&[]).await;
+    let survivor = bounded_node().await;
     let port = 16200 + (std::process::id() % 400) as u16;
-    let mut victim = common::spawn_node(port, &survivor, &common::unique("victim"));
+    let mut victim = common::spawn_node_env(
+        port,
+        &survivor,
+        &common::unique("victim"),
+        &[
+            (
+                "LODESTREAM_MQTT__MAX_UNSAVED_DELIVERIES",
+                UNSAVED.to_string(),
+            ),
+            ("LODESTREAM_MQTT__SESSION_QUEUE", QUEUE.to_string()),
+        ],
+    );
     common::wait_port(port).await;
     let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
@@ -145,6 +172,8 @@ async fn qos1_subscriber_sees_at_most_one_percent_again_after_its_node_is_killed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_writes_stay_under_ten_percent_of_acknowledged_deliveries() {
     const M: usize = 30_000;
+    // Defaults: no `max_unsaved_deliveries` (the bound costs at most one
+    // write per UNSAVED / 2 deliveries, and throughput).
     let b = common::start(&[]).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     qos1_subscriber(b.port(), &common::unique("cost-sub"), "cost/#", false, tx).await;
