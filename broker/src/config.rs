@@ -142,8 +142,9 @@ pub struct MqttLimits {
     /// Persistent sessions remembered by this node (bounded map).
     pub max_sessions: usize,
     /// Deliveries to a persistent session that no session write in Kafka
-    /// covers yet; at the limit deliveries to it pause until the next write
-    /// lands. Bounds what a node's death re-delivers (about this many plus
+    /// covers yet, plus the unacknowledged ones the last write records
+    /// (both are re-sent after a crash); at the limit deliveries to it pause
+    /// until the next write lands. Bounds what a node's death re-delivers (about this many plus
     /// what is in flight) at a cost in per-session throughput (this many per
     /// session-write latency). 0: unbounded (a death re-delivers what
     /// arrived during one or two session writes, at least 16).

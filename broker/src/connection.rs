@@ -114,6 +114,8 @@ struct Syncing {
     packets: Vec<Packet>,
     /// Deliveries this write covers once it lands.
     covers: usize,
+    /// Unacknowledged deliveries it records (resent after a crash).
+    outbound: usize,
 }
 
 /// Counts the connection in the node's gauges for as long as it lives.
@@ -384,6 +386,9 @@ struct Conn<S> {
     /// (`mqtt.max_unsaved_deliveries`, 0 = none).
     unsaved: usize,
     unsaved_max: usize,
+    /// Unacknowledged deliveries in the last landed write: a node taking
+    /// the session over resends them, so they count against the bound.
+    landed_outbound: usize,
     /// `mqtt.max_publish_rate`, and until when reading is paused by it.
     bucket: Option<TokenBucket>,
     throttled_until: Option<Instant>,
@@ -702,6 +707,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             acked_since_sync: 0,
             unsaved: 0,
             unsaved_max: limits.max_unsaved_deliveries,
+            landed_outbound: 0,
             bucket: (limits.max_publish_rate > 0).then(|| {
                 TokenBucket::new(
                     limits.max_publish_rate,
@@ -798,8 +804,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if self.syncing.is_some() {
             return;
         }
+        let exposed = self.unsaved + self.landed_outbound;
         if self.acked_since_sync >= PERSIST_AFTER_ACKS
-            || (self.unsaved_max > 0 && self.unsaved >= self.unsaved_max.div_ceil(2))
+            || (self.unsaved_max > 0
+                && exposed >= self.unsaved_max.div_ceil(2)
+                && (self.acked_since_sync > 0 || self.unsaved > 0))
         {
             self.sync_wanted |= self.session.expiry_s > 0;
         }
@@ -825,6 +834,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             write,
             packets: std::mem::take(&mut self.held),
             covers: self.unsaved,
+            outbound: self.session.outbound.len(),
         });
         self.held_needs_sync = false;
         self.sync_wanted = false;
@@ -835,6 +845,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     fn on_synced(&mut self) {
         if let Some(s) = self.syncing.take() {
             self.unsaved = self.unsaved.saturating_sub(s.covers);
+            self.landed_outbound = s.outbound;
             for p in s.packets {
                 self.io.send(&p);
             }
@@ -893,7 +904,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     /// Under `mqtt.max_unsaved_deliveries` (or it does not apply).
     fn unsaved_ok(&self) -> bool {
-        self.unsaved_max == 0 || self.session.expiry_s == 0 || self.unsaved < self.unsaved_max
+        self.unsaved_max == 0
+            || self.session.expiry_s == 0
+            || self.unsaved + self.landed_outbound < self.unsaved_max
     }
 
     async fn run(mut self) {
