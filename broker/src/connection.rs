@@ -981,6 +981,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .inc();
             return;
         }
+        // A deny rule with `overlap = "filter"` granted an overlapping
+        // filter: its topics are withheld here, where live, catch-up and
+        // retained deliveries all pass (offsets above still advance).
+        if !self.node.acl().may_deliver(&self.identity, &msg.topic) {
+            self.node
+                .metrics
+                .dropped_messages
+                .with_label_values(&["acl_filtered"])
+                .inc();
+            return;
+        }
         let mut properties = if self.v5() {
             Properties {
                 message_expiry_interval: msg.remaining_expiry(now),
