@@ -28,9 +28,22 @@ topics = ["#"]
 allow = true
 "##;
 
-fn tool(name: &str) -> Command {
+/// `mosquitto_pub` or `mosquitto_sub` at the broker, one topic, QoS 1.
+fn mosquitto(name: &str, port: &str, version: &str, topic: &str) -> Command {
     let mut c = Command::new(name);
     c.kill_on_drop(true);
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-V",
+        version,
+        "-t",
+        topic,
+        "-q",
+        "1",
+    ]);
     c
 }
 
@@ -52,25 +65,12 @@ impl Drop for RulesFile {
 }
 
 async fn mosquitto_pub(port: &str, version: &str, topic: &str, payload: &str, retain: bool) {
-    let mut args = vec![
-        "-h",
-        "127.0.0.1",
-        "-p",
-        port,
-        "-V",
-        version,
-        "-t",
-        topic,
-        "-m",
-        payload,
-        "-q",
-        "1",
-    ];
+    let mut c = mosquitto("mosquitto_pub", port, version, topic);
+    c.args(["-m", payload]);
     if retain {
-        args.push("-r");
+        c.arg("-r");
     }
-    let st = tool("mosquitto_pub")
-        .args(&args)
+    let st = c
         .status()
         .await
         .expect("mosquitto_pub installed (apt-get install mosquitto-clients)");
@@ -100,22 +100,8 @@ async fn mosquitto_sub_hash_works_and_never_receives_the_denied_topic() {
             true,
         )
         .await;
-        let mut sub = tool("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-V",
-                version,
-                "-t",
-                "#",
-                "-v",
-                "-q",
-                "1",
-                "-W",
-                "30",
-            ])
+        let mut sub = mosquitto("mosquitto_sub", &port, version, "#")
+            .args(["-v", "-W", "30"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -181,21 +167,8 @@ async fn mosquitto_sub_to_the_literal_denied_topic_is_refused() {
     for version in ["mqttv311", "mqttv5"] {
         let out = tokio::time::timeout(
             Duration::from_secs(20),
-            tool("mosquitto_sub")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-V",
-                    version,
-                    "-t",
-                    "test/nosubscribe",
-                    "-q",
-                    "1",
-                    "-W",
-                    "10",
-                ])
+            mosquitto("mosquitto_sub", &port, version, "test/nosubscribe")
+                .args(["-W", "10"])
                 .output(),
         )
         .await

@@ -115,23 +115,24 @@ fn expect_disconnect(out: &str, reason: u8, what: &str) {
 /// the close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_receive_maximum_exceeded_disconnect_0x93_arrives_before_the_close() {
-    let b = broker().await;
-    for round in 0..5 {
-        let id = common::unique(&format!("flood-{round}"));
-        let out = verdict(paho(&ws_port(&b), "receive_max", &id)).await;
-        expect_disconnect(&out, 0x93, &format!("round {round}"));
-    }
+    rounds_of("receive_max", 5, 0x93).await;
 }
 
 /// 0x95: a PUBLISH larger than the Maximum Packet Size, sent while the same
 /// client floods QoS 0 messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_packet_too_large_disconnect_0x95_arrives_before_the_close() {
+    rounds_of("too_large", 3, 0x95).await;
+}
+
+/// `rounds` runs of the paho script's `case`, each a new client on one
+/// broker, each expecting DISCONNECT `reason`.
+async fn rounds_of(case: &str, rounds: usize, reason: u8) {
     let b = broker().await;
-    for round in 0..3 {
-        let id = common::unique(&format!("big-{round}"));
-        let out = verdict(paho(&ws_port(&b), "too_large", &id)).await;
-        expect_disconnect(&out, 0x95, &format!("round {round}"));
+    for round in 0..rounds {
+        let id = common::unique(&format!("{case}-{round}"));
+        let out = verdict(paho(&ws_port(&b), case, &id)).await;
+        expect_disconnect(&out, reason, &format!("{case} round {round}"));
     }
 }
 
