@@ -997,14 +997,26 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             payload: msg.payload.clone(),
             properties: properties.clone(),
         };
-        let size = lodestream_mqtt::encoded_len(&Packet::Publish(full.clone()), self.version)
-            .unwrap_or(usize::MAX);
-        if size > self.client_max_packet {
+        // Checked before the flow starts, so a discarded message never holds a packet id.
+        let dropped = match lodestream_mqtt::encoded_len(
+            &Packet::Publish(full.clone()),
+            self.version,
+        ) {
             // [MQTT-3.1.2-25] never send more than the client accepts: discard.
+            Ok(size) if size > self.client_max_packet => Some("too_large_for_client"),
+            Ok(_) => None,
+            // Readers only pass on records that make a valid PUBLISH
+            // (`Message::try_from_record`); this is the last guard.
+            Err(e) => {
+                tracing::error!(topic = %msg.topic, error = %e, "delivery cannot be encoded; discarded");
+                Some("unencodable")
+            }
+        };
+        if let Some(reason) = dropped {
             self.node
                 .metrics
                 .dropped_messages
-                .with_label_values(&["too_large_for_client"])
+                .with_label_values(&[reason])
                 .inc();
             return;
         }
@@ -1382,6 +1394,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         match crate::kafka::qos2_scan::find_writes(
             &self.node.config.kafka,
             &self.node.config.node_id,
+            &self.node.metrics,
             req,
         )
         .await

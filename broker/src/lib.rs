@@ -14,6 +14,7 @@ pub mod node;
 pub mod rate_limit;
 pub mod registry;
 pub mod retained;
+pub mod retry;
 pub mod server;
 pub mod session;
 pub mod session_record;

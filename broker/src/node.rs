@@ -19,6 +19,7 @@ use crate::message::{Message, Qos2Flow};
 use crate::metrics::Metrics;
 use crate::registry::{Control, Registry};
 use crate::retained::RetainedStore;
+use crate::retry::Retry;
 use crate::session::{Session, Source};
 use crate::session_record::SessionRecord;
 use crate::session_store::{Applied, SessionStore};
@@ -102,9 +103,10 @@ impl Node {
                 compacted: true,
             });
         }
+        let metrics = Arc::new(Metrics::new());
         tokio::time::timeout(
             Duration::from_secs(60),
-            kafka::ensure_topics(kcfg, &config.node_id, &topics),
+            kafka::ensure_topics(kcfg, &config.node_id, &topics, &metrics),
         )
         .await
         .with_context(|| {
@@ -117,7 +119,6 @@ impl Node {
             Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
         let control_producer = Producer::new(kcfg, &format!("{}-control", config.node_id))
             .context("creating the Kafka producer")?;
-        let metrics = Arc::new(Metrics::new());
         let retained = Arc::new(RetainedStore::new());
         let r2 = retained.clone();
         let (retained_reader, caught_up, _) = kafka::TopicReader::start(
@@ -125,6 +126,7 @@ impl Node {
             &config.node_id,
             &kcfg.retained_topic,
             kafka::StartAt::Beginning,
+            &metrics,
             move |rec| r2.apply_record(rec),
         )
         .await
@@ -146,6 +148,7 @@ impl Node {
             &config.node_id,
             &kcfg.sessions_topic,
             kafka::StartAt::Beginning,
+            &metrics,
             move |rec| {
                 if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
                     reg.kick_remote(&client_id, epoch);
@@ -168,6 +171,7 @@ impl Node {
             &config.node_id,
             &kcfg.nodes_topic,
             kafka::StartAt::Beginning,
+            &metrics,
             move |rec| lv.apply_record(&rec),
         )
         .await
@@ -244,23 +248,18 @@ impl Node {
                 &self.config.node_id,
                 &topic,
                 kafka::StartAt::End,
+                &self.metrics,
                 move |rec| {
                     counter.inc();
                     // The record key is the MQTT topic; records without a
                     // valid one cannot be delivered over MQTT.
-                    let Some(key) = rec.key.as_ref().and_then(|k| std::str::from_utf8(k).ok()) else {
-                        return;
+                    let msg = match rec.message() {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::debug!(topic = %reader_topic, offset = rec.offset, error = %e, "record skipped");
+                            return;
+                        }
                     };
-                    if lodestream_mqtt::topic::validate_topic_name(key).is_err() {
-                        tracing::debug!(topic = %reader_topic, key, "record key is not a valid MQTT topic; skipped");
-                        return;
-                    }
-                    let msg = Message::from_record(
-                        key.to_string(),
-                        rec.value.clone().unwrap_or_default(),
-                        rec.timestamp_ms,
-                        rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
-                    );
                     let source = Source {
                         topic: source_topic.clone(),
                         partition: rec.partition,
@@ -353,19 +352,16 @@ impl Node {
             publisher: Some(client_id.to_string()),
             timestamp_ms: now_ms(),
         });
-        for attempt in 1..=10u32 {
-            match self.publish(msg.clone()).await {
-                Ok(()) => {
-                    tracing::debug!(client_id, topic = %msg.topic, "will published");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(client_id, attempt, error = %e, "publishing will failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
-                }
-            }
+        // 10 tries over about a minute; a give-up is logged and counted.
+        let retry = Retry::fixed("will", 10, Duration::ZERO, &self.metrics.retry_give_ups)
+            .backoff(Duration::from_secs(1), Duration::from_secs(10));
+        if retry
+            .run(client_id, || self.publish(msg.clone()))
+            .await
+            .is_ok()
+        {
+            tracing::debug!(client_id, topic = %msg.topic, "will published");
         }
-        tracing::error!(client_id, topic = %msg.topic, "will could not be written to Kafka");
     }
 
     /// Removes every subscription of a session from the index.
