@@ -12,7 +12,7 @@ use anyhow::Context;
 use lodestream_mqtt::{LastWill, ReasonCode};
 use tokio::sync::{watch, Mutex};
 
-use crate::config::Config;
+use crate::config::{Config, Validated};
 use crate::kafka::{self, Producer, TopicReader};
 use crate::mapping::Mapping;
 use crate::message::{Message, Qos2Flow};
@@ -64,17 +64,19 @@ pub fn now_ms() -> i64 {
 impl Node {
     /// Connects to Kafka, creates missing topics and loads the retained
     /// messages; fails with a clear message when Kafka is unusable.
-    pub async fn start(mut config: Config) -> anyhow::Result<Arc<Node>> {
-        let mapping = config.validate()?;
+    pub async fn start(valid: Validated) -> anyhow::Result<Arc<Node>> {
+        let Validated {
+            mut config,
+            mapping,
+        } = valid;
         // Security settings are checked before Kafka is touched: a typo in a
         // certificate path should not wait for a Kafka timeout.
         let auth = crate::auth::Authenticator::new(&config.auth).context("[auth]")?;
-        let acl = if config.acl.file.is_empty() {
-            crate::acl::Acl::allow_all()
-        } else {
-            crate::acl::Acl::load(std::path::Path::new(&config.acl.file)).context("[acl] file")?
+        let acl = match &config.acl.file {
+            None => crate::acl::Acl::allow_all(),
+            Some(file) => crate::acl::Acl::load(file).context("[acl] file")?,
         };
-        let tls = if config.listeners.tls.is_empty() && config.listeners.wss.is_empty() {
+        let tls = if config.listeners.tls.is_none() && config.listeners.wss.is_none() {
             None
         } else {
             let t = crate::transport::TlsAcceptor::new(&config.tls).context("[tls]")?;
@@ -209,9 +211,8 @@ impl Node {
     /// (SIGHUP). Blocking: call from a blocking thread.
     pub fn reload_security(&self) -> anyhow::Result<()> {
         self.auth.reload().context("[auth] password file")?;
-        if !self.config.acl.file.is_empty() {
-            let acl = crate::acl::Acl::load(std::path::Path::new(&self.config.acl.file))
-                .context("[acl] file")?;
+        if let Some(file) = &self.config.acl.file {
+            let acl = crate::acl::Acl::load(file).context("[acl] file")?;
             *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acl);
         }
         if let Some(t) = &self.tls {

@@ -1,29 +1,19 @@
 //! Bad input gets the precise reason code (v5) or a close (3.1.1), and the
 //! node keeps serving everyone else.
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::time::Duration;
 
-use lodestream_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode};
+use lodestream_mqtt::{Packet, Properties, ProtocolVersion, ReasonCode};
 use raw::Raw;
 
 async fn connected(b: &common::Broker, v: ProtocolVersion) -> Raw {
     let mut r = Raw::connect(b.addr()).await;
-    r.send(&Packet::Connect(Box::new(Connect {
-        protocol: v,
-        clean_start: true,
-        keep_alive: 30,
-        client_id: common::unique("bad"),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })))
-    .await;
+    r.send(&packets::connect(v, &common::unique("bad")).packet())
+        .await;
     assert!(matches!(r.recv().await, Some(Packet::ConnAck(_))));
     r
 }

@@ -1,6 +1,6 @@
 //! `/metrics` counters move with traffic; `/health` and `/ready` answer.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,10 +1,9 @@
 //! Subscribers receive what reaches Kafka: from MQTT publishers on any node
 //! and from plain Kafka producers (record key = MQTT topic).
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::time::Duration;
 
@@ -17,16 +16,11 @@ use raw::Raw;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet as P4, QoS};
 
 fn connect5(id: &str, props: Properties) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 30,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
+    Connect {
         properties: props,
-    }))
+        ..packets::connect(ProtocolVersion::V5, id)
+    }
+    .packet()
 }
 
 fn subscribe(id: u16, filters: &[(&str, SubscriptionOptions)], sub_id: Option<u32>) -> Packet {
@@ -44,15 +38,11 @@ fn subscribe(id: u16, filters: &[(&str, SubscriptionOptions)], sub_id: Option<u3
 }
 
 fn publish(topic: &str, qos: Q, id: Option<u16>, payload: &'static [u8], retain: bool) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
+    Publish {
         retain,
-        topic: topic.into(),
-        packet_id: id,
-        payload: Bytes::from_static(payload),
-        properties: Properties::default(),
-    })
+        ..packets::publish(topic, qos, id, payload)
+    }
+    .packet()
 }
 
 async fn raw5(b: &common::Broker, id: &str) -> Raw {

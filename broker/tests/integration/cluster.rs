@@ -1,35 +1,27 @@
 //! Several nodes sharing one Kafka: sessions resume on any node, take-over
 //! across nodes, and a node killed with SIGKILL loses no acknowledged message.
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lodestream_mqtt::{
-    Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS as Q, ReasonCode, Subscribe,
-    SubscriptionOptions,
-};
+use lodestream_mqtt::{Ack, Connect, Packet, Properties, ProtocolVersion, QoS as Q, ReasonCode};
 use raw::Raw;
 
 fn connect(id: &str, clean: bool, expiry: u32) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
+    Connect {
         clean_start: clean,
-        keep_alive: 30,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
         properties: Properties {
             session_expiry_interval: Some(expiry),
             ..Properties::default()
         },
-    }))
+        ..packets::connect(ProtocolVersion::V5, id)
+    }
+    .packet()
 }
 
 async fn open(addr: std::net::SocketAddr, p: Packet) -> (Raw, lodestream_mqtt::ConnAck) {
@@ -42,23 +34,11 @@ async fn open(addr: std::net::SocketAddr, p: Packet) -> (Raw, lodestream_mqtt::C
 }
 
 fn publish(topic: &str, id: u16, payload: String) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos: Q::AtLeastOnce,
-        retain: false,
-        topic: topic.into(),
-        packet_id: Some(id),
-        payload: Bytes::from(payload),
-        properties: Properties::default(),
-    })
+    packets::publish(topic, Q::AtLeastOnce, Some(id), payload).packet()
 }
 
 fn subscribe(filter: &str) -> Packet {
-    Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        filters: vec![(filter.into(), SubscriptionOptions::qos(Q::AtLeastOnce))],
-        properties: Properties::default(),
-    })
+    packets::subscribe(1, filter, Q::AtLeastOnce).packet()
 }
 
 /// Receives QoS 1 PUBLISHes (acknowledging them) until `n` distinct payloads

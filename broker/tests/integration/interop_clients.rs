@@ -2,7 +2,7 @@
 //! mosquitto_sub (Debian mosquitto-clients) and Eclipse paho-mqtt (Python).
 //! `.ci/run` installs both; a missing tool fails the test loudly.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -2,7 +2,9 @@
 //! from `LODESTREAM_KAFKA`, default 127.0.0.1:9092, started by
 //! `scripts/kafka-local start`), an in-process broker node per test with
 //! topic names unique to the test, and a Kafka reader to check what landed.
-#![allow(dead_code)]
+
+pub mod packets;
+pub mod raw;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,6 +45,11 @@ impl Broker {
     }
 }
 
+/// 127.0.0.1, a port the OS picks (tests never collide on ports).
+pub const LOOPBACK_ANY_PORT: Option<SocketAddr> = Some(SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0),
+));
+
 pub fn test_config(mappings: &[String]) -> Config {
     let mut c = Config::default();
     c.kafka.bootstrap_servers = kafka();
@@ -54,9 +61,9 @@ pub fn test_config(mappings: &[String]) -> Config {
     c.kafka.heartbeat_interval_ms = 300;
     c.kafka.topic_partitions = 2;
     c.kafka.mappings = mappings.to_vec();
-    c.listeners.tcp = "127.0.0.1:0".into();
-    c.listeners.ws = "127.0.0.1:0".into();
-    c.listeners.metrics = "127.0.0.1:0".into();
+    c.listeners.tcp = LOOPBACK_ANY_PORT;
+    c.listeners.ws = LOOPBACK_ANY_PORT;
+    c.listeners.metrics = LOOPBACK_ANY_PORT;
     c
 }
 
@@ -64,7 +71,8 @@ pub async fn start_with(c: Config) -> Broker {
     let default_topic = c.kafka.default_topic.clone();
     let retained_topic = c.kafka.retained_topic.clone();
     let sessions_topic = c.kafka.sessions_topic.clone();
-    let running = lodestream_broker::start(c).await.unwrap_or_else(|e| {
+    let valid = c.validate().expect("test configuration is valid");
+    let running = lodestream_broker::start(valid).await.unwrap_or_else(|e| {
         panic!(
             "broker did not start against Kafka at {} (run scripts/kafka-local start): {e:#}",
             kafka()
@@ -97,8 +105,6 @@ pub struct KRecord {
     pub key: Option<String>,
     pub value: Option<Vec<u8>>,
     pub headers: HashMap<String, Vec<u8>>,
-    pub partition: i32,
-    pub offset: i64,
 }
 
 /// Reads every record of `topic` from the beginning until `want` records
@@ -141,8 +147,6 @@ pub fn read_topic_at(bootstrap: &str, topic: &str, want: usize, timeout: Duratio
                             .collect()
                     })
                     .unwrap_or_default(),
-                partition: m.partition(),
-                offset: m.offset(),
             });
         }
     }

@@ -5,10 +5,9 @@
 //! stays bounded and keeps serving everyone else. Observed numbers are
 //! printed (`cargo test -- --nocapture`) and recorded in docs/robustness.md.
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -17,8 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use lodestream_mqtt::codec::MAX_PACKET_SIZE;
 use lodestream_mqtt::{
-    encode, Ack, Connect, Decoder, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
-    ReasonCode, Subscribe, SubscriptionOptions,
+    encode, Ack, Connect, Decoder, Disconnect, Packet, ProtocolVersion, QoS, ReasonCode,
 };
 use raw::Raw;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,16 +30,11 @@ static PROCESS: LazyLock<RwLock<()>> = LazyLock::new(|| RwLock::new(()));
 // ----- helpers ---------------------------------------------------------------
 
 fn connect_packet(v: ProtocolVersion, id: &str, keep_alive: u16) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: v,
-        clean_start: true,
+    Connect {
         keep_alive,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }))
+        ..packets::connect(v, id)
+    }
+    .packet()
 }
 
 fn wire(p: &Packet, v: ProtocolVersion) -> Vec<u8> {
@@ -150,23 +143,11 @@ fn raw_unsubscribe(filter: &[u8], v5: bool) -> Vec<u8> {
 }
 
 fn publish(topic: &str, qos: QoS, id: Option<u16>, payload: Bytes) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        packet_id: id,
-        payload,
-        properties: Properties::default(),
-    })
+    packets::publish(topic, qos, id, payload).packet()
 }
 
 fn subscribe(id: u16, filter: &str, qos: QoS) -> Packet {
-    Packet::Subscribe(Subscribe {
-        packet_id: id,
-        filters: vec![(filter.into(), SubscriptionOptions::qos(qos))],
-        properties: Properties::default(),
-    })
+    packets::subscribe(id, filter, qos).packet()
 }
 
 /// Open file descriptors of this process (the in-process broker included).

@@ -1,7 +1,8 @@
 //! PUBLISH from real MQTT clients lands in Kafka: key = MQTT topic, value =
 //! payload, metadata in headers, Kafka topic chosen by the mapping rules.
 
-mod common;
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
 
 use std::time::Duration;
 
@@ -110,20 +111,11 @@ async fn v5_properties_become_record_headers() {
 /// [MQTT-4.3.3-9/10].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_duplicate_publish_written_once() {
-    use lodestream_mqtt::{Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS as Q};
+    use lodestream_mqtt::{Ack, Packet, Properties, ProtocolVersion, Publish, QoS as Q};
     let b = common::start(&[]).await;
     let mut s = raw::Raw::connect(b.addr()).await;
-    s.send(&Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 30,
-        client_id: common::unique("dup"),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })))
-    .await;
+    s.send(&packets::connect(ProtocolVersion::V5, &common::unique("dup")).packet())
+        .await;
     assert!(matches!(s.recv().await, Some(Packet::ConnAck(_))));
     let p = Publish {
         dup: false,
@@ -148,6 +140,4 @@ async fn qos2_duplicate_publish_written_once() {
     );
 }
 
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common::raw;

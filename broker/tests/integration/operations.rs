@@ -1,9 +1,8 @@
 //! Operations: per-client publish rate, graceful shutdown of the binary.
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::time::{Duration, Instant};
 
@@ -14,16 +13,11 @@ use lodestream_mqtt::{
 use raw::Raw;
 
 fn connect(id: &str) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
+    Connect {
         keep_alive: 60,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }))
+        ..packets::connect(ProtocolVersion::V5, id)
+    }
+    .packet()
 }
 
 /// Over `mqtt.max_publish_rate` the client is slowed (its socket is not

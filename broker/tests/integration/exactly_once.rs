@@ -3,15 +3,13 @@
 //! subscriber never gets a message twice, even when the node that held the
 //! session dies with SIGKILL and the clients resume on another node.
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use lodestream_broker::session_record::{Qos2Record, SessionRecord};
 use lodestream_mqtt::{
     Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, Subscribe, SubscriptionOptions,
@@ -19,19 +17,16 @@ use lodestream_mqtt::{
 use raw::Raw;
 
 fn connect(id: &str, clean: bool) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
+    Connect {
         clean_start: clean,
         keep_alive: 60,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
         properties: Properties {
             session_expiry_interval: Some(600),
             ..Properties::default()
         },
-    }))
+        ..packets::connect(ProtocolVersion::V5, id)
+    }
+    .packet()
 }
 
 async fn open(addr: std::net::SocketAddr, id: &str, clean: bool) -> (Raw, bool) {
@@ -46,12 +41,7 @@ async fn open(addr: std::net::SocketAddr, id: &str, clean: bool) -> (Raw, bool) 
 fn publish(topic: &str, id: u16, payload: &str, dup: bool) -> Publish {
     Publish {
         dup,
-        qos: QoS::ExactlyOnce,
-        retain: false,
-        topic: topic.into(),
-        packet_id: Some(id),
-        payload: Bytes::from(payload.to_string()),
-        properties: Properties::default(),
+        ..packets::publish(topic, QoS::ExactlyOnce, Some(id), payload.to_string())
     }
 }
 

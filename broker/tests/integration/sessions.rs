@@ -1,17 +1,16 @@
 //! Connections and sessions: take-over, persistent sessions, redelivery,
 //! wills, keep-alive and client identifiers.
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lodestream_mqtt::{
     Ack, Connect, Disconnect, LastWill, Packet, Properties, ProtocolVersion, Publish, QoS as Q,
-    ReasonCode, Subscribe, SubscriptionOptions,
+    ReasonCode,
 };
 use raw::Raw;
 
@@ -22,19 +21,16 @@ fn connect(
     expiry: Option<u32>,
     will: Option<LastWill>,
 ) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: v,
+    Connect {
         clean_start: clean,
-        keep_alive: 30,
-        client_id: id.into(),
         will,
-        username: None,
-        password: None,
         properties: Properties {
             session_expiry_interval: expiry,
             ..Properties::default()
         },
-    }))
+        ..packets::connect(v, id)
+    }
+    .packet()
 }
 
 async fn open(b: &common::Broker, p: Packet) -> (Raw, lodestream_mqtt::ConnAck) {
@@ -47,23 +43,11 @@ async fn open(b: &common::Broker, p: Packet) -> (Raw, lodestream_mqtt::ConnAck) 
 }
 
 fn sub(filter: &str, qos: Q) -> Packet {
-    Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        filters: vec![(filter.into(), SubscriptionOptions::qos(qos))],
-        properties: Properties::default(),
-    })
+    packets::subscribe(1, filter, qos).packet()
 }
 
 fn publish(topic: &str, qos: Q, id: Option<u16>, payload: Vec<u8>) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        packet_id: id,
-        payload: Bytes::from(payload),
-        properties: Properties::default(),
-    })
+    packets::publish(topic, qos, id, payload).packet()
 }
 
 async fn next_publish(r: &mut Raw, t: Duration) -> Option<Publish> {
@@ -306,13 +290,11 @@ async fn last_will_rules() {
 }
 
 fn with_keep_alive(v: ProtocolVersion, id: &str, keep_alive: u16) -> Packet {
-    match connect(v, id, true, None, None) {
-        Packet::Connect(mut c) => {
-            c.keep_alive = keep_alive;
-            Packet::Connect(c)
-        }
-        other => other,
+    Connect {
+        keep_alive,
+        ..packets::connect(v, id)
     }
+    .packet()
 }
 
 /// [MQTT-3.1.2-24] no packet within 1.5 x keep alive closes the connection;

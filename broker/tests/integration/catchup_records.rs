@@ -2,7 +2,7 @@
 //! live fan-out: a Kafka record whose key is not a valid MQTT topic name is
 //! skipped, not delivered (issue 14, defect 1).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -21,7 +21,8 @@
 //! Spec statements use the MQTT 5 numbering; where 3.1.1 numbers the same
 //! rule differently the 3.1.1 id is given in the comment.
 
-mod common;
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -186,12 +187,12 @@ impl Pki {
 /// and no refusal delay (tests that count failures stay fast).
 fn secure_config(pki: &Pki, mappings: &[String]) -> Config {
     let mut c = common::test_config(mappings);
-    c.listeners.tls = "127.0.0.1:0".into();
-    c.listeners.wss = "127.0.0.1:0".into();
+    c.listeners.tls = common::LOOPBACK_ANY_PORT;
+    c.listeners.wss = common::LOOPBACK_ANY_PORT;
     c.tls = TlsConfig {
-        cert: pki.path("server.pem"),
-        key: pki.path("server.key"),
-        client_ca: pki.path("ca.pem"),
+        cert: Some(pki.path("server.pem").into()),
+        key: Some(pki.path("server.key").into()),
+        client_ca: Some(pki.path("ca.pem").into()),
         require_client_cert: false,
         reload_interval_s: 0,
     };
@@ -245,11 +246,11 @@ fn with_users(c: &mut Config, pki: &Pki, users: &[(&str, &str)]) {
     for (u, p) in users {
         text.push_str(&format!("{u}:{}\n", cheap_phc(p)));
     }
-    c.auth.password_file = pki.write("passwd", &text);
+    c.auth.password_file = Some(pki.write("passwd", &text).into());
 }
 
 fn with_acl(c: &mut Config, pki: &Pki, rules: &str) {
-    c.acl.file = pki.write("acl.toml", rules);
+    c.acl.file = Some(pki.write("acl.toml", rules).into());
 }
 
 fn tls_addr(b: &Broker) -> SocketAddr {
@@ -610,28 +611,16 @@ fn connect_packet(
     user: Option<&str>,
     password: Option<&str>,
 ) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: v,
-        clean_start: true,
-        keep_alive: 30,
-        client_id: client_id.into(),
-        will: None,
+    Connect {
         username: user.map(str::to_string),
         password: password.map(|p| Bytes::copy_from_slice(p.as_bytes())),
-        properties: Properties::default(),
-    }))
+        ..packets::connect(v, client_id)
+    }
+    .packet()
 }
 
 fn publish_packet(topic: &str, payload: &str, qos: QoS, id: Option<u16>) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        packet_id: id,
-        payload: Bytes::copy_from_slice(payload.as_bytes()),
-        properties: Properties::default(),
-    })
+    packets::publish(topic, qos, id, payload.to_string()).packet()
 }
 
 // -------------------------------------------------------------- rumqttc --

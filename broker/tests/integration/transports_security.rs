@@ -74,9 +74,9 @@ impl Pki {
 
     fn tls_config(&self) -> TlsConfig {
         TlsConfig {
-            cert: self.path("server.pem"),
-            key: self.path("server.key"),
-            client_ca: self.path("ca.pem"),
+            cert: Some(self.path("server.pem").into()),
+            key: Some(self.path("server.key").into()),
+            client_ca: Some(self.path("ca.pem").into()),
             require_client_cert: false,
             reload_interval_s: 0,
         }
@@ -353,7 +353,7 @@ async fn password_login_over_wss_checks_the_password_file() {
     let file = pki.path("passwd");
     std::fs::write(&file, format!("# test users\nadmin:{phc}\n")).unwrap();
     let auth = AuthConfig {
-        password_file: file,
+        password_file: Some(file.into()),
         ..closed_auth()
     };
     let (accepted, reason) = run(

@@ -4,10 +4,9 @@
 //! Each test runs its own Kafka instance (ports 19592 and 19594, below the
 //! ephemeral range) so it can stop and start it without disturbing others.
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
@@ -50,15 +49,7 @@ impl Drop for StopOnDrop {
 }
 
 fn publish(id: u16, payload: &'static [u8]) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        topic: "outage/t".into(),
-        packet_id: Some(id),
-        payload: Bytes::from_static(payload),
-        properties: Properties::default(),
-    })
+    packets::publish("outage/t", QoS::AtLeastOnce, Some(id), payload).packet()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,16 +63,13 @@ async fn qos1_not_acknowledged_while_kafka_is_down() {
     c.kafka.delivery_timeout_ms = 180_000;
     let b = common::start_with(c).await;
     let mut r = raw::Raw::connect(b.addr()).await;
-    r.send(&Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 0,
-        client_id: common::unique("outage"),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })))
+    r.send(
+        &Connect {
+            keep_alive: 0,
+            ..packets::connect(ProtocolVersion::V5, &common::unique("outage"))
+        }
+        .packet(),
+    )
     .await;
     assert!(matches!(r.recv().await, Some(Packet::ConnAck(_))));
     r.send(&publish(1, b"before")).await;
@@ -126,19 +114,16 @@ async fn load_client(
     max_ack_wait: Arc<AtomicUsize>,
 ) -> Vec<String> {
     let connect = |clean: bool| {
-        Packet::Connect(Box::new(Connect {
-            protocol: version,
+        Connect {
             clean_start: clean,
             keep_alive: 60,
-            client_id: id.clone(),
-            will: None,
-            username: None,
-            password: None,
             properties: Properties {
                 session_expiry_interval: version.is_v5().then_some(600),
                 ..Properties::default()
             },
-        }))
+            ..packets::connect(version, &id)
+        }
+        .packet()
     };
     let publish = |pid: u16, n: u32, dup: bool| {
         Packet::Publish(Publish {

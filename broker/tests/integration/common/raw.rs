@@ -1,6 +1,5 @@
-// A raw MQTT client over TCP for tests that need exact bytes: it speaks
-// through the project's codec, so it can send what real clients won't.
-#[allow(unused_imports)]
+//! A raw MQTT client over TCP for tests that need exact bytes: it speaks
+//! through the project's codec, so it can send what real clients won't.
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -8,7 +7,6 @@ use lodestream_mqtt::{encode, Decoder, Packet, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[allow(dead_code)]
 pub struct Raw {
     pub stream: TcpStream,
     pub buf: BytesMut,
@@ -16,7 +14,6 @@ pub struct Raw {
     pub version: ProtocolVersion,
 }
 
-#[allow(dead_code)]
 impl Raw {
     pub async fn connect(addr: std::net::SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("connect");

@@ -17,19 +17,16 @@
 //! is in Kafka (read back at the end); nothing is acknowledged as success
 //! while Kafka cannot take the write.
 
-mod common;
-mod raw {
-    include!("common/raw.rs");
-}
+use crate::common;
+use crate::common::packets::{self, IntoPacket};
+use crate::common::raw;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lodestream_mqtt::{
-    Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
-};
+use lodestream_mqtt::{Ack, Connect, Packet, Properties, ProtocolVersion, QoS, ReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -83,28 +80,15 @@ impl Drop for StopKafka {
 }
 
 fn connect_packet(v: ProtocolVersion, id: &str) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: v,
-        clean_start: true,
+    Connect {
         keep_alive: 0,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }))
+        ..packets::connect(v, id)
+    }
+    .packet()
 }
 
 fn publish(qos: QoS, id: u16, topic: &str, payload: impl Into<Bytes>) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        packet_id: Some(id),
-        payload: payload.into(),
-        properties: Properties::default(),
-    })
+    packets::publish(topic, qos, Some(id), payload).packet()
 }
 
 async fn client(addr: SocketAddr, v: ProtocolVersion, id: &str) -> raw::Raw {
@@ -272,19 +256,16 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
     // that would end the flow.
     let eo_id = common::unique("slow-eo");
     let persistent = |clean: bool| {
-        Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
+        Connect {
             clean_start: clean,
             keep_alive: 0,
-            client_id: eo_id.clone(),
-            will: None,
-            username: None,
-            password: None,
             properties: Properties {
                 session_expiry_interval: Some(300),
                 ..Properties::default()
             },
-        }))
+            ..packets::connect(ProtocolVersion::V5, &eo_id)
+        }
+        .packet()
     };
     let mut eo = raw::Raw::connect(b.addr()).await;
     eo.send(&persistent(true)).await;
