@@ -253,3 +253,28 @@ pub async fn wait_port(port: u16) {
     }
     panic!("node on port {port} did not start");
 }
+
+/// For a test that measures the whole process (open fds, RSS), which the
+/// other tests of this one binary would skew: re-runs it alone in a child
+/// process of the test binary. Returns true in the parent once the child
+/// passed (the parent has nothing left to do); false in the child, which
+/// runs the test's body. `module` is the caller's `module_path!()`.
+pub fn in_own_process(module: &str, test: &str) -> bool {
+    const CHILD: &str = "LODESTREAM_TEST_IN_OWN_PROCESS";
+    if std::env::var_os(CHILD).is_some() {
+        return false;
+    }
+    // Test names leave out the crate: `hostile_clients::name`.
+    let module = module.split_once("::").map_or(module, |(_, m)| m);
+    let name = format!("{module}::{test}");
+    let status = std::process::Command::new(std::env::current_exe().expect("test binary path"))
+        .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .status()
+        .expect("re-running the test in its own process");
+    assert!(
+        status.success(),
+        "{name} failed in its own process (output above)"
+    );
+    true
+}
