@@ -40,9 +40,9 @@ use crate::kafka::{ProduceError, Producer};
 use crate::message::{Message, Qos2Flow};
 use crate::node::{index_entries, now_ms, sub_key, Node};
 use crate::rate_limit::TokenBucket;
-use crate::registry::{Control, Released};
+use crate::session::registry::{Control, Released};
 use crate::session::{Delivery, OutFlow, Session, Subscription};
-use crate::session_record::SessionRecord;
+use crate::session::record::SessionRecord;
 use crate::subscriptions::SubEntry;
 use crate::transport::Transport;
 
@@ -1725,7 +1725,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             rec.will = will
                 .as_ref()
                 .filter(|_| will_delay > 0)
-                .map(crate::session_record::will_to_record);
+                .map(crate::session::record::will_to_record);
             match tokio::time::timeout(Duration::from_secs(10), node.persist(rec.clone())).await {
                 Ok(Ok(())) => {}
                 _ => node.persist_later(rec),

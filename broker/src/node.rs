@@ -17,11 +17,11 @@ use crate::kafka::{self, Producer, TopicReader};
 use crate::mapping::Mapping;
 use crate::message::{Message, Qos2Flow};
 use crate::metrics::Metrics;
-use crate::registry::{Control, Registry};
+use crate::session::registry::{Control, Registry};
 use crate::retained::RetainedStore;
 use crate::session::{Session, Source};
-use crate::session_record::SessionRecord;
-use crate::session_store::{Applied, SessionStore};
+use crate::session::record::SessionRecord;
+use crate::session::store::{Applied, SessionStore};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
@@ -39,7 +39,7 @@ pub struct Node {
     pub acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
     /// Present when a TLS or WSS listener is configured.
     pub tls: Option<crate::transport::TlsAcceptor>,
-    pub liveness: Arc<crate::cluster::Liveness>,
+    pub liveness: Arc<crate::session::cluster::Liveness>,
     _nodes_reader: TopicReader,
     /// Materialised sessions topic.
     pub store: Arc<SessionStore>,
@@ -161,7 +161,7 @@ impl Node {
             tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
         }
         tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
-        let liveness = Arc::new(crate::cluster::Liveness::default());
+        let liveness = Arc::new(crate::session::cluster::Liveness::default());
         let lv = liveness.clone();
         let (nodes_reader, _, _) = kafka::TopicReader::start(
             kcfg,

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lodestream_broker::session_record::{Qos2Record, SessionRecord};
+use lodestream_broker::session::record::{Qos2Record, SessionRecord};
 use lodestream_mqtt::{
     Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, Subscribe, SubscriptionOptions,
 };

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::oneshot;
 
 use crate::kafka::Record;
-use crate::session_record::SessionRecord;
+use crate::session::record::SessionRecord;
 
 /// What applying a record means for this node.
 #[derive(Debug, PartialEq, Eq)]
@@ -47,7 +47,7 @@ pub struct Summary {
 impl Summary {
     /// True when an offline session has outlived its expiry at `now_ms`.
     pub fn expired(&self, now_ms: i64) -> bool {
-        crate::session_record::expired(self.online, self.disconnected_ms, self.expiry_s, now_ms)
+        crate::session::record::expired(self.online, self.disconnected_ms, self.expiry_s, now_ms)
     }
 }
 
@@ -206,7 +206,7 @@ impl SessionStore {
         match &rec.value {
             None => self.apply(key, None),
             Some(v) => match SessionRecord::decode(v) {
-                Ok(r) if r.v <= crate::session_record::SCHEMA_VERSION => {
+                Ok(r) if r.v <= crate::session::record::SCHEMA_VERSION => {
                     self.apply_encoded(key, Some((r, v.to_vec().into_boxed_slice())))
                 }
                 Ok(r) => {
