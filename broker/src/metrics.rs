@@ -78,6 +78,7 @@ pub struct Metrics {
     pub qos2_duplicates_suppressed: IntCounter,
     pub consumer_lag: prometheus::IntGaugeVec,
     pub disconnects: IntCounterVec,
+    pub session_writes_abandoned: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -216,6 +217,11 @@ impl Metrics {
                 "lodestream_disconnects_total",
                 "Connections closed, by reason",
                 &["reason"],
+            ),
+            session_writes_abandoned: counter(
+                &r,
+                "lodestream_session_writes_abandoned_total",
+                "Background session-record writes given up after their last retry",
             ),
             registry: r,
         }

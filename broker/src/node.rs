@@ -17,11 +17,11 @@ use crate::kafka::{self, Producer, TopicReader};
 use crate::mapping::Mapping;
 use crate::message::{Message, Qos2Flow};
 use crate::metrics::Metrics;
-use crate::session::registry::{Control, Registry};
 use crate::retained::RetainedStore;
-use crate::session::{Session, Source};
 use crate::session::record::SessionRecord;
+use crate::session::registry::{Control, Registry};
 use crate::session::store::{Applied, SessionStore};
+use crate::session::{Session, Source};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
@@ -44,6 +44,7 @@ pub struct Node {
     /// Materialised sessions topic.
     pub store: Arc<SessionStore>,
     _sessions_reader: TopicReader,
+    sessions_marks: crate::session::high_watermarks::HighWatermarks,
     pub metrics: Arc<Metrics>,
     readers: Mutex<HashMap<String, TopicReader>>,
     _retained_reader: TopicReader,
@@ -141,7 +142,7 @@ impl Node {
         let store = Arc::new(SessionStore::new(&config.node_id));
         let (st, reg) = (store.clone(), registry.clone());
         let loaded_at = std::time::Instant::now();
-        let (sessions_reader, caught_up, _) = kafka::TopicReader::start(
+        let (sessions_reader, caught_up, starts) = kafka::TopicReader::start(
             kcfg,
             &config.node_id,
             &kcfg.sessions_topic,
@@ -150,10 +151,18 @@ impl Node {
                 if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
                     reg.kick_remote(&client_id, epoch);
                 }
+                st.read_up_to(rec.partition, rec.offset + 1);
             },
         )
         .await
         .context("reading the sessions topic")?;
+        for (&partition, &start) in &starts {
+            store.read_up_to(partition, start);
+        }
+        let sessions_marks = crate::session::high_watermarks::HighWatermarks::new(
+            &kcfg.sessions_topic,
+            starts.keys().copied().collect(),
+        );
         if tokio::time::timeout(Duration::from_secs(120), caught_up)
             .await
             .is_err()
@@ -181,6 +190,7 @@ impl Node {
             acl: std::sync::RwLock::new(Arc::new(acl)),
             tls,
             _sessions_reader: sessions_reader,
+            sessions_marks,
             liveness,
             _nodes_reader: nodes_reader,
             readers: Mutex::new(HashMap::new()),
@@ -410,16 +420,46 @@ impl Node {
         Ok(())
     }
 
-    /// Persists in the background, retrying while Kafka is unavailable.
+    /// Waits until this node's view of the sessions topic holds every
+    /// record Kafka acknowledged before the call, from any node
+    /// (read-your-writes for the next CONNECT's claim).
+    pub async fn sessions_current(&self) -> Result<(), crate::session::high_watermarks::ViewError> {
+        const VIEW_WAIT: Duration = Duration::from_secs(10);
+        let marks = self
+            .sessions_marks
+            .after(std::time::Instant::now(), &self.control_producer)
+            .await?;
+        tokio::time::timeout(VIEW_WAIT, self.store.wait_read(&marks))
+            .await
+            .map_err(|_| crate::session::high_watermarks::ViewError::Behind(VIEW_WAIT))
+    }
+
+    /// Persists in the background, retrying while Kafka is unavailable, as
+    /// long as no newer claim exists (a late write would otherwise land
+    /// after that claim, and compaction keeps the last write). A give-up is
+    /// logged as an error and counted.
     pub fn persist_later(self: &Arc<Self>, rec: SessionRecord) {
+        const TRIES: u64 = 10;
         let node = self.clone();
         tokio::spawn(async move {
-            for attempt in 1..=10u64 {
+            for attempt in 1..=TRIES {
+                if node
+                    .store
+                    .summary(&rec.client_id)
+                    .is_some_and(|r| r.epoch > rec.epoch)
+                {
+                    tracing::info!(client_id = %rec.client_id, epoch = rec.epoch, "session claimed again meanwhile; older state not written");
+                    return;
+                }
                 match node.persist(rec.clone()).await {
                     Ok(()) => return,
-                    Err(e) => {
+                    Err(e) if attempt < TRIES => {
                         tracing::warn!(client_id = %rec.client_id, attempt, error = %e, "persisting session failed; retrying");
                         tokio::time::sleep(Duration::from_secs(attempt)).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(client_id = %rec.client_id, attempt, error = %e, "persisting session failed; giving up: the session resumes from its last persisted state");
+                        node.metrics.session_writes_abandoned.inc();
                     }
                 }
             }
@@ -428,6 +468,12 @@ impl Node {
 
     /// Deletes a session record, unless a newer claim exists.
     pub async fn tombstone(&self, client_id: &str, epoch: u64) {
+        // A claim another node wrote before now must be seen by the check
+        // below; when the view cannot be made current, the check runs on
+        // what it has.
+        if let Err(e) = self.sessions_current().await {
+            tracing::debug!(client_id, error = %e, "sessions view not current before tombstone");
+        }
         if self
             .store
             .summary(client_id)

@@ -267,6 +267,11 @@ async fn rounds<C: Client>(ports: [u16; 2], n: usize, cross: bool) -> Wrong {
 
 /// Two nodes on one Kafka; every topic has one partition (ordered fan-out).
 async fn cluster() -> (common::Broker, common::Broker) {
+    // RUST_LOG=lodestream_broker=debug shows why a connection closed.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut c = common::test_config(&[]);
     c.kafka.topic_partitions = 1;
     let a = common::start_with(c).await;

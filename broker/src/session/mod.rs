@@ -4,6 +4,7 @@
 //! liveness with the adoption of a dead node's sessions (`cluster`).
 
 pub mod cluster;
+pub mod high_watermarks;
 pub mod inbound_qos2;
 pub mod mailbox;
 pub mod record;
