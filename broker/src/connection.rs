@@ -40,9 +40,9 @@ use crate::kafka::{ProduceError, Producer};
 use crate::message::{Message, Qos2Flow};
 use crate::node::{index_entries, now_ms, sub_key, Node};
 use crate::rate_limit::TokenBucket;
-use crate::registry::{Control, Released};
+use crate::session::record::SessionRecord;
+use crate::session::registry::{Control, Released};
 use crate::session::{Delivery, OutFlow, Session, Subscription};
-use crate::session_record::SessionRecord;
 use crate::subscriptions::SubEntry;
 use crate::transport::Transport;
 
@@ -447,6 +447,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 return None;
             }
         }
+        // Read-your-writes across nodes [MQTT-3.1.2-6]: whatever any node
+        // wrote for this client id before this CONNECT (a claim, a session
+        // end) is in this node's view before Session Present is decided.
+        // Before the registry slot is taken: records applied while waiting
+        // cannot kick this connection.
+        if let Err(e) = node.sessions_current().await {
+            tracing::warn!(client_id = %client_id, error = %e, "sessions view not current; refusing CONNECT");
+            refuse(&mut io, ReasonCode::ServerUnavailable, "kafka");
+            let _ = io.flush().await;
+            return None;
+        }
         let conn_id = node.next_conn_id();
         let (ctrl_tx, ctrl) = mpsc::channel(4);
         let existing = match node
@@ -480,7 +491,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let from_record = existing.is_none() && !c.clean_start;
         if existing.is_none() {
             if let Some(r) = prev.filter(|r| !r.expired(now_ms())) {
-                if r.online && r.node != me {
+                // A session with expiry 0 ends with its connection: its owner
+                // writes no hand-off, and the claim before CONNACK below
+                // is what closes that connection.
+                if r.online && r.node != me && r.expiry_s > 0 {
                     // Cross-node take-over: claim first (the owner sees it in
                     // the sessions topic and closes its connection), then wait
                     // briefly for the owner's final state.
@@ -513,9 +527,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 }
             }
         }
-        // [MQTT-3.1.2-4/5] clean start discards, otherwise the session resumes.
+        // [MQTT-3.1.2-4/5] clean start discards, otherwise the session
+        // resumes; a session with expiry 0 (3.1.1 clean session) ended with
+        // its connection and is never resumed [MQTT-3.1.2-6].
         let (mut session, present) = match existing {
-            Some(s) if !c.clean_start => (s, true),
+            Some(s) if !c.clean_start && s.expiry_s > 0 => (s, true),
             Some(s) => {
                 node.discard_session(s);
                 (
@@ -526,7 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             None => {
                 let mut s = Box::new(Session::new(client_id.clone(), limits.session_queue));
                 match source {
-                    Some(r) if !c.clean_start => {
+                    Some(r) if !c.clean_start && r.expiry_s > 0 => {
                         r.restore_into(&mut s);
                         (s, true)
                     }
@@ -558,8 +574,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
         }
         node.metrics.sessions.set(node.registry.len() as i64);
-        if session.take_overflow() {
-            tracing::warn!(client_id = %client_id, "session queue overflowed: QoS 1/2 messages will be re-read from Kafka");
+        if session.mailbox.flags.overflowed.load(Ordering::Relaxed) {
+            // Left set: the event loop closes this connection with 0x97, as
+            // for any overflow of the session queue.
+            tracing::warn!(client_id = %client_id, "session queue overflowed before this connection: QoS 1/2 messages were dropped");
         }
         session.expiry_s = expiry_s;
         session.will = c.will.clone();
@@ -866,6 +884,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 c = self.ctrl.recv() => match c {
                     Some(Control::TakeOver { clean_start, reply }) => Err(End::TakenOver { clean_start, reply }),
                     Some(Control::Close(r)) => Err(End::Server(r, "server closing".into())),
+                    // A claim not newer than ours is a stale record read late.
+                    Some(Control::TakenOverRemote { epoch }) if epoch <= self.session.epoch => Ok(()),
                     Some(Control::TakenOverRemote { epoch }) => Err(End::TakenOverRemote(epoch)),
                     None => Ok(()),
                 },
@@ -1611,6 +1631,32 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }));
     }
 
+    /// Undelivered work goes back in front of the session's queue, in order,
+    /// for whoever resumes the session (QoS 1/2 in the backlog were never
+    /// started). What does not fit is dropped and counted; dropping QoS 1/2
+    /// flags the session like a fan-out overflow, so its next connection is
+    /// closed with 0x97 instead of silently missing them.
+    fn requeue_backlog(&mut self) {
+        let backlog = std::mem::take(&mut self.backlog);
+        for d in self.session.inbox.requeue_front(backlog) {
+            let reason = if d.qos == QoS::AtMostOnce {
+                "connection_closed_qos0"
+            } else {
+                self.session
+                    .mailbox
+                    .flags
+                    .overflowed
+                    .store(true, Ordering::Relaxed);
+                "connection_closed"
+            };
+            self.node
+                .metrics
+                .dropped_messages
+                .with_label_values(&[reason])
+                .inc();
+        }
+    }
+
     /// Closes the connection and settles the session and the will.
     async fn finish(mut self, end: End) {
         let node = self.node.clone();
@@ -1676,17 +1722,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 _ => break,
             }
         }
-        // Undelivered work goes back to the front of the session queue order:
-        // the backlog is lost only for QoS 0 (counted) since QoS 1/2 in the
-        // backlog were never started; re-queue what fits.
-        for d in self.backlog.drain(..) {
-            if self.session.mailbox.tx.try_send(d).is_err() {
-                node.metrics
-                    .dropped_messages
-                    .with_label_values(&["connection_closed"])
-                    .inc();
-            }
-        }
+        self.requeue_backlog();
 
         let will_delay = self.will_delay;
         let mut will: Option<LastWill> = self.session.will.take();
@@ -1704,6 +1740,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 if reply.send(Some(self.session)).is_err() {
                     tracing::debug!(client_id = %client_id, "take-over requester gone");
                 }
+                return;
+            }
+            End::TakenOverRemote(_) if self.session.expiry_s == 0 => {
+                // The session ends here: no hand-off to write (the claimer
+                // does not resume it), and no tombstone over its claim.
+                node.drop_subscriptions(&self.session);
+                if let Some(w) = will {
+                    node.publish_will(&client_id, w).await;
+                }
+                let _ = node.registry.release(&client_id, self.conn_id, false);
+                node.metrics.sessions.set(node.registry.len() as i64);
                 return;
             }
             End::TakenOverRemote(epoch) => {
@@ -1738,7 +1785,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             rec.will = will
                 .as_ref()
                 .filter(|_| will_delay > 0)
-                .map(crate::session_record::will_to_record);
+                .map(crate::session::record::will_to_record);
             match tokio::time::timeout(Duration::from_secs(10), node.persist(rec.clone())).await {
                 Ok(Ok(())) => {}
                 _ => node.persist_later(rec),
@@ -1774,7 +1821,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 if let Some(w) = will {
                     node.publish_will(&client_id, w).await;
                 }
-                node.restore_subscriptions(&self.session);
+                if persistent {
+                    node.restore_subscriptions(&self.session);
+                }
                 let wait = tokio::time::timeout(Duration::from_secs(5), self.ctrl.recv()).await;
                 if let Ok(Some(Control::TakeOver { reply, .. })) = wait {
                     let _ = reply.send(Some(self.session));

@@ -1,24 +1,18 @@
 //! Lodestream broker: an MQTT 3.1.1/5.0 broker whose message store is Kafka.
 //! See ARCHITECTURE.md for the data path.
 
-pub mod cluster;
 pub mod config;
 pub mod connection;
-pub mod inbound_qos2;
 pub mod kafka;
-pub mod mailbox;
 pub mod mapping;
 pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod rate_limit;
-pub mod registry;
 pub mod retained;
 pub mod retry;
 pub mod server;
 pub mod session;
-pub mod session_record;
-pub mod session_store;
 pub mod subscriptions;
 
 use std::sync::Arc;
@@ -40,7 +34,7 @@ pub struct Running {
 pub async fn start(config: config::Validated) -> anyhow::Result<Running> {
     let listeners = config.config.listeners.clone();
     let node = Node::start(config).await?;
-    tokio::spawn(cluster::run(node.clone()));
+    tokio::spawn(session::cluster::run(node.clone()));
     tokio::spawn(node::report_consumer_lag(node.clone()));
     let mut running = Running {
         node: node.clone(),

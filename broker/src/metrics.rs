@@ -79,6 +79,7 @@ pub struct Metrics {
     pub consumer_lag: prometheus::IntGaugeVec,
     pub disconnects: IntCounterVec,
     pub retry_give_ups: IntCounterVec,
+    pub session_writes_abandoned: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -223,6 +224,11 @@ impl Metrics {
                 "lodestream_retry_give_ups_total",
                 "Operations given up after their last retry (retry.rs), by operation",
                 &["what"],
+            ),
+            session_writes_abandoned: counter(
+                &r,
+                "lodestream_session_writes_abandoned_total",
+                "Background session-record writes given up after their last retry",
             ),
             registry: r,
         }

@@ -17,12 +17,12 @@ use crate::kafka::{self, Producer, TopicReader};
 use crate::mapping::Mapping;
 use crate::message::{Message, Qos2Flow};
 use crate::metrics::Metrics;
-use crate::registry::{Control, Registry};
 use crate::retained::RetainedStore;
 use crate::retry::Retry;
+use crate::session::record::SessionRecord;
+use crate::session::registry::{Control, Registry};
+use crate::session::store::{Applied, SessionStore};
 use crate::session::{Session, Source};
-use crate::session_record::SessionRecord;
-use crate::session_store::{Applied, SessionStore};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
@@ -40,11 +40,12 @@ pub struct Node {
     pub acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
     /// Present when a TLS or WSS listener is configured.
     pub tls: Option<crate::transport::TlsAcceptor>,
-    pub liveness: Arc<crate::cluster::Liveness>,
+    pub liveness: Arc<crate::session::cluster::Liveness>,
     _nodes_reader: TopicReader,
     /// Materialised sessions topic.
     pub store: Arc<SessionStore>,
     _sessions_reader: TopicReader,
+    sessions_marks: crate::session::high_watermarks::HighWatermarks,
     pub metrics: Arc<Metrics>,
     readers: Mutex<HashMap<String, TopicReader>>,
     _retained_reader: TopicReader,
@@ -145,7 +146,7 @@ impl Node {
         let store = Arc::new(SessionStore::new(&config.node_id));
         let (st, reg) = (store.clone(), registry.clone());
         let loaded_at = std::time::Instant::now();
-        let (sessions_reader, caught_up, _) = kafka::TopicReader::start(
+        let (sessions_reader, caught_up, starts) = kafka::TopicReader::start(
             kcfg,
             &config.node_id,
             &kcfg.sessions_topic,
@@ -155,10 +156,18 @@ impl Node {
                 if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
                     reg.kick_remote(&client_id, epoch);
                 }
+                st.read_up_to(rec.partition, rec.offset + 1);
             },
         )
         .await
         .context("reading the sessions topic")?;
+        for (&partition, &start) in &starts {
+            store.read_up_to(partition, start);
+        }
+        let sessions_marks = crate::session::high_watermarks::HighWatermarks::new(
+            &kcfg.sessions_topic,
+            starts.keys().copied().collect(),
+        );
         if tokio::time::timeout(Duration::from_secs(120), caught_up)
             .await
             .is_err()
@@ -166,7 +175,7 @@ impl Node {
             tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
         }
         tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
-        let liveness = Arc::new(crate::cluster::Liveness::default());
+        let liveness = Arc::new(crate::session::cluster::Liveness::default());
         let lv = liveness.clone();
         let (nodes_reader, _, _) = kafka::TopicReader::start(
             kcfg,
@@ -187,6 +196,7 @@ impl Node {
             acl: std::sync::RwLock::new(Arc::new(acl)),
             tls,
             _sessions_reader: sessions_reader,
+            sessions_marks,
             liveness,
             _nodes_reader: nodes_reader,
             readers: Mutex::new(HashMap::new()),
@@ -407,24 +417,66 @@ impl Node {
         Ok(())
     }
 
-    /// Persists in the background, retrying while Kafka is unavailable.
+    /// Waits until this node's view of the sessions topic holds every
+    /// record Kafka acknowledged before the call, from any node
+    /// (read-your-writes for the next CONNECT's claim).
+    pub async fn sessions_current(&self) -> Result<(), crate::session::high_watermarks::ViewError> {
+        const VIEW_WAIT: Duration = Duration::from_secs(10);
+        let marks = self
+            .sessions_marks
+            .after(std::time::Instant::now(), &self.control_producer)
+            .await?;
+        tokio::time::timeout(VIEW_WAIT, self.store.wait_read(&marks))
+            .await
+            .map_err(|_| crate::session::high_watermarks::ViewError::Behind(VIEW_WAIT))
+    }
+
+    /// Persists in the background, retrying while Kafka is unavailable, as
+    /// long as no newer claim exists (a late write would otherwise land
+    /// after that claim, and compaction keeps the last write). A give-up is
+    /// logged as an error and counted.
     pub fn persist_later(self: &Arc<Self>, rec: SessionRecord) {
         let node = self.clone();
+        // 10 tries over about a minute; a give-up is logged and counted
+        // (`retry_give_ups_total{what="session_write"}` and
+        // `session_writes_abandoned_total`): the session then resumes from
+        // its last persisted state.
+        let retry = Retry::fixed(
+            "session_write",
+            10,
+            Duration::ZERO,
+            &self.metrics.retry_give_ups,
+        )
+        .backoff(Duration::from_secs(1), Duration::from_secs(10));
         tokio::spawn(async move {
-            for attempt in 1..=10u64 {
-                match node.persist(rec.clone()).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(client_id = %rec.client_id, attempt, error = %e, "persisting session failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(attempt)).await;
+            let written = retry
+                .run(&rec.client_id, || async {
+                    // A late retry must not land after a newer claim.
+                    if node
+                        .store
+                        .summary(&rec.client_id)
+                        .is_some_and(|r| r.epoch > rec.epoch)
+                    {
+                        tracing::info!(client_id = %rec.client_id, epoch = rec.epoch, "session claimed again meanwhile; older state not written");
+                        return Ok(());
                     }
-                }
+                    node.persist(rec.clone()).await
+                })
+                .await;
+            if written.is_err() {
+                node.metrics.session_writes_abandoned.inc();
             }
         });
     }
 
     /// Deletes a session record, unless a newer claim exists.
     pub async fn tombstone(&self, client_id: &str, epoch: u64) {
+        // A claim another node wrote before now must be seen by the check
+        // below; when the view cannot be made current, the check runs on
+        // what it has.
+        if let Err(e) = self.sessions_current().await {
+            tracing::debug!(client_id, error = %e, "sessions view not current before tombstone");
+        }
         if self
             .store
             .summary(client_id)

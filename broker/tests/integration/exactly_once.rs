@@ -10,7 +10,7 @@ use crate::common::raw;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use lodestream_broker::session_record::{Qos2Record, SessionRecord};
+use lodestream_broker::session::record::{Qos2Record, SessionRecord};
 use lodestream_mqtt::{
     Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, Subscribe, SubscriptionOptions,
 };

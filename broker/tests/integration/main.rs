@@ -16,6 +16,7 @@
 mod common;
 
 mod catchup_records;
+mod clean_session_discard;
 mod cluster;
 mod exactly_once;
 mod example_config;
@@ -28,6 +29,7 @@ mod metrics_endpoint;
 mod operations;
 mod publish_to_kafka;
 mod security_matrix;
+mod session_lifecycle;
 mod sessions;
 mod subscribe_from_kafka;
 mod transports_security;

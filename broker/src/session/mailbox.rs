@@ -149,6 +149,19 @@ impl<T> Receiver<T> {
     pub fn is_empty(&self) -> bool {
         self.0.lock().items.is_empty()
     }
+
+    /// Puts `older` (taken from this queue earlier, oldest first) back in
+    /// front of what is queued, in order, as far as the bound allows; returns
+    /// the newest of them that did not fit.
+    pub fn requeue_front(&mut self, mut older: VecDeque<T>) -> VecDeque<T> {
+        let mut s = self.0.lock();
+        let fit = self.0.bound.saturating_sub(s.items.len()).min(older.len());
+        let rest = older.split_off(fit);
+        while let Some(v) = older.pop_back() {
+            s.items.push_front(v);
+        }
+        rest
+    }
 }
 
 impl<T> Drop for Receiver<T> {
@@ -213,5 +226,19 @@ mod tests {
         t.await.unwrap();
         drop(tx);
         assert_eq!(rx.recv().await, None);
+    }
+
+    /// Undelivered work handed back by a closing connection goes in front
+    /// of newer messages (issue #14: `Conn::finish` appended it).
+    #[test]
+    fn requeue_front_keeps_order_and_bound() {
+        let (tx, mut rx) = channel(5);
+        for v in [10, 11, 12] {
+            tx.try_send(v).unwrap();
+        }
+        let rest = rx.requeue_front(VecDeque::from([1, 2, 3]));
+        assert_eq!(rest, VecDeque::from([3]), "the newest that did not fit");
+        let got: Vec<i32> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(got, vec![1, 2, 10, 11, 12]);
     }
 }

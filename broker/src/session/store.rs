@@ -13,10 +13,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::kafka::Record;
-use crate::session_record::SessionRecord;
+use crate::session::record::SessionRecord;
 
 /// What applying a record means for this node.
 #[derive(Debug, PartialEq, Eq)]
@@ -47,7 +47,7 @@ pub struct Summary {
 impl Summary {
     /// True when an offline session has outlived its expiry at `now_ms`.
     pub fn expired(&self, now_ms: i64) -> bool {
-        crate::session_record::expired(self.online, self.disconnected_ms, self.expiry_s, now_ms)
+        crate::session::record::expired(self.online, self.disconnected_ms, self.expiry_s, now_ms)
     }
 }
 
@@ -64,6 +64,10 @@ pub struct SessionStore {
     /// Node ids are shared by many records: stored once.
     node_names: Mutex<HashSet<Arc<str>>>,
     waiters: Mutex<HashMap<(String, u64), oneshot::Sender<SessionRecord>>>,
+    /// Per partition of the sessions topic, the next offset this view has
+    /// applied; `read_moved` wakes those waiting for it to reach a mark.
+    read_to: Mutex<HashMap<i32, i64>>,
+    read_moved: Notify,
 }
 
 impl SessionStore {
@@ -120,6 +124,38 @@ impl SessionStore {
         let n: Arc<str> = Arc::from(node);
         names.insert(n.clone());
         n
+    }
+
+    /// The reader of the sessions topic applied everything of `partition`
+    /// before offset `next`.
+    pub fn read_up_to(&self, partition: i32, next: i64) {
+        let mut read = self.read_to.lock().unwrap_or_else(|e| e.into_inner());
+        let at = read.entry(partition).or_insert(next);
+        *at = (*at).max(next);
+        drop(read);
+        self.read_moved.notify_waiters();
+    }
+
+    fn has_read(&self, marks: &HashMap<i32, i64>) -> bool {
+        let read = self.read_to.lock().unwrap_or_else(|e| e.into_inner());
+        marks
+            .iter()
+            .all(|(p, mark)| read.get(p).is_some_and(|at| at >= mark))
+    }
+
+    /// Waits until this view has applied every partition up to `marks`
+    /// (partition -> offset, e.g. the high watermarks).
+    pub async fn wait_read(&self, marks: &HashMap<i32, i64>) {
+        loop {
+            // Registered before the check, so a move in between is not missed.
+            let moved = self.read_moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.has_read(marks) {
+                return;
+            }
+            moved.await;
+        }
     }
 
     /// Registers interest in the hand-off record for the claim `epoch`.
@@ -206,7 +242,7 @@ impl SessionStore {
         match &rec.value {
             None => self.apply(key, None),
             Some(v) => match SessionRecord::decode(v) {
-                Ok(r) if r.v <= crate::session_record::SCHEMA_VERSION => {
+                Ok(r) if r.v <= crate::session::record::SCHEMA_VERSION => {
                     self.apply_encoded(key, Some((r, v.to_vec().into_boxed_slice())))
                 }
                 Ok(r) => {
@@ -286,5 +322,28 @@ mod tests {
         let h = rx.await.unwrap();
         assert!(h.handoff);
         assert_eq!(s.get("c").unwrap().node, "b");
+    }
+
+    /// A CONNECT waits for the view to reach the high watermarks it was
+    /// given, and no longer (issue #13: read-your-writes across nodes).
+    #[tokio::test]
+    async fn wait_read_returns_once_every_partition_reached_its_mark() {
+        let s = std::sync::Arc::new(SessionStore::new("a"));
+        s.read_up_to(0, 5);
+        s.read_up_to(1, 2);
+        let marks = HashMap::from([(0, 5), (1, 4)]);
+        let s2 = s.clone();
+        let waiter = tokio::spawn(async move { s2.wait_read(&marks).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "partition 1 is still behind");
+        s.read_up_to(1, 3);
+        s.read_up_to(0, 1); // an older position never moves a mark back
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        s.read_up_to(1, 4);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the last partition reached its mark")
+            .unwrap();
     }
 }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use lodestream_mqtt::{LastWill, Publish, QoS, SubscriptionOptions};
 
-use crate::inbound_qos2::InboundQos2;
-use crate::mailbox;
 use crate::message::Message;
+use crate::session::inbound_qos2::InboundQos2;
+use crate::session::mailbox;
 
 /// Where a message sits in Kafka: sessions remember how far they got per
 /// partition, so a resumed session re-reads Kafka from there.

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::kafka::Record;
 use crate::node::{now_ms, Node};
-use crate::session_record::SessionRecord;
-use crate::session_store::Summary;
+use crate::session::record::SessionRecord;
+use crate::session::store::Summary;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -184,7 +184,7 @@ async fn adopt(node: &Arc<Node>, r: SessionRecord) {
     tracing::info!(client_id, "adopted session of a dead node");
     let will = will.map(|w| {
         let delay = w.props.will_delay.unwrap_or(0);
-        (crate::session_record::will_from_record(&w), delay)
+        (crate::session::record::will_from_record(&w), delay)
     });
     let node = node.clone();
     tokio::spawn(async move {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use lodestream_mqtt::{LastWill, Properties, Publish, QoS, RetainHandling, SubscriptionOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::inbound_qos2::{InboundQos2, Qos2Parts, ScanBound};
+use crate::session::inbound_qos2::{InboundQos2, Qos2Parts, ScanBound};
 use crate::session::{Offsets, OutFlow, Session, Subscription};
 
 pub const SCHEMA_VERSION: u32 = 1;
