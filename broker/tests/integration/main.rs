@@ -7,14 +7,17 @@
 //! Run one area or one test with a filter:
 //! `cargo test -p lodestream-broker --test integration sessions::`.
 //! Tests run in parallel threads of this one process; each starts its own
-//! node with topic names unique to it.
+//! node with topic names unique to it. A test that measures the whole
+//! process (fds, RSS) re-runs itself alone: `common::in_own_process`.
 //!
-//! Adding a test file: put it in this directory as `NAME.rs`, add `mod NAME;`
-//! below, and in the file write `use crate::common;` (and `use
-//! crate::common::raw;`) where a stand-alone test file had `mod common;`.
+//! Folding in a stand-alone test file `broker/tests/NAME.rs`: `git mv` it
+//! into this directory, add `mod NAME;` below, and in the file replace
+//! `mod common;` with `use crate::common;` (and the `mod raw { include!(..) }`
+//! block with `use crate::common::raw;`).
 
 mod common;
 
+mod acl_hide_one_topic;
 mod catchup_records;
 mod clean_session_discard;
 mod cluster;
@@ -33,3 +36,5 @@ mod session_lifecycle;
 mod sessions;
 mod subscribe_from_kafka;
 mod transports_security;
+mod unknown_protocol_level;
+mod ws_disconnect_order;
