@@ -39,7 +39,7 @@ pub struct Node {
     pub acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
     /// Present when a TLS or WSS listener is configured.
     pub tls: Option<crate::transport::TlsAcceptor>,
-    pub liveness: Arc<crate::session::cluster::Liveness>,
+    pub liveness: Arc<crate::session::liveness::Liveness>,
     _nodes_reader: TopicReader,
     /// Materialised sessions topic.
     pub store: Arc<SessionStore>,
@@ -170,7 +170,7 @@ impl Node {
             tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
         }
         tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
-        let liveness = Arc::new(crate::session::cluster::Liveness::default());
+        let liveness = Arc::new(crate::session::liveness::Liveness::default());
         let lv = liveness.clone();
         let (nodes_reader, _, _) = kafka::TopicReader::start(
             kcfg,
