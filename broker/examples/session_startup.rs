@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use lodestream_broker::session::record::SessionRecord;
 use lodestream_broker::session::{Session, Subscription};
-use lodestream_broker::session_record::SessionRecord;
 use lodestream_broker::{Config, Node};
 use lodestream_mqtt::{QoS, SubscriptionOptions};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
