@@ -40,7 +40,7 @@ pub struct Node {
     pub acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
     /// Present when a TLS or WSS listener is configured.
     pub tls: Option<crate::transport::TlsAcceptor>,
-    pub liveness: Arc<crate::session::cluster::Liveness>,
+    pub liveness: Arc<crate::session::liveness::Liveness>,
     _nodes_reader: TopicReader,
     /// Materialised sessions topic.
     pub store: Arc<SessionStore>,
@@ -141,41 +141,10 @@ impl Node {
             tracing::warn!("retained messages not fully loaded after 60 s; serving what is loaded");
         }
         tracing::info!(retained = retained.len(), "retained messages loaded");
-        let max_sessions = config.mqtt.max_sessions;
-        let registry = Arc::new(Registry::new(max_sessions));
-        let store = Arc::new(SessionStore::new(&config.node_id));
-        let (st, reg) = (store.clone(), registry.clone());
-        let loaded_at = std::time::Instant::now();
-        let (sessions_reader, caught_up, starts) = kafka::TopicReader::start(
-            kcfg,
-            &config.node_id,
-            &kcfg.sessions_topic,
-            kafka::StartAt::Beginning,
-            &metrics,
-            move |rec| {
-                if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
-                    reg.kick_remote(&client_id, epoch);
-                }
-                st.read_up_to(rec.partition, rec.offset + 1);
-            },
-        )
-        .await
-        .context("reading the sessions topic")?;
-        for (&partition, &start) in &starts {
-            store.read_up_to(partition, start);
-        }
-        let sessions_marks = crate::session::high_watermarks::HighWatermarks::new(
-            &kcfg.sessions_topic,
-            starts.keys().copied().collect(),
-        );
-        if tokio::time::timeout(Duration::from_secs(120), caught_up)
-            .await
-            .is_err()
-        {
-            tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
-        }
-        tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
-        let liveness = Arc::new(crate::session::cluster::Liveness::default());
+        let registry = Arc::new(Registry::new(config.mqtt.max_sessions));
+        let (store, sessions_reader, sessions_marks) =
+            load_sessions(kcfg, &config.node_id, registry.clone(), &metrics).await?;
+        let liveness = Arc::new(crate::session::liveness::Liveness::default());
         let lv = liveness.clone();
         let (nodes_reader, _, _) = kafka::TopicReader::start(
             kcfg,
@@ -593,6 +562,54 @@ impl Node {
         })
         .await;
     }
+}
+
+/// Reads the sessions topic into a new view, up to the high watermarks
+/// (at most 120 s), and keeps reading it; claims of other nodes kick this
+/// node's connections that hold an older epoch.
+async fn load_sessions(
+    kcfg: &crate::config::KafkaConfig,
+    node_id: &str,
+    registry: Arc<Registry>,
+    metrics: &Metrics,
+) -> anyhow::Result<(
+    Arc<SessionStore>,
+    TopicReader,
+    crate::session::high_watermarks::HighWatermarks,
+)> {
+    let store = Arc::new(SessionStore::new(node_id));
+    let (st, reg) = (store.clone(), registry);
+    let loaded_at = std::time::Instant::now();
+    let (sessions_reader, caught_up, starts) = kafka::TopicReader::start(
+        kcfg,
+        node_id,
+        &kcfg.sessions_topic,
+        kafka::StartAt::Beginning,
+        metrics,
+        move |rec| {
+            if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
+                reg.kick_remote(&client_id, epoch);
+            }
+            st.read_up_to(rec.partition, rec.offset + 1);
+        },
+    )
+    .await
+    .context("reading the sessions topic")?;
+    for (&partition, &start) in &starts {
+        store.read_up_to(partition, start);
+    }
+    let sessions_marks = crate::session::high_watermarks::HighWatermarks::new(
+        &kcfg.sessions_topic,
+        starts.keys().copied().collect(),
+    );
+    if tokio::time::timeout(Duration::from_secs(120), caught_up)
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
+    }
+    tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
+    Ok((store, sessions_reader, sessions_marks))
 }
 
 /// Every 10 s, sets `lodestream_kafka_consumer_lag{topic}`: how far this
