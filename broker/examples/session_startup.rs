@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use lodestream_broker::session::record::SessionRecord;
 use lodestream_broker::session::{Session, Subscription};
-use lodestream_broker::session_record::SessionRecord;
 use lodestream_broker::{Config, Node};
 use lodestream_mqtt::{QoS, SubscriptionOptions};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -61,7 +61,7 @@ fn record(i: u64, now_ms: i64) -> SessionRecord {
 
 async fn produce(n: u64, topic: &str) -> anyhow::Result<()> {
     // A node creates the topics with the settings it expects (compacted).
-    Node::start(config(topic))
+    Node::start(config(topic).validate()?)
         .await
         .context("creating the topics")?
         .shutdown(Duration::from_secs(1))
@@ -127,15 +127,15 @@ fn config(topic: &str) -> Config {
     c.kafka.default_topic = format!("lodestream_bench_default{suffix}");
     c.kafka.retained_topic = format!("lodestream_bench_retained{suffix}");
     c.kafka.nodes_topic = format!("lodestream_bench_nodes{suffix}");
-    c.listeners.tcp = String::new();
-    c.listeners.ws = String::new();
-    c.listeners.metrics = String::new();
+    c.listeners.tcp = None;
+    c.listeners.ws = None;
+    c.listeners.metrics = None;
     c.mqtt.max_sessions = 2_000_000;
     c
 }
 
 async fn load(topic: &str) -> anyhow::Result<()> {
-    let c = config(topic);
+    let c = config(topic).validate()?;
     let before = rss_kib();
     let started = Instant::now();
     let node = Node::start(c).await.context("starting the node")?;

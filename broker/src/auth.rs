@@ -79,8 +79,9 @@ pub enum CertIdentitySource {
 pub struct AuthConfig {
     /// Accept clients presenting neither credentials nor a certificate.
     pub allow_anonymous: bool,
-    /// `username:PHC-hash` file; empty = no password authentication.
-    pub password_file: String,
+    /// `username:PHC-hash` file; none = no password authentication.
+    #[serde(deserialize_with = "crate::config::empty_is_none")]
+    pub password_file: Option<std::path::PathBuf>,
     /// Certificate field used as identity for TLS client certificates.
     pub cert_identity: CertIdentitySource,
     /// Each refused login waits this long before the CONNACK (slows guessing).
@@ -100,7 +101,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             allow_anonymous: true,
-            password_file: String::new(),
+            password_file: None,
             cert_identity: CertIdentitySource::Cn,
             failure_delay_ms: 500,
             max_failures_per_minute: 20,
@@ -296,10 +297,9 @@ impl Authenticator {
     /// Loads the password file, if one is configured. Blocking (file read and
     /// one argon2 hash for the unknown-user dummy).
     pub fn new(cfg: &AuthConfig) -> Result<Authenticator, AuthError> {
-        let users = if cfg.password_file.is_empty() {
-            None
-        } else {
-            Some(Arc::new(load_users(Path::new(&cfg.password_file))?))
+        let users = match &cfg.password_file {
+            None => None,
+            Some(file) => Some(Arc::new(load_users(file)?)),
         };
         let slots = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -319,17 +319,17 @@ impl Authenticator {
     /// Blocking (file read and one argon2 hash): call it from
     /// `spawn_blocking` inside the runtime.
     pub fn reload(&self) -> Result<(), AuthError> {
-        if self.inner.cfg.password_file.is_empty() {
+        let Some(file) = &self.inner.cfg.password_file else {
             return Ok(());
-        }
-        let users = load_users(Path::new(&self.inner.cfg.password_file))?;
+        };
+        let users = load_users(file)?;
         let n = users.hashes.len();
         *self
             .inner
             .users
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(users));
-        tracing::info!(users = n, file = %self.inner.cfg.password_file, "password file reloaded");
+        tracing::info!(users = n, file = %file.display(), "password file reloaded");
         Ok(())
     }
 
@@ -622,7 +622,7 @@ mod tests {
     fn config(f: &Fixture) -> AuthConfig {
         AuthConfig {
             allow_anonymous: false,
-            password_file: f.file.display().to_string(),
+            password_file: Some(f.file.clone()),
             failure_delay_ms: 0,
             ..AuthConfig::default()
         }
@@ -882,7 +882,7 @@ mod tests {
         let e = Authenticator::new(&config(&f)).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("alice"), "{e}");
         let e = Authenticator::new(&AuthConfig {
-            password_file: "/nonexistent/passwd".into(),
+            password_file: Some("/nonexistent/passwd".into()),
             ..AuthConfig::default()
         })
         .unwrap_err()

@@ -1,11 +1,15 @@
 //! Broker configuration: defaults, then a TOML file, then environment
-//! variables (`LODESTREAM_SECTION__KEY`, e.g. `LODESTREAM_KAFKA__BOOTSTRAP_SERVERS`),
-//! then command-line flags. `Config::validate` turns every mistake into one
-//! clear message before any socket is opened.
+//! variables (`LODESTREAM_SECTION__KEY`, e.g. `LODESTREAM_KAFKA__BOOTSTRAP_SERVERS`,
+//! and `LODESTREAM_NODE_ID`), then command-line flags, each a figment layer.
+//! `Config::validate` runs once, turns every mistake into one clear message
+//! before any socket is opened, and returns the `Validated` configuration
+//! the node starts from. An empty string disables an optional address or
+//! file (so environment variables and flags can switch one off).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -42,24 +46,30 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct AclConfig {
-    /// Authorization rules file (TOML, see docs/examples/acl.toml); empty =
+    /// Authorization rules file (TOML, see docs/examples/acl.toml); none =
     /// every client may publish and subscribe to everything.
-    pub file: String,
+    #[serde(deserialize_with = "empty_is_none")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Listeners {
-    /// Plain MQTT over TCP; empty string disables it.
-    pub tcp: String,
-    /// MQTT over TLS (needs `[tls]`); empty disables it.
-    pub tls: String,
-    /// MQTT over WebSocket (path `[ws] path`); empty disables it.
-    pub ws: String,
-    /// MQTT over WebSocket over TLS (needs `[tls]`); empty disables it.
-    pub wss: String,
-    /// Prometheus `/metrics`, `/health`, `/ready`; empty disables it.
-    pub metrics: String,
+    /// Plain MQTT over TCP; none (or "") disables it.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub tcp: Option<SocketAddr>,
+    /// MQTT over TLS (needs `[tls]`); none disables it.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub tls: Option<SocketAddr>,
+    /// MQTT over WebSocket (path `[ws] path`); none disables it.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub ws: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (needs `[tls]`); none disables it.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub wss: Option<SocketAddr>,
+    /// Prometheus `/metrics`, `/health`, `/ready`; none disables it.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub metrics: Option<SocketAddr>,
     /// Every MQTT connection (tcp, tls, ws, wss) starts with a PROXY
     /// protocol v1/v2 header naming the client (HAProxy `send-proxy`);
     /// connections without one are closed. Enable only behind such a proxy.
@@ -162,13 +172,14 @@ pub struct LogConfig {
 impl Default for Listeners {
     fn default() -> Self {
         // Same default ports as the broker this one replaces: MQTT 1883, monitoring 1884.
+        let any = |port: u16| Some(SocketAddr::from(([0, 0, 0, 0], port)));
         Listeners {
-            tcp: "0.0.0.0:1883".into(),
-            tls: String::new(),
+            tcp: any(1883),
+            tls: None,
             // Same WebSocket port as the broker this one replaces.
-            ws: "0.0.0.0:1893".into(),
-            wss: String::new(),
-            metrics: "0.0.0.0:1884".into(),
+            ws: any(1893),
+            wss: None,
+            metrics: any(1884),
             proxy_protocol: false,
         }
     }
@@ -227,6 +238,33 @@ impl Default for LogConfig {
     }
 }
 
+/// An optional value written as a string; "" means none. The error names
+/// the value, and figment adds the key.
+pub(crate) fn empty_is_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}"))),
+    }
+}
+
+/// A configuration that passed `Config::validate`, with what validation
+/// built from it. The node starts only from this.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub config: Config,
+    pub mapping: Mapping,
+}
+
 fn rules_from_list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -246,8 +284,10 @@ fn rules_from_list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>
 }
 
 impl Config {
-    /// Defaults <- optional TOML file <- `LODESTREAM_*` environment.
-    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    /// Defaults <- optional TOML file <- `LODESTREAM_*` environment <-
+    /// `flags`, the command-line layer (`Serialized::defaults(cli)` with the
+    /// config's key names; `Figment::new()` for none).
+    pub fn load(file: Option<&Path>, flags: impl figment::Provider) -> Result<Config, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -258,36 +298,34 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        // LODESTREAM_CONFIG names the file (a flag's env) and LODESTREAM_KAFKA
-        // is the tests' bootstrap address: neither is a config key.
+        // A setting is `LODESTREAM_<SECTION>__<KEY>` (or the one top-level
+        // scalar, `LODESTREAM_NODE_ID`); other `LODESTREAM_*` variables
+        // belong to other programs (`LODESTREAM_CONFIG`, `LODESTREAM_UI_*`).
         fig = fig.merge(
             Env::prefixed("LODESTREAM_")
-                .filter(|k| k != "config" && k != "kafka")
+                .filter(|k| k.as_str().contains("__") || k == "node_id")
                 .split("__"),
         );
+        fig = fig.merge(flags);
         let cfg: Config = fig.extract().map_err(Box::new)?;
         Ok(cfg)
     }
 
-    /// Checks cross-field rules and builds the topic mapping.
-    pub fn validate(&self) -> Result<Mapping, ConfigError> {
+    /// Checks cross-field rules and builds the topic mapping; the only way
+    /// to a `Validated` configuration.
+    pub fn validate(self) -> Result<Validated, ConfigError> {
+        let mapping = self.check()?;
+        Ok(Validated {
+            config: self,
+            mapping,
+        })
+    }
+
+    fn check(&self) -> Result<Mapping, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let l = &self.listeners;
-        for (name, addr) in [
-            ("listeners.tcp", &l.tcp),
-            ("listeners.tls", &l.tls),
-            ("listeners.ws", &l.ws),
-            ("listeners.wss", &l.wss),
-            ("listeners.metrics", &l.metrics),
-        ] {
-            if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
-                return bad(format!(
-                    "{name} = {addr:?} is not an ip:port socket address"
-                ));
-            }
-        }
-        if (!l.tls.is_empty() || !l.wss.is_empty())
-            && (self.tls.cert.is_empty() || self.tls.key.is_empty())
+        if (l.tls.is_some() || l.wss.is_some())
+            && (self.tls.cert.is_none() || self.tls.key.is_none())
         {
             return bad("listeners.tls / listeners.wss need tls.cert and tls.key".into());
         }
@@ -348,8 +386,8 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        let m = Config::default().validate().unwrap();
-        assert_eq!(m.default_topic(), "mqtt_messages");
+        let v = Config::default().validate().unwrap();
+        assert_eq!(v.mapping.default_topic(), "mqtt_messages");
     }
 
     #[test]
@@ -370,13 +408,17 @@ mod tests {
             jail.set_env("LODESTREAM_KAFKA__MAPPINGS", "a:x/#,b:y/+");
             jail.set_env("LODESTREAM_KAFKA", "127.0.0.1:9092");
             jail.set_env("LODESTREAM_CONFIG", "b.toml");
-            let c = Config::load(Some(Path::new("b.toml"))).map_err(|e| e.to_string())?;
+            jail.set_env("LODESTREAM_UI_MQTT_URL", "ws://x/mqtt");
+            jail.set_env("LODESTREAM_LISTENERS__WS", "");
+            let c = Config::load(Some(Path::new("b.toml")), Figment::new())
+                .map_err(|e| e.to_string())?;
             assert_eq!(c.node_id, "n1");
             assert_eq!(c.mqtt.receive_maximum, 10);
             assert_eq!(c.mqtt.session_queue, 7);
             assert_eq!(c.kafka.mappings, vec!["a:x/#", "b:y/+"]);
-            let m = c.validate().map_err(|e| e.to_string())?;
-            assert_eq!(m.kafka_topic_for("y/1"), "b");
+            assert_eq!(c.listeners.ws, None);
+            let v = c.validate().map_err(|e| e.to_string())?;
+            assert_eq!(v.mapping.kafka_topic_for("y/1"), "b");
             Ok(())
         });
     }
@@ -385,7 +427,7 @@ mod tests {
     fn unknown_keys_and_bad_values_are_clear_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("b.toml", "[mqtt]\nrecieve_maximum = 3\n")?;
-            let e = Config::load(Some(Path::new("b.toml")))
+            let e = Config::load(Some(Path::new("b.toml")), Figment::new())
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("recieve_maximum"), "{e}");
@@ -394,13 +436,37 @@ mod tests {
         let mut c = Config::default();
         c.kafka.mappings = vec!["oops".into()];
         assert!(c.validate().unwrap_err().to_string().contains("oops"));
-        let mut c = Config::default();
-        c.listeners.tcp = "localhost".into();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("listeners.tcp"));
-        assert!(Config::load(Some(Path::new("/nonexistent.toml"))).is_err());
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LODESTREAM_LISTENERS__TCP", "localhost");
+            let e = Config::load(None, Figment::new()).unwrap_err().to_string();
+            assert!(
+                e.to_lowercase().contains("listeners.tcp") && e.contains("localhost"),
+                "{e}"
+            );
+            Ok(())
+        });
+        assert!(Config::load(Some(Path::new("/nonexistent.toml")), Figment::new()).is_err());
+    }
+
+    /// Flags are the last layer: a flag given wins over file and
+    /// environment, a flag left out changes nothing.
+    #[test]
+    fn flags_override_environment_as_a_layer() {
+        #[derive(Serialize)]
+        struct Flags {
+            listeners: BTreeMap<&'static str, &'static str>,
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LODESTREAM_LISTENERS__TCP", "127.0.0.1:1");
+            jail.set_env("LODESTREAM_NODE_ID", "from-env");
+            let flags = Flags {
+                listeners: BTreeMap::from([("tcp", "127.0.0.1:2"), ("metrics", "")]),
+            };
+            let c = Config::load(None, Serialized::defaults(flags)).map_err(|e| e.to_string())?;
+            assert_eq!(c.listeners.tcp, Some("127.0.0.1:2".parse().unwrap()));
+            assert_eq!(c.listeners.metrics, None);
+            assert_eq!(c.node_id, "from-env");
+            Ok(())
+        });
     }
 }

@@ -40,9 +40,10 @@ use crate::kafka::{ProduceError, Producer};
 use crate::message::{Message, Qos2Flow};
 use crate::node::{index_entries, now_ms, sub_key, Node};
 use crate::rate_limit::TokenBucket;
-use crate::registry::{Control, Released};
+use crate::session::lifecycle::Claimed;
+use crate::session::record::SessionRecord;
+use crate::session::registry::{Control, Released};
 use crate::session::{Delivery, OutFlow, Session, Subscription};
-use crate::session_record::SessionRecord;
 use crate::subscriptions::SubEntry;
 use crate::transport::Transport;
 
@@ -75,9 +76,6 @@ impl End {
         }
     }
 }
-
-/// How long a claiming node waits for the previous owner's final state.
-const HANDOFF_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a connected persistent session's progress is written to Kafka.
 const PERSIST_EVERY: Duration = Duration::from_secs(5);
@@ -223,6 +221,17 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
         }
     }
 
+    /// Refuses the CONNECT with `reason` (counted under `label`).
+    async fn refuse(&mut self, reason: ReasonCode, label: &str) {
+        self.node
+            .metrics
+            .connect_rejected
+            .with_label_values(&[label])
+            .inc();
+        self.send(&connack(false, reason));
+        let _ = self.flush().await;
+    }
+
     async fn flush(&mut self) -> Result<(), String> {
         if self.wbuf.is_empty() {
             // Written out: a buffer grown by a burst of deliveries is freed
@@ -349,6 +358,86 @@ fn ack_with(packet_id: u16, reason: ReasonCode, why: Option<String>) -> Ack {
     }
 }
 
+/// A CONNECT that passed the checks before its session is claimed.
+struct Admitted {
+    identity: Identity,
+    client_id: Arc<str>,
+    /// The server chose the client id.
+    assigned: bool,
+    expiry_s: u32,
+}
+
+/// What `Conn::new` takes over from the CONNECT handshake.
+struct Opening {
+    identity: Identity,
+    peer: SocketAddr,
+    conn_id: u64,
+    session: Box<Session>,
+    ctrl: mpsc::Receiver<Control>,
+    present: bool,
+    /// Keep alive in force (the server's when it overrode the client's).
+    keep_alive: u16,
+    will_delay: u32,
+}
+
+/// A resumed session may be used by a different identity than the one that
+/// subscribed: keep only what this identity may subscribe to.
+fn drop_unauthorized_subscriptions(
+    node: &Node,
+    identity: &Identity,
+    session: &mut Session,
+    from_record: bool,
+) {
+    let acl = node.acl();
+    let denied: Vec<String> = session
+        .subscriptions
+        .keys()
+        .filter(|f| !acl.check(identity, Action::Subscribe, f))
+        .cloned()
+        .collect();
+    for f in denied {
+        tracing::info!(client_id = %session.client_id, filter = %f, "resumed subscription not authorized for this identity; dropped");
+        session.subscriptions.remove(&f);
+        if !from_record {
+            let (key, inner) = sub_key(&session.client_id, &f);
+            if node.subs.remove(inner, &key) {
+                node.metrics.subscriptions.dec();
+            }
+        }
+    }
+}
+
+/// CONNACK properties for a v5 client (none for 3.1.1) and the keep alive
+/// in force; `assigned` is the client id the server chose, if it did.
+fn connack_properties(
+    c: &Connect,
+    limits: &crate::config::MqttLimits,
+    assigned: Option<&str>,
+    expiry_s: u32,
+) -> (Properties, u16) {
+    let mut keep_alive = c.keep_alive;
+    let mut props = Properties::default();
+    if !c.protocol.is_v5() {
+        return (props, keep_alive);
+    }
+    if limits.max_keep_alive_s > 0 && (keep_alive == 0 || keep_alive > limits.max_keep_alive_s) {
+        keep_alive = limits.max_keep_alive_s;
+        props.server_keep_alive = Some(keep_alive);
+    }
+    props.assigned_client_identifier = assigned.map(str::to_string);
+    if c.properties.session_expiry_interval.unwrap_or(0) != expiry_s {
+        props.session_expiry_interval = Some(expiry_s);
+    }
+    props.receive_maximum = Some(limits.receive_maximum);
+    props.maximum_packet_size = Some(limits.max_packet_size);
+    props.topic_alias_maximum = Some(limits.topic_alias_maximum);
+    props.retain_available = Some(1);
+    props.wildcard_subscription_available = Some(1);
+    props.subscription_identifier_available = Some(1);
+    props.shared_subscription_available = Some(1);
+    (props, keep_alive)
+}
+
 struct Conn<S> {
     io: Io<S>,
     identity: Identity,
@@ -410,33 +499,27 @@ struct Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
-    /// Validates CONNECT, claims the session and sends CONNACK.
-    async fn accept(
-        mut io: Io<S>,
-        c: Connect,
+    /// The checks before a session is touched: enhanced authentication,
+    /// the connection limit, the client id and session expiry, the login and
+    /// the will's topic. `None`: refused (CONNACK sent).
+    async fn admit(
+        io: &mut Io<S>,
+        c: &Connect,
         peer: SocketAddr,
         transport: Transport,
         cert_identity: Option<String>,
-    ) -> Option<Conn<S>> {
+    ) -> Option<Admitted> {
         let node = io.node.clone();
         let limits = &node.config.mqtt;
         let v5 = c.protocol.is_v5();
-        let refuse = |io: &mut Io<S>, reason: ReasonCode, label: &str| {
-            node.metrics
-                .connect_rejected
-                .with_label_values(&[label])
-                .inc();
-            io.send(&connack(false, reason));
-        };
         if v5 && c.properties.authentication_method.is_some() {
             // Enhanced authentication is not offered [MQTT-4.12.0-1].
-            refuse(&mut io, ReasonCode::BadAuthenticationMethod, "auth_method");
-            let _ = io.flush().await;
+            io.refuse(ReasonCode::BadAuthenticationMethod, "auth_method")
+                .await;
             return None;
         }
         if node.open_connections.load(Ordering::Relaxed) > limits.max_connections {
-            refuse(&mut io, ReasonCode::ServerBusy, "max_connections");
-            let _ = io.flush().await;
+            io.refuse(ReasonCode::ServerBusy, "max_connections").await;
             return None;
         }
         let assigned = c.client_id.is_empty();
@@ -472,150 +555,67 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             Err(reason) => {
                 node.metrics.auth_failures.inc();
                 tracing::info!(%peer, client_id = %client_id, ?transport, ?reason, "authentication failed");
-                refuse(&mut io, reason, "auth");
-                let _ = io.flush().await;
+                io.refuse(reason, "auth").await;
                 return None;
             }
         };
         if let Some(w) = &c.will {
             if !node.acl().check(&identity, Action::Publish, &w.topic) {
-                refuse(&mut io, ReasonCode::NotAuthorized, "will_not_authorized");
-                let _ = io.flush().await;
+                io.refuse(ReasonCode::NotAuthorized, "will_not_authorized")
+                    .await;
                 return None;
             }
         }
+        Some(Admitted {
+            identity,
+            client_id,
+            assigned,
+            expiry_s,
+        })
+    }
+
+    /// Validates CONNECT, claims the session and sends CONNACK.
+    async fn accept(
+        mut io: Io<S>,
+        c: Connect,
+        peer: SocketAddr,
+        transport: Transport,
+        cert_identity: Option<String>,
+    ) -> Option<Conn<S>> {
+        let node = io.node.clone();
+        let limits = &node.config.mqtt;
+        let Admitted {
+            identity,
+            client_id,
+            assigned,
+            expiry_s,
+        } = Self::admit(&mut io, &c, peer, transport, cert_identity).await?;
         let conn_id = node.next_conn_id();
-        let (ctrl_tx, ctrl) = mpsc::channel(4);
-        let existing = match node
-            .registry
-            .claim(&client_id, conn_id, ctrl_tx, c.clean_start)
-            .await
+        let Claimed {
+            mut session,
+            present,
+            from_record,
+            ctrl,
+            scan_settled_ms,
+        } = match crate::session::lifecycle::claim(&node, &client_id, conn_id, c.clean_start).await
         {
-            Ok(s) => s,
+            Ok(claimed) => claimed,
             Err(e) => {
                 tracing::warn!(%peer, client_id = %client_id, error = %e, "CONNECT refused");
-                refuse(&mut io, ReasonCode::ServerBusy, "max_sessions");
-                let _ = io.flush().await;
+                let (reason, label) = e.reason();
+                io.refuse(reason, label).await;
                 return None;
             }
         };
-        // The session comes from, in order of freshness: a connection of this
-        // node handing it over; the previous owner on another node handing it
-        // over after our claim; the sessions topic.
-        let me = node.config.node_id.clone();
-        let prev = node.store.get(&client_id);
-        let epoch = prev
-            .as_ref()
-            .map(|r| r.epoch)
-            .unwrap_or(0)
-            .max(existing.as_ref().map(|s| s.epoch).unwrap_or(0))
-            + 1;
-        // Known before anything is written, so records of older epochs still
-        // in flight in the sessions topic cannot kick this connection.
-        node.registry.set_epoch(&client_id, conn_id, epoch);
-        let mut source = None;
-        let from_record = existing.is_none() && !c.clean_start;
-        if existing.is_none() {
-            if let Some(r) = prev.filter(|r| !r.expired(now_ms())) {
-                if r.online && r.node != me {
-                    // Cross-node take-over: claim first (the owner sees it in
-                    // the sessions topic and closes its connection), then wait
-                    // briefly for the owner's final state.
-                    let handoff = node.store.wait_handoff(&client_id, epoch);
-                    let mut claim = SessionRecord::from_session(
-                        &Session::new(client_id.clone(), 1),
-                        &me,
-                        epoch,
-                        true,
-                        now_ms(),
-                    );
-                    claim.expiry_s = r.expiry_s;
-                    if let Err(e) = node.persist(claim).await {
-                        tracing::warn!(client_id = %client_id, error = %e, "cannot claim session in Kafka");
-                        refuse(&mut io, ReasonCode::ServerUnavailable, "kafka");
-                        let _ = io.flush().await;
-                        let _ = node.registry.release(&client_id, conn_id, false);
-                        return None;
-                    }
-                    source = match tokio::time::timeout(HANDOFF_WAIT, handoff).await {
-                        Ok(Ok(h)) => {
-                            let _ = node.store.take_late(&client_id);
-                            Some(h)
-                        }
-                        _ => {
-                            node.store.cancel_handoff(&client_id, epoch);
-                            tracing::info!(client_id = %client_id, owner = %r.node, "no hand-off from previous owner; resuming from its last persisted state");
-                            // Its last writes may have reached this node's
-                            // view only after the claim: they are newer.
-                            Some(node.store.take_late(&client_id).unwrap_or(r))
-                        }
-                    };
-                } else {
-                    source = Some(r);
-                }
-            }
-        }
-        let scan_settled_ms = source.as_ref().and_then(|r| {
-            let from = crate::kafka::qos2_scan::RestoredFrom {
-                handoff: r.handoff,
-                online: r.online,
-                disconnected_ms: r.disconnected_ms,
-            };
-            let k = &node.config.kafka;
-            crate::kafka::qos2_scan::settled_at_ms(
-                from,
-                now_ms(),
-                k.delivery_timeout_ms,
-                k.node_timeout_ms,
-            )
-        });
-        // [MQTT-3.1.2-4/5] clean start discards, otherwise the session resumes.
-        let (mut session, present) = match existing {
-            Some(s) if !c.clean_start => (s, true),
-            Some(s) => {
-                node.discard_session(s);
-                (
-                    Box::new(Session::new(client_id.clone(), limits.session_queue)),
-                    false,
-                )
-            }
-            None => {
-                let mut s = Box::new(Session::new(client_id.clone(), limits.session_queue));
-                match source {
-                    Some(r) if !c.clean_start => {
-                        r.restore_into(&mut s);
-                        (s, true)
-                    }
-                    _ => (s, false),
-                }
-            }
-        };
-        session.epoch = epoch;
-        let from_record = from_record && present;
-        // A session may be resumed by a different identity than the one that
-        // subscribed: keep only what this identity may subscribe to.
+        let (me, epoch) = (node.config.node_id.clone(), session.epoch);
         if present {
-            let acl = node.acl();
-            let denied: Vec<String> = session
-                .subscriptions
-                .keys()
-                .filter(|f| !acl.check(&identity, Action::Subscribe, f))
-                .cloned()
-                .collect();
-            for f in denied {
-                tracing::info!(client_id = %client_id, filter = %f, "resumed subscription not authorized for this identity; dropped");
-                session.subscriptions.remove(&f);
-                if !from_record {
-                    let (key, inner) = sub_key(&client_id, &f);
-                    if node.subs.remove(inner, &key) {
-                        node.metrics.subscriptions.dec();
-                    }
-                }
-            }
+            drop_unauthorized_subscriptions(&node, &identity, &mut session, from_record);
         }
         node.metrics.sessions.set(node.registry.len() as i64);
-        if session.take_overflow() {
-            tracing::warn!(client_id = %client_id, "session queue overflowed: QoS 1/2 messages will be re-read from Kafka");
+        if session.mailbox.flags.overflowed.load(Ordering::Relaxed) {
+            // Left set: the event loop closes this connection with 0x97, as
+            // for any overflow of the session queue.
+            tracing::warn!(client_id = %client_id, "session queue overflowed before this connection: QoS 1/2 messages were dropped");
         }
         session.expiry_s = expiry_s;
         session.will = c.will.clone();
@@ -624,29 +624,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             .as_ref()
             .and_then(|w| w.properties.will_delay_interval)
             .unwrap_or(0);
-        let mut keep_alive = c.keep_alive;
-        let mut props = Properties::default();
-        if v5 {
-            if limits.max_keep_alive_s > 0
-                && (keep_alive == 0 || keep_alive > limits.max_keep_alive_s)
-            {
-                keep_alive = limits.max_keep_alive_s;
-                props.server_keep_alive = Some(keep_alive);
-            }
-            if assigned {
-                props.assigned_client_identifier = Some(client_id.to_string());
-            }
-            if c.properties.session_expiry_interval.unwrap_or(0) != expiry_s {
-                props.session_expiry_interval = Some(expiry_s);
-            }
-            props.receive_maximum = Some(limits.receive_maximum);
-            props.maximum_packet_size = Some(limits.max_packet_size);
-            props.topic_alias_maximum = Some(limits.topic_alias_maximum);
-            props.retain_available = Some(1);
-            props.wildcard_subscription_available = Some(1);
-            props.subscription_identifier_available = Some(1);
-            props.shared_subscription_available = Some(1);
-        }
+        let (props, keep_alive) =
+            connack_properties(&c, limits, assigned.then_some(&*client_id), expiry_s);
         // The claim in the sessions topic is the fencing point: only after
         // Kafka holds it does the client get CONNACK.
         let claim = SessionRecord::from_session(&session, &me, epoch, true, now_ms());
@@ -669,6 +648,39 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             reason: ReasonCode::Success,
             properties: props,
         }));
+        tracing::debug!(%peer, client_id = %client_id, version = ?c.protocol, present, "client connected");
+        let mut conn = Conn::new(
+            io,
+            &c,
+            Opening {
+                identity,
+                peer,
+                conn_id,
+                session,
+                ctrl,
+                present,
+                keep_alive,
+                will_delay,
+            },
+        );
+        // [MQTT-4.4.0-1] resend unacknowledged PUBLISH (DUP) and PUBREL in order.
+        for (id, flow) in conn.session.outbound.resend() {
+            match flow {
+                OutFlow::Published(p) => conn.io.send(&Packet::Publish(*p)),
+                OutFlow::Released => conn.io.send(&Packet::PubRel(Ack::new(id))),
+            }
+        }
+        if from_record {
+            conn.start_catch_up().await;
+        }
+        Some(conn)
+    }
+
+    /// The connection's state once CONNACK is queued.
+    fn new(io: Io<S>, c: &Connect, o: Opening) -> Conn<S> {
+        let node = io.node.clone();
+        let limits = &node.config.mqtt;
+        let v5 = c.protocol.is_v5();
         let client_receive_max = if v5 {
             c.properties
                 .receive_maximum
@@ -677,20 +689,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         } else {
             limits.max_inflight_out
         } as usize;
-        tracing::debug!(%peer, client_id = %client_id, version = ?c.protocol, present, "client connected");
-        let mut conn = Conn {
-            identity,
+        Conn {
+            identity: o.identity,
             node: node.clone(),
-            peer,
-            conn_id,
+            peer: o.peer,
+            conn_id: o.conn_id,
             version: c.protocol,
-            session,
-            ctrl,
-            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
+            session: o.session,
+            ctrl: o.ctrl,
+            keep_alive: (o.keep_alive > 0)
+                .then(|| Duration::from_millis(o.keep_alive as u64 * 1500)),
             last_recv: Instant::now(),
             acks: FuturesOrdered::new(),
             pending_qos2: HashSet::new(),
-            scans_left: if present {
+            scans_left: if o.present {
                 limits.receive_maximum as usize
             } else {
                 0
@@ -730,20 +742,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }),
             throttled_until: None,
             prepaid: false,
-            will_delay,
+            will_delay: o.will_delay,
             io,
-        };
-        // [MQTT-4.4.0-1] resend unacknowledged PUBLISH (DUP) and PUBREL in order.
-        for (id, flow) in conn.session.outbound.resend() {
-            match flow {
-                OutFlow::Published(p) => conn.io.send(&Packet::Publish(*p)),
-                OutFlow::Released => conn.io.send(&Packet::PubRel(Ack::new(id))),
-            }
         }
-        if from_record {
-            conn.start_catch_up().await;
-        }
-        Some(conn)
     }
 
     fn v5(&self) -> bool {
@@ -947,6 +948,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 c = self.ctrl.recv() => match c {
                     Some(Control::TakeOver { clean_start, reply }) => Err(End::TakenOver { clean_start, reply }),
                     Some(Control::Close(r)) => Err(End::Server(r, "server closing".into())),
+                    // A claim not newer than ours is a stale record read late.
+                    Some(Control::TakenOverRemote { epoch }) if epoch <= self.session.epoch => Ok(()),
                     Some(Control::TakenOverRemote { epoch }) => Err(End::TakenOverRemote(epoch)),
                     None => Ok(()),
                 },
@@ -1090,14 +1093,26 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             payload: msg.payload.clone(),
             properties: properties.clone(),
         };
-        let size = lodestream_mqtt::encoded_len(&Packet::Publish(full.clone()), self.version)
-            .unwrap_or(usize::MAX);
-        if size > self.client_max_packet {
+        // Checked before the flow starts, so a discarded message never holds a packet id.
+        let dropped = match lodestream_mqtt::encoded_len(
+            &Packet::Publish(full.clone()),
+            self.version,
+        ) {
             // [MQTT-3.1.2-25] never send more than the client accepts: discard.
+            Ok(size) if size > self.client_max_packet => Some("too_large_for_client"),
+            Ok(_) => None,
+            // Readers only pass on records that make a valid PUBLISH
+            // (`Message::try_from_record`); this is the last guard.
+            Err(e) => {
+                tracing::error!(topic = %msg.topic, error = %e, "delivery cannot be encoded; discarded");
+                Some("unencodable")
+            }
+        };
+        if let Some(reason) = dropped {
             self.node
                 .metrics
                 .dropped_messages
-                .with_label_values(&["too_large_for_client"])
+                .with_label_values(&[reason])
                 .inc();
             return;
         }
@@ -1273,7 +1288,34 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        self.resolve_topic(&mut p)?;
+        if !self.authorize_publish(&p) {
+            return Ok(());
+        }
         let v5 = self.v5();
+        if p.qos > QoS::AtMostOnce {
+            let in_flight = self.acks.len() + self.session.inbound_qos2.received_len();
+            if v5 && in_flight >= self.node.config.mqtt.receive_maximum as usize {
+                return Err(End::Server(
+                    ReasonCode::ReceiveMaximumExceeded,
+                    "more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum".into(),
+                ));
+            }
+        }
+        let flow = if p.qos == QoS::ExactlyOnce {
+            match self.qos2_first_transmission(&p).await? {
+                Some(flow) => Some(flow),
+                None => return Ok(()),
+            }
+        } else {
+            None
+        };
+        self.write_to_kafka(p, flow).await;
+        Ok(())
+    }
+
+    /// Topic alias resolution [MQTT-3.3.2-7..10] and topic checks.
+    fn resolve_topic(&mut self, p: &mut Publish) -> Result<(), End> {
         if !p.properties.subscription_identifiers.is_empty() {
             // [MQTT-3.3.4-6]
             return Err(End::Server(
@@ -1317,6 +1359,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Authorization: false when the PUBLISH is refused (acknowledged as
+    /// the protocol version allows, never written to Kafka).
+    fn authorize_publish(&mut self, p: &Publish) -> bool {
+        let v5 = self.v5();
         let packet_id = p.packet_id.unwrap_or(0);
         if !self
             .node
@@ -1348,57 +1397,57 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     self.emit(Packet::PubRec(ack_with(packet_id, reason, None)), false);
                 }
             }
-            return Ok(());
+            return false;
         }
-        if p.qos > QoS::AtMostOnce {
-            let in_flight = self.acks.len() + self.session.inbound_qos2.received_len();
-            if v5 && in_flight >= self.node.config.mqtt.receive_maximum as usize {
-                return Err(End::Server(
-                    ReasonCode::ReceiveMaximumExceeded,
-                    "more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum".into(),
-                ));
+        true
+    }
+
+    /// QoS 2 de-duplication: the flow to write for a first transmission;
+    /// `None` for a retransmission, acknowledged without a second write.
+    async fn qos2_first_transmission(&mut self, p: &Publish) -> Result<Option<Qos2Flow>, End> {
+        let packet_id = p.packet_id.unwrap_or(0);
+        // [MQTT-4.3.3-9/10] a known id is a retransmission: never written twice.
+        if self.pending_qos2.contains(&packet_id) {
+            return Ok(None);
+        }
+        if self.session.inbound_qos2.is_received(packet_id) {
+            self.emit(Packet::PubRec(Ack::new(packet_id)), false);
+            return Ok(None);
+        }
+        if p.dup && self.scans_left > 0 && self.session.expiry_s > 0 {
+            self.scans_left -= 1;
+            if let Some(seq) = Box::pin(self.written_before(&p.topic, packet_id)).await? {
+                self.session.inbound_qos2.found_written(packet_id, seq);
+                self.node.metrics.qos2_duplicates_suppressed.inc();
+                let msg = Arc::new(Message {
+                    properties: Properties::default(),
+                    topic: p.topic.clone(),
+                    payload: p.payload.clone(),
+                    qos: p.qos,
+                    retain: false,
+                    publisher: None,
+                    timestamp_ms: now_ms(),
+                });
+                // Queued behind earlier acknowledgements [MQTT-4.6.0-2].
+                self.acks.push_back(Box::pin(std::future::ready(AckDone {
+                    packet_id,
+                    qos: QoS::ExactlyOnce,
+                    result: Ok(()),
+                    msg,
+                    started: Instant::now(),
+                    duplicate: true,
+                })));
+                return Ok(None);
             }
         }
-        let mut flow = None;
-        if p.qos == QoS::ExactlyOnce {
-            // [MQTT-4.3.3-9/10] a known id is a retransmission: never written twice.
-            if self.pending_qos2.contains(&packet_id) {
-                return Ok(());
-            }
-            if self.session.inbound_qos2.is_received(packet_id) {
-                self.emit(Packet::PubRec(Ack::new(packet_id)), false);
-                return Ok(());
-            }
-            if p.dup && self.scans_left > 0 && self.session.expiry_s > 0 {
-                self.scans_left -= 1;
-                if let Some(seq) = Box::pin(self.written_before(&p.topic, packet_id)).await? {
-                    self.session.inbound_qos2.found_written(packet_id, seq);
-                    self.node.metrics.qos2_duplicates_suppressed.inc();
-                    let msg = Arc::new(Message {
-                        properties: Properties::default(),
-                        topic: p.topic,
-                        payload: p.payload,
-                        qos: p.qos,
-                        retain: false,
-                        publisher: None,
-                        timestamp_ms: now_ms(),
-                    });
-                    // Queued behind earlier acknowledgements [MQTT-4.6.0-2].
-                    self.acks.push_back(Box::pin(std::future::ready(AckDone {
-                        packet_id,
-                        qos: QoS::ExactlyOnce,
-                        result: Ok(()),
-                        msg,
-                        started: Instant::now(),
-                        duplicate: true,
-                    })));
-                    return Ok(());
-                }
-            }
-            let seq = self.session.inbound_qos2.begin(packet_id, p.dup, now_ms());
-            self.dirty = true;
-            flow = Some(Qos2Flow { packet_id, seq });
-        }
+        let seq = self.session.inbound_qos2.begin(packet_id, p.dup, now_ms());
+        self.dirty = true;
+        Ok(Some(Qos2Flow { packet_id, seq }))
+    }
+
+    /// The Kafka write; QoS 1/2 acknowledgements wait for Kafka in order.
+    async fn write_to_kafka(&mut self, p: Publish, flow: Option<Qos2Flow>) {
+        let packet_id = p.packet_id.unwrap_or(0);
         let msg = Arc::new(Message {
             properties: Message::forwardable_properties(&p.properties),
             topic: p.topic,
@@ -1433,7 +1482,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     tracing::warn!(error = %e, "QoS 0 message not written to Kafka");
                 }
             }
-            return Ok(());
+            return;
         }
         if qos == QoS::ExactlyOnce {
             self.pending_qos2.insert(packet_id);
@@ -1461,7 +1510,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 duplicate: false,
             }
         }));
-        Ok(())
     }
 
     /// For a retransmitted QoS 2 PUBLISH of an id the restored session does
@@ -1487,6 +1535,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         match crate::kafka::qos2_scan::find_writes(
             &self.node.config.kafka,
             &self.node.config.node_id,
+            &self.node.metrics,
             req,
         )
         .await
@@ -1703,17 +1752,38 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }));
     }
 
-    /// Closes the connection and settles the session and the will.
-    async fn finish(mut self, end: End) {
-        let node = self.node.clone();
-        node.metrics
-            .disconnects
-            .with_label_values(&[end.label()])
-            .inc();
-        let client_id = self.session.client_id.clone();
-        match &end {
+    /// Undelivered work goes back in front of the session's queue, in order,
+    /// for whoever resumes the session (QoS 1/2 in the backlog were never
+    /// started). What does not fit is dropped and counted; dropping QoS 1/2
+    /// flags the session like a fan-out overflow, so its next connection is
+    /// closed with 0x97 instead of silently missing them.
+    fn requeue_backlog(&mut self) {
+        let backlog = std::mem::take(&mut self.backlog);
+        for d in self.session.inbox.requeue_front(backlog) {
+            let reason = if d.qos == QoS::AtMostOnce {
+                "connection_closed_qos0"
+            } else {
+                self.session
+                    .mailbox
+                    .flags
+                    .overflowed
+                    .store(true, Ordering::Relaxed);
+                "connection_closed"
+            };
+            self.node
+                .metrics
+                .dropped_messages
+                .with_label_values(&[reason])
+                .inc();
+        }
+    }
+
+    /// Tells the client why it is closed (v5 DISCONNECT), flushes and
+    /// closes the socket.
+    async fn close_socket(&mut self, end: &End) {
+        match end {
             End::Server(r, why) => {
-                tracing::debug!(client_id = %client_id, peer = %self.peer, reason = ?r, why, "closing connection");
+                tracing::debug!(client_id = %self.session.client_id, peer = %self.peer, reason = ?r, why, "closing connection");
                 if self.v5() {
                     let r = if reason_allowed_in("disconnect", *r) {
                         *r
@@ -1736,7 +1806,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 )));
             }
             End::Io(e) => {
-                tracing::debug!(client_id = %client_id, peer = %self.peer, error = %e, "connection lost")
+                tracing::debug!(client_id = %self.session.client_id, peer = %self.peer, error = %e, "connection lost")
             }
             _ => {}
         }
@@ -1746,7 +1816,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             let _ = self.io.flush().await;
         }
         let _ = self.io.wr.shutdown().await;
+    }
 
+    /// Lets in-flight Kafka writes settle before the session is handed on.
+    async fn settle_acks(&mut self, end: &End) {
         // Let in-flight Kafka writes settle so QoS 2 ids that reached Kafka
         // stay known: a retransmission after reconnect is then not written twice.
         let settle = if matches!(end, End::TakenOver { .. } | End::TakenOverRemote(_)) {
@@ -1762,23 +1835,53 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         self.session.inbound_qos2.written(done.packet_id);
                     }
                     if done.result.is_ok() && !done.duplicate && done.msg.retain {
-                        node.retained.apply(done.msg);
+                        self.node.retained.apply(done.msg);
                     }
                 }
                 _ => break,
             }
         }
-        // Undelivered work goes back to the front of the session queue order:
-        // the backlog is lost only for QoS 0 (counted) since QoS 1/2 in the
-        // backlog were never started; re-queue what fits.
-        for d in self.backlog.drain(..) {
-            if self.session.mailbox.tx.try_send(d).is_err() {
-                node.metrics
-                    .dropped_messages
-                    .with_label_values(&["connection_closed"])
-                    .inc();
+    }
+
+    /// Another node claimed the session with `epoch`: write the session's
+    /// final state as the hand-off for that claim. A session with expiry 0
+    /// ends here instead: no hand-off (the claimer does not resume it) and
+    /// no tombstone over its claim.
+    async fn hand_off_remote(mut self, epoch: u64, will: Option<LastWill>) {
+        let node = self.node.clone();
+        let client_id = self.session.client_id.clone();
+        node.drop_subscriptions(&self.session);
+        let ends = self.session.expiry_s == 0;
+        if !ends {
+            self.advance_offsets_if_drained();
+            let mut handoff = self.record(false);
+            handoff.epoch = epoch;
+            handoff.handoff = true;
+            if let Err(e) = node.persist(handoff).await {
+                tracing::warn!(client_id = %client_id, error = %e, "hand-off not written; the new owner resumes from the last persisted state");
             }
         }
+        if let Some(w) = will {
+            if self.will_delay == 0 || ends {
+                node.publish_will(&client_id, w).await;
+            }
+        }
+        let _ = node.registry.release(&client_id, self.conn_id, false);
+        node.metrics.sessions.set(node.registry.len() as i64);
+    }
+
+    /// Closes the connection and settles the session and the will.
+    async fn finish(mut self, end: End) {
+        let node = self.node.clone();
+        node.metrics
+            .disconnects
+            .with_label_values(&[end.label()])
+            .inc();
+        let client_id = self.session.client_id.clone();
+        self.close_socket(&end).await;
+
+        self.settle_acks(&end).await;
+        self.requeue_backlog();
 
         let will_delay = self.will_delay;
         let mut will: Option<LastWill> = self.session.will.take();
@@ -1799,21 +1902,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 return;
             }
             End::TakenOverRemote(epoch) => {
-                node.drop_subscriptions(&self.session);
-                self.advance_offsets_if_drained();
-                let mut handoff = self.record(false);
-                handoff.epoch = epoch;
-                handoff.handoff = true;
-                if let Err(e) = node.persist(handoff).await {
-                    tracing::warn!(client_id = %client_id, error = %e, "hand-off not written; the new owner resumes from the last persisted state");
-                }
-                if let Some(w) = will {
-                    if will_delay == 0 {
-                        node.publish_will(&client_id, w).await;
-                    }
-                }
-                let _ = node.registry.release(&client_id, self.conn_id, false);
-                node.metrics.sessions.set(node.registry.len() as i64);
+                self.hand_off_remote(epoch, will).await;
                 return;
             }
             _ => {}
@@ -1830,7 +1919,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             rec.will = will
                 .as_ref()
                 .filter(|_| will_delay > 0)
-                .map(crate::session_record::will_to_record);
+                .map(crate::session::record::will_to_record);
             match tokio::time::timeout(Duration::from_secs(10), node.persist(rec.clone())).await {
                 Ok(Ok(())) => {}
                 _ => node.persist_later(rec),
@@ -1866,7 +1955,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 if let Some(w) = will {
                     node.publish_will(&client_id, w).await;
                 }
-                node.restore_subscriptions(&self.session);
+                if persistent {
+                    node.restore_subscriptions(&self.session);
+                }
                 let wait = tokio::time::timeout(Duration::from_secs(5), self.ctrl.recv()).await;
                 if let Ok(Some(Control::TakeOver { reply, .. })) = wait {
                     let _ = reply.send(Some(self.session));

@@ -1,23 +1,18 @@
 //! Lodestream broker: an MQTT 3.1.1/5.0 broker whose message store is Kafka.
 //! See ARCHITECTURE.md for the data path.
 
-pub mod cluster;
 pub mod config;
 pub mod connection;
-pub mod inbound_qos2;
 pub mod kafka;
-pub mod mailbox;
 pub mod mapping;
 pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod rate_limit;
-pub mod registry;
 pub mod retained;
+pub mod retry;
 pub mod server;
 pub mod session;
-pub mod session_record;
-pub mod session_store;
 pub mod subscriptions;
 
 use std::sync::Arc;
@@ -36,11 +31,10 @@ pub struct Running {
 }
 
 /// Starts a node and its listeners in the current tokio runtime.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let listeners = config.listeners.clone();
-    let metrics_addr = config.listeners.metrics.clone();
+pub async fn start(config: config::Validated) -> anyhow::Result<Running> {
+    let listeners = config.config.listeners.clone();
     let node = Node::start(config).await?;
-    tokio::spawn(cluster::run(node.clone()));
+    tokio::spawn(session::cluster::run(node.clone()));
     tokio::spawn(node::report_consumer_lag(node.clone()));
     let mut running = Running {
         node: node.clone(),
@@ -57,10 +51,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         (&listeners.ws, Transport::Ws),
         (&listeners.wss, Transport::Wss),
     ] {
-        if addr.is_empty() {
+        let Some(addr) = addr else {
             continue;
-        }
-        let l = server::bind_tcp(addr).await?;
+        };
+        let l = server::bind_tcp(*addr).await?;
         let bound = server::local_addr(&l);
         match transport {
             Transport::Tcp => running.tcp = bound,
@@ -70,8 +64,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         tokio::spawn(server::run_listener(node.clone(), l, transport));
     }
-    if !metrics_addr.is_empty() {
-        let l = server::bind_http(&metrics_addr).await?;
+    if let Some(addr) = listeners.metrics {
+        let l = server::bind_http(addr).await?;
         running.metrics = server::local_addr(&l);
         tokio::spawn(server::run_http(node.clone(), l));
     }

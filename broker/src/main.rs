@@ -6,9 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use figment::providers::Serialized;
 use lodestream_broker::Config;
+use serde::Serialize;
 
-#[derive(Parser, Debug)]
+/// Flags serialize under the configuration's own key names and form its
+/// last layer (after file and environment); a flag not given is skipped.
+#[derive(Parser, Debug, Serialize)]
 #[command(
     name = "broker",
     version,
@@ -16,32 +20,53 @@ use lodestream_broker::Config;
 )]
 struct Cli {
     #[command(subcommand)]
+    #[serde(skip)]
     command: Option<Command>,
     /// TOML configuration file (see broker/broker.example.toml).
     #[arg(short, long, env = "LODESTREAM_CONFIG")]
+    #[serde(skip)]
     config: Option<PathBuf>,
-    /// Kafka bootstrap servers (overrides kafka.bootstrap_servers).
-    #[arg(long)]
-    kafka: Option<String>,
-    /// MQTT/TCP listen address (overrides listeners.tcp).
-    #[arg(long)]
-    tcp: Option<String>,
-    /// Metrics/health listen address (overrides listeners.metrics).
-    #[arg(long)]
-    metrics: Option<String>,
+    #[command(flatten)]
+    listeners: ListenerFlags,
+    #[command(flatten)]
+    kafka: KafkaFlags,
     /// Node id (overrides node_id).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     node_id: Option<String>,
+    /// Seconds to wait for clients and Kafka on shutdown.
+    #[arg(long, default_value_t = 10)]
+    #[serde(skip)]
+    shutdown_grace_s: u64,
+}
+
+#[derive(clap::Args, Debug, Serialize)]
+struct ListenerFlags {
+    /// MQTT/TCP listen address (overrides listeners.tcp; "" disables it).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<String>,
+    /// Metrics/health listen address (overrides listeners.metrics; "" disables it).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<String>,
+}
+
+#[derive(clap::Args, Debug, Serialize)]
+struct KafkaFlags {
+    /// Kafka bootstrap servers (overrides kafka.bootstrap_servers).
+    #[arg(long = "kafka")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bootstrap_servers: Option<String>,
     /// Default Kafka topic (overrides kafka.default_topic).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     default_topic: Option<String>,
     /// Mapping rule `kafkaTopic:mqttPattern`; repeat for several, in order
     /// (replaces kafka.mappings).
     #[arg(long = "map")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     mappings: Vec<String>,
-    /// Seconds to wait for clients and Kafka on shutdown.
-    #[arg(long, default_value_t = 10)]
-    shutdown_grace_s: u64,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -95,28 +120,9 @@ async fn main() -> anyhow::Result<()> {
     {
         return passwd(&file, &user, password);
     }
-    let mut cfg = Config::load(cli.config.as_deref())?;
-    if let Some(k) = cli.kafka {
-        cfg.kafka.bootstrap_servers = k;
-    }
-    if let Some(a) = cli.tcp {
-        cfg.listeners.tcp = a;
-    }
-    if let Some(a) = cli.metrics {
-        cfg.listeners.metrics = a;
-    }
-    if let Some(n) = cli.node_id {
-        cfg.node_id = n;
-    }
-    if let Some(t) = cli.default_topic {
-        cfg.kafka.default_topic = t;
-    }
-    if !cli.mappings.is_empty() {
-        cfg.kafka.mappings = cli.mappings;
-    }
+    let cfg = Config::load(cli.config.as_deref(), Serialized::defaults(&cli))?;
     init_logs(&cfg);
-    cfg.validate()?;
-    let running = lodestream_broker::start(cfg)
+    let running = lodestream_broker::start(cfg.validate()?)
         .await
         .context("broker failed to start")?;
     spawn_reload_on_sighup(running.node.clone());

@@ -19,7 +19,7 @@
 //!   property whose name starts with `mqtt.` is escaped as `mqtt.user.<name>`.
 
 use bytes::Bytes;
-use lodestream_mqtt::{Properties, QoS};
+use lodestream_mqtt::{Properties, QoS, TopicError};
 
 pub const H_QOS: &str = "mqtt.qos";
 pub const H_RETAIN: &str = "mqtt.retain";
@@ -68,6 +68,18 @@ impl Qos2Flow {
             },
         ))
     }
+}
+
+/// Why a Kafka record cannot become an MQTT message. Such records are
+/// skipped by every reader (fan-out, retained, catch-up) alike.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAMessage {
+    #[error("record has no key (the key is the MQTT topic)")]
+    NoKey,
+    #[error("record key is not UTF-8")]
+    KeyNotUtf8,
+    #[error("record key {key:?} is not a valid MQTT topic name: {reason}")]
+    KeyNotTopicName { key: String, reason: TopicError },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,12 +162,37 @@ impl Message {
         h
     }
 
-    /// Rebuilds a message from a Kafka record. Records from producers other
+    /// Rebuilds a message from a Kafka record, the one conversion every
+    /// reader uses. The key must be a valid MQTT topic name (UTF-8, no
+    /// wildcards [MQTT-3.3.2-2], ...): a record from another producer keyed
+    /// `cars/+` could not be sent in a PUBLISH. Records from producers other
     /// than the broker may lack every header: they become QoS 0 (unless
     /// `mqtt.qos` says otherwise), non-retained messages. Headers that are not
     /// valid UTF-8 where UTF-8 is required are skipped rather than
     /// forwarded, because MQTT forbids invalid UTF-8 strings [MQTT-1.5.4-1].
-    pub fn from_record<'a>(
+    pub fn try_from_record<'a>(
+        key: Option<&[u8]>,
+        payload: Bytes,
+        timestamp_ms: i64,
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Result<Message, NotAMessage> {
+        let key = key.ok_or(NotAMessage::NoKey)?;
+        let topic = std::str::from_utf8(key).map_err(|_| NotAMessage::KeyNotUtf8)?;
+        if let Err(reason) = lodestream_mqtt::topic::validate_topic_name(topic) {
+            return Err(NotAMessage::KeyNotTopicName {
+                key: topic.to_string(),
+                reason,
+            });
+        }
+        Ok(Message::with_headers(
+            topic.to_string(),
+            payload,
+            timestamp_ms,
+            headers,
+        ))
+    }
+
+    fn with_headers<'a>(
         topic: String,
         payload: Bytes,
         timestamp_ms: i64,
@@ -250,19 +287,20 @@ mod tests {
     fn headers_round_trip_all_metadata() {
         let m = sample();
         let h = m.to_headers();
-        let back = Message::from_record(
-            m.topic.clone(),
+        let back = Message::try_from_record(
+            Some(m.topic.as_bytes()),
             m.payload.clone(),
             m.timestamp_ms,
             h.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))),
-        );
+        )
+        .unwrap();
         assert_eq!(back, m);
     }
 
     #[test]
     fn foreign_record_defaults_to_qos0_and_headers_become_user_properties() {
-        let m = Message::from_record(
-            "t".into(),
+        let m = Message::try_from_record(
+            Some(b"t"),
             Bytes::new(),
             0,
             [
@@ -270,7 +308,8 @@ mod tests {
                 ("bin", Some(&[0xff][..])),
                 ("mqtt.unknown", Some(&b"1"[..])),
             ],
-        );
+        )
+        .unwrap();
         assert_eq!(m.qos, QoS::AtMostOnce);
         assert!(!m.retain);
         assert_eq!(
@@ -301,7 +340,7 @@ mod tests {
         let view = || h.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice())));
         let (client, flow) = Qos2Flow::from_headers(view()).unwrap();
         assert_eq!((client, flow.packet_id, flow.seq), ("pub-1", 42, 7));
-        let back = Message::from_record("t".into(), Bytes::new(), 0, view());
+        let back = Message::try_from_record(Some(b"t"), Bytes::new(), 0, view()).unwrap();
         assert_eq!(
             back.properties.user_properties,
             sample().properties.user_properties
@@ -313,5 +352,22 @@ mod tests {
                 .map(|(k, v)| (k.as_str(), Some(v.as_slice())))
         )
         .is_none());
+    }
+
+    /// A record keyed with a wildcard, a non-UTF-8 or no key is not a
+    /// message: it could not be sent as a PUBLISH topic [MQTT-3.3.2-2].
+    #[test]
+    fn record_key_must_be_a_valid_topic_name() {
+        let conv =
+            |key: Option<&[u8]>| Message::try_from_record(key, Bytes::new(), 0, std::iter::empty());
+        assert!(conv(Some(b"cars/1")).is_ok());
+        for bad in [&b"cars/+"[..], b"cars/#", b"", b"a\0b"] {
+            assert!(
+                matches!(conv(Some(bad)), Err(NotAMessage::KeyNotTopicName { .. })),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(conv(Some(&[0xff, 0xfe])), Err(NotAMessage::KeyNotUtf8));
+        assert_eq!(conv(None), Err(NotAMessage::NoKey));
     }
 }

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub qos2_duplicates_suppressed: IntCounter,
     pub consumer_lag: prometheus::IntGaugeVec,
     pub disconnects: IntCounterVec,
+    pub retry_give_ups: IntCounterVec,
+    pub session_writes_abandoned: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -216,6 +218,17 @@ impl Metrics {
                 "lodestream_disconnects_total",
                 "Connections closed, by reason",
                 &["reason"],
+            ),
+            retry_give_ups: counter_vec(
+                &r,
+                "lodestream_retry_give_ups_total",
+                "Operations given up after their last retry (retry.rs), by operation",
+                &["what"],
+            ),
+            session_writes_abandoned: counter(
+                &r,
+                "lodestream_session_writes_abandoned_total",
+                "Background session-record writes given up after their last retry",
             ),
             registry: r,
         }

@@ -12,16 +12,17 @@ use anyhow::Context;
 use lodestream_mqtt::{LastWill, ReasonCode};
 use tokio::sync::{watch, Mutex};
 
-use crate::config::Config;
+use crate::config::{Config, Validated};
 use crate::kafka::{self, Producer, TopicReader};
 use crate::mapping::Mapping;
 use crate::message::{Message, Qos2Flow};
 use crate::metrics::Metrics;
-use crate::registry::{Control, Registry};
 use crate::retained::RetainedStore;
+use crate::retry::Retry;
+use crate::session::record::SessionRecord;
+use crate::session::registry::{Control, Registry};
+use crate::session::store::{Applied, SessionStore};
 use crate::session::{Session, Source};
-use crate::session_record::SessionRecord;
-use crate::session_store::{Applied, SessionStore};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
@@ -39,11 +40,12 @@ pub struct Node {
     pub acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
     /// Present when a TLS or WSS listener is configured.
     pub tls: Option<crate::transport::TlsAcceptor>,
-    pub liveness: Arc<crate::cluster::Liveness>,
+    pub liveness: Arc<crate::session::liveness::Liveness>,
     _nodes_reader: TopicReader,
     /// Materialised sessions topic.
     pub store: Arc<SessionStore>,
     _sessions_reader: TopicReader,
+    sessions_marks: crate::session::high_watermarks::HighWatermarks,
     pub metrics: Arc<Metrics>,
     readers: Mutex<HashMap<String, TopicReader>>,
     _retained_reader: TopicReader,
@@ -63,17 +65,19 @@ pub fn now_ms() -> i64 {
 impl Node {
     /// Connects to Kafka, creates missing topics and loads the retained
     /// messages; fails with a clear message when Kafka is unusable.
-    pub async fn start(mut config: Config) -> anyhow::Result<Arc<Node>> {
-        let mapping = config.validate()?;
+    pub async fn start(valid: Validated) -> anyhow::Result<Arc<Node>> {
+        let Validated {
+            mut config,
+            mapping,
+        } = valid;
         // Security settings are checked before Kafka is touched: a typo in a
         // certificate path should not wait for a Kafka timeout.
         let auth = crate::auth::Authenticator::new(&config.auth).context("[auth]")?;
-        let acl = if config.acl.file.is_empty() {
-            crate::acl::Acl::allow_all()
-        } else {
-            crate::acl::Acl::load(std::path::Path::new(&config.acl.file)).context("[acl] file")?
+        let acl = match &config.acl.file {
+            None => crate::acl::Acl::allow_all(),
+            Some(file) => crate::acl::Acl::load(file).context("[acl] file")?,
         };
-        let tls = if config.listeners.tls.is_empty() && config.listeners.wss.is_empty() {
+        let tls = if config.listeners.tls.is_none() && config.listeners.wss.is_none() {
             None
         } else {
             let t = crate::transport::TlsAcceptor::new(&config.tls).context("[tls]")?;
@@ -102,9 +106,10 @@ impl Node {
                 compacted: true,
             });
         }
+        let metrics = Arc::new(Metrics::new());
         tokio::time::timeout(
             Duration::from_secs(60),
-            kafka::ensure_topics(kcfg, &config.node_id, &topics),
+            kafka::ensure_topics(kcfg, &config.node_id, &topics, &metrics),
         )
         .await
         .with_context(|| {
@@ -117,7 +122,6 @@ impl Node {
             Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
         let control_producer = Producer::new(kcfg, &format!("{}-control", config.node_id))
             .context("creating the Kafka producer")?;
-        let metrics = Arc::new(Metrics::new());
         let retained = Arc::new(RetainedStore::new());
         let r2 = retained.clone();
         let (retained_reader, caught_up, _) = kafka::TopicReader::start(
@@ -125,6 +129,7 @@ impl Node {
             &config.node_id,
             &kcfg.retained_topic,
             kafka::StartAt::Beginning,
+            &metrics,
             move |rec| r2.apply_record(rec),
         )
         .await
@@ -136,38 +141,17 @@ impl Node {
             tracing::warn!("retained messages not fully loaded after 60 s; serving what is loaded");
         }
         tracing::info!(retained = retained.len(), "retained messages loaded");
-        let max_sessions = config.mqtt.max_sessions;
-        let registry = Arc::new(Registry::new(max_sessions));
-        let store = Arc::new(SessionStore::new(&config.node_id));
-        let (st, reg) = (store.clone(), registry.clone());
-        let loaded_at = std::time::Instant::now();
-        let (sessions_reader, caught_up, _) = kafka::TopicReader::start(
-            kcfg,
-            &config.node_id,
-            &kcfg.sessions_topic,
-            kafka::StartAt::Beginning,
-            move |rec| {
-                if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
-                    reg.kick_remote(&client_id, epoch);
-                }
-            },
-        )
-        .await
-        .context("reading the sessions topic")?;
-        if tokio::time::timeout(Duration::from_secs(120), caught_up)
-            .await
-            .is_err()
-        {
-            tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
-        }
-        tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
-        let liveness = Arc::new(crate::cluster::Liveness::default());
+        let registry = Arc::new(Registry::new(config.mqtt.max_sessions));
+        let (store, sessions_reader, sessions_marks) =
+            load_sessions(kcfg, &config.node_id, registry.clone(), &metrics).await?;
+        let liveness = Arc::new(crate::session::liveness::Liveness::default());
         let lv = liveness.clone();
         let (nodes_reader, _, _) = kafka::TopicReader::start(
             kcfg,
             &config.node_id,
             &kcfg.nodes_topic,
             kafka::StartAt::Beginning,
+            &metrics,
             move |rec| lv.apply_record(&rec),
         )
         .await
@@ -181,6 +165,7 @@ impl Node {
             acl: std::sync::RwLock::new(Arc::new(acl)),
             tls,
             _sessions_reader: sessions_reader,
+            sessions_marks,
             liveness,
             _nodes_reader: nodes_reader,
             readers: Mutex::new(HashMap::new()),
@@ -205,9 +190,8 @@ impl Node {
     /// (SIGHUP). Blocking: call from a blocking thread.
     pub fn reload_security(&self) -> anyhow::Result<()> {
         self.auth.reload().context("[auth] password file")?;
-        if !self.config.acl.file.is_empty() {
-            let acl = crate::acl::Acl::load(std::path::Path::new(&self.config.acl.file))
-                .context("[acl] file")?;
+        if let Some(file) = &self.config.acl.file {
+            let acl = crate::acl::Acl::load(file).context("[acl] file")?;
             *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acl);
         }
         if let Some(t) = &self.tls {
@@ -244,23 +228,18 @@ impl Node {
                 &self.config.node_id,
                 &topic,
                 kafka::StartAt::End,
+                &self.metrics,
                 move |rec| {
                     counter.inc();
                     // The record key is the MQTT topic; records without a
                     // valid one cannot be delivered over MQTT.
-                    let Some(key) = rec.key.as_ref().and_then(|k| std::str::from_utf8(k).ok()) else {
-                        return;
+                    let msg = match rec.message() {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::debug!(topic = %reader_topic, offset = rec.offset, error = %e, "record skipped");
+                            return;
+                        }
                     };
-                    if lodestream_mqtt::topic::validate_topic_name(key).is_err() {
-                        tracing::debug!(topic = %reader_topic, key, "record key is not a valid MQTT topic; skipped");
-                        return;
-                    }
-                    let msg = Message::from_record(
-                        key.to_string(),
-                        rec.value.clone().unwrap_or_default(),
-                        rec.timestamp_ms,
-                        rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
-                    );
                     let source = Source {
                         topic: source_topic.clone(),
                         partition: rec.partition,
@@ -353,19 +332,16 @@ impl Node {
             publisher: Some(client_id.to_string()),
             timestamp_ms: now_ms(),
         });
-        for attempt in 1..=10u32 {
-            match self.publish(msg.clone()).await {
-                Ok(()) => {
-                    tracing::debug!(client_id, topic = %msg.topic, "will published");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(client_id, attempt, error = %e, "publishing will failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
-                }
-            }
+        // 10 tries over about a minute; a give-up is logged and counted.
+        let retry = Retry::fixed("will", 10, Duration::ZERO, &self.metrics.retry_give_ups)
+            .backoff(Duration::from_secs(1), Duration::from_secs(10));
+        if retry
+            .run(client_id, || self.publish(msg.clone()))
+            .await
+            .is_ok()
+        {
+            tracing::debug!(client_id, topic = %msg.topic, "will published");
         }
-        tracing::error!(client_id, topic = %msg.topic, "will could not be written to Kafka");
     }
 
     /// Removes every subscription of a session from the index.
@@ -410,24 +386,66 @@ impl Node {
         Ok(())
     }
 
-    /// Persists in the background, retrying while Kafka is unavailable.
+    /// Waits until this node's view of the sessions topic holds every
+    /// record Kafka acknowledged before the call, from any node
+    /// (read-your-writes for the next CONNECT's claim).
+    pub async fn sessions_current(&self) -> Result<(), crate::session::high_watermarks::ViewError> {
+        const VIEW_WAIT: Duration = Duration::from_secs(10);
+        let marks = self
+            .sessions_marks
+            .after(std::time::Instant::now(), &self.control_producer)
+            .await?;
+        tokio::time::timeout(VIEW_WAIT, self.store.wait_read(&marks))
+            .await
+            .map_err(|_| crate::session::high_watermarks::ViewError::Behind(VIEW_WAIT))
+    }
+
+    /// Persists in the background, retrying while Kafka is unavailable, as
+    /// long as no newer claim exists (a late write would otherwise land
+    /// after that claim, and compaction keeps the last write). A give-up is
+    /// logged as an error and counted.
     pub fn persist_later(self: &Arc<Self>, rec: SessionRecord) {
         let node = self.clone();
+        // 10 tries over about a minute; a give-up is logged and counted
+        // (`retry_give_ups_total{what="session_write"}` and
+        // `session_writes_abandoned_total`): the session then resumes from
+        // its last persisted state.
+        let retry = Retry::fixed(
+            "session_write",
+            10,
+            Duration::ZERO,
+            &self.metrics.retry_give_ups,
+        )
+        .backoff(Duration::from_secs(1), Duration::from_secs(10));
         tokio::spawn(async move {
-            for attempt in 1..=10u64 {
-                match node.persist(rec.clone()).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(client_id = %rec.client_id, attempt, error = %e, "persisting session failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(attempt)).await;
+            let written = retry
+                .run(&rec.client_id, || async {
+                    // A late retry must not land after a newer claim.
+                    if node
+                        .store
+                        .summary(&rec.client_id)
+                        .is_some_and(|r| r.epoch > rec.epoch)
+                    {
+                        tracing::info!(client_id = %rec.client_id, epoch = rec.epoch, "session claimed again meanwhile; older state not written");
+                        return Ok(());
                     }
-                }
+                    node.persist(rec.clone()).await
+                })
+                .await;
+            if written.is_err() {
+                node.metrics.session_writes_abandoned.inc();
             }
         });
     }
 
     /// Deletes a session record, unless a newer claim exists.
     pub async fn tombstone(&self, client_id: &str, epoch: u64) {
+        // A claim another node wrote before now must be seen by the check
+        // below; when the view cannot be made current, the check runs on
+        // what it has.
+        if let Err(e) = self.sessions_current().await {
+            tracing::debug!(client_id, error = %e, "sessions view not current before tombstone");
+        }
         if self
             .store
             .summary(client_id)
@@ -544,6 +562,54 @@ impl Node {
         })
         .await;
     }
+}
+
+/// Reads the sessions topic into a new view, up to the high watermarks
+/// (at most 120 s), and keeps reading it; claims of other nodes kick this
+/// node's connections that hold an older epoch.
+async fn load_sessions(
+    kcfg: &crate::config::KafkaConfig,
+    node_id: &str,
+    registry: Arc<Registry>,
+    metrics: &Metrics,
+) -> anyhow::Result<(
+    Arc<SessionStore>,
+    TopicReader,
+    crate::session::high_watermarks::HighWatermarks,
+)> {
+    let store = Arc::new(SessionStore::new(node_id));
+    let (st, reg) = (store.clone(), registry);
+    let loaded_at = std::time::Instant::now();
+    let (sessions_reader, caught_up, starts) = kafka::TopicReader::start(
+        kcfg,
+        node_id,
+        &kcfg.sessions_topic,
+        kafka::StartAt::Beginning,
+        metrics,
+        move |rec| {
+            if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
+                reg.kick_remote(&client_id, epoch);
+            }
+            st.read_up_to(rec.partition, rec.offset + 1);
+        },
+    )
+    .await
+    .context("reading the sessions topic")?;
+    for (&partition, &start) in &starts {
+        store.read_up_to(partition, start);
+    }
+    let sessions_marks = crate::session::high_watermarks::HighWatermarks::new(
+        &kcfg.sessions_topic,
+        starts.keys().copied().collect(),
+    );
+    if tokio::time::timeout(Duration::from_secs(120), caught_up)
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions not fully loaded after 120 s; serving what is loaded");
+    }
+    tracing::info!(sessions = store.len(), elapsed = ?loaded_at.elapsed(), "sessions loaded");
+    Ok((store, sessions_reader, sessions_marks))
 }
 
 /// Every 10 s, sets `lodestream_kafka_consumer_lag{topic}`: how far this

@@ -36,23 +36,13 @@ impl RetainedStore {
 
     /// Applies a record of the retained topic (key = MQTT topic).
     pub fn apply_record(&self, rec: Record) {
-        let Some(key) = rec.key.as_ref().and_then(|k| std::str::from_utf8(k).ok()) else {
-            tracing::warn!(
-                offset = rec.offset,
-                "retained record without a UTF-8 key skipped"
-            );
-            return;
+        let msg = match rec.message() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(offset = rec.offset, error = %e, "retained record skipped");
+                return;
+            }
         };
-        if lodestream_mqtt::topic::validate_topic_name(key).is_err() {
-            tracing::warn!(key, "retained record with an invalid MQTT topic skipped");
-            return;
-        }
-        let msg = Message::from_record(
-            key.to_string(),
-            rec.value.unwrap_or_default(),
-            rec.timestamp_ms,
-            rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
-        );
         self.apply(Arc::new(Message {
             retain: true,
             ..msg

@@ -14,7 +14,7 @@ use crate::node::Node;
 use crate::transport::{ws, PeerCert, Transport};
 
 /// Binds an MQTT listener (TCP, TLS, WebSocket); port 0 allowed.
-pub async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
+pub async fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for MQTT on {addr}"))
@@ -22,7 +22,7 @@ pub async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
 
 /// Binds the metrics/health HTTP listener; port 0 allowed. Its own error
 /// message: a taken metrics port must not read as an MQTT port problem.
-pub async fn bind_http(addr: &str) -> anyhow::Result<TcpListener> {
+pub async fn bind_http(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for metrics/health HTTP on {addr}"))

@@ -70,11 +70,47 @@ pub struct SubscriptionIndex {
 /// (share group, inner filter): one shared subscription.
 type SharedKey = (Arc<str>, Arc<str>);
 
+/// What one session is granted for one message, over all its matching
+/// subscriptions: the highest QoS, RETAIN and every subscription identifier
+/// [MQTT-3.3.4-2..5]. Fan-out (`dispatch`) and the catch-up read of a
+/// resumed session both build it with `Grant::add`, so they agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+impl Grant {
+    /// Adds one matching subscription of `client_id` to `grant`; a no-local
+    /// subscription does not get the client's own messages [MQTT-3.8.3-3].
+    pub fn add(
+        grant: &mut Option<Grant>,
+        msg: &Message,
+        client_id: &str,
+        options: &SubscriptionOptions,
+        identifier: Option<u32>,
+    ) {
+        if options.no_local && msg.publisher.as_deref() == Some(client_id) {
+            return;
+        }
+        let qos = msg.qos.min(options.qos);
+        // [MQTT-3.3.1-12/13] RETAIN is cleared unless retain-as-published.
+        let retain = options.retain_as_published && msg.retain;
+        let g = grant.get_or_insert(Grant {
+            qos,
+            retain,
+            subscription_ids: Vec::new(),
+        });
+        g.qos = g.qos.max(qos);
+        g.retain |= retain;
+        g.subscription_ids.extend(identifier);
+    }
+}
+
 struct Pending {
     mailbox: Mailbox,
-    qos: QoS,
-    retain: bool,
-    ids: Vec<u32>,
+    grant: Option<Grant>,
 }
 
 impl SubscriptionIndex {
@@ -177,26 +213,13 @@ impl SubscriptionIndex {
                         .push((key.client_id.clone(), e.clone()));
                     return;
                 }
-                // [MQTT-3.8.3-3] no-local: not back to the publisher.
-                if e.options.no_local && msg.publisher.as_deref() == Some(&*key.client_id) {
-                    return;
-                }
-                let qos = msg.qos.min(e.options.qos);
-                // [MQTT-3.3.1-12/13] RETAIN is cleared unless retain-as-published.
-                let retain = e.options.retain_as_published && msg.retain;
                 let p = direct
                     .entry(key.client_id.clone())
                     .or_insert_with(|| Pending {
                         mailbox: e.mailbox.clone(),
-                        qos,
-                        retain,
-                        ids: Vec::new(),
+                        grant: None,
                     });
-                p.qos = p.qos.max(qos);
-                p.retain |= retain;
-                if let Some(id) = e.identifier {
-                    p.ids.push(id);
-                }
+                Grant::add(&mut p.grant, msg, &key.client_id, &e.options, e.identifier);
             });
             if let Some(s) = &source {
                 let mut pos = self.positions.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,27 +249,31 @@ impl SubscriptionIndex {
                 .map(|i| &members[(start + i) % n])
                 .find(|(_, e)| e.mailbox.tx.capacity() > 0)
                 .unwrap_or(&members[start % n]);
-            let e = &pick.1;
+            let (client_id, e) = pick;
+            let mut grant = None;
+            Grant::add(&mut grant, msg, client_id, &e.options, e.identifier);
             self.offer(
                 msg,
                 source,
                 Pending {
                     mailbox: e.mailbox.clone(),
-                    qos: msg.qos.min(e.options.qos),
-                    retain: e.options.retain_as_published && msg.retain,
-                    ids: e.identifier.into_iter().collect(),
+                    grant,
                 },
             );
         }
     }
 
     fn offer(&self, msg: &Arc<Message>, source: &Option<Source>, p: Pending) {
+        // No grant: every match was no-local for the publisher.
+        let Some(g) = p.grant else {
+            return;
+        };
         let d = Delivery {
             msg: msg.clone(),
             source: source.clone(),
-            qos: p.qos,
-            retain: p.retain,
-            subscription_ids: p.ids,
+            qos: g.qos,
+            retain: g.retain,
+            subscription_ids: g.subscription_ids,
         };
         match p.mailbox.tx.try_send(d) {
             Ok(()) => {}
@@ -269,30 +296,20 @@ impl SubscriptionIndex {
     }
 }
 
-/// What one session gets for a message from its own (non-shared)
-/// subscriptions: the QoS, the RETAIN flag and subscription identifiers, or
-/// `None` when nothing matches. The catch-up read of a resumed session uses
-/// it; fan-out applies the same rules through the trie.
+/// What one session is granted for a message from its own (non-shared)
+/// subscriptions, or `None` when nothing matches. The catch-up read of a
+/// resumed session uses it; fan-out applies the same `Grant::add` through
+/// the trie.
 pub fn delivery_for(
     subscriptions: &[(String, SubscriptionOptions, Option<u32>)],
     client_id: &str,
     msg: &Message,
-) -> Option<(QoS, bool, Vec<u32>)> {
-    let mut out: Option<(QoS, bool, Vec<u32>)> = None;
-    for (filter, o, id) in subscriptions {
-        if !lodestream_mqtt::topic::matches(filter, &msg.topic)
-            || (o.no_local && msg.publisher.as_deref() == Some(client_id))
-        {
-            continue;
-        }
-        let qos = msg.qos.min(o.qos);
-        let retain = o.retain_as_published && msg.retain;
-        let e = out.get_or_insert((qos, retain, Vec::new()));
-        e.0 = e.0.max(qos);
-        e.1 |= retain;
-        if let Some(id) = id {
-            e.2.push(*id);
+) -> Option<Grant> {
+    let mut grant = None;
+    for (filter, options, id) in subscriptions {
+        if lodestream_mqtt::topic::matches(filter, &msg.topic) {
+            Grant::add(&mut grant, msg, client_id, options, *id);
         }
     }
-    out
+    grant
 }

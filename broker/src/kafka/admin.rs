@@ -10,6 +10,8 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::types::RDKafkaErrorCode as Code;
 
 use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+use crate::retry::Retry;
 
 /// Replication of the topics the broker creates: `(replication factor,
 /// min.insync.replicas)`. `configured` 0 means decide from the cluster: 3
@@ -37,6 +39,7 @@ pub async fn ensure_topics(
     cfg: &KafkaConfig,
     node_id: &str,
     topics: &[TopicSpec],
+    metrics: &Metrics,
 ) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
         super::client_config(cfg, &format!("lodestream-admin-{node_id}")).create()?;
@@ -81,7 +84,16 @@ pub async fn ensure_topics(
         return Ok(());
     }
     for spec in compacted {
-        let policy = cleanup_policy(&admin, &opts, &spec.name).await?;
+        // A just-created topic's configuration can take a moment to become
+        // visible: up to 15 s (a loaded single-node Kafka can take that long).
+        let policy = Retry::fixed(
+            "topic_config",
+            60,
+            Duration::from_millis(250),
+            &metrics.retry_give_ups,
+        )
+        .run(&spec.name, || cleanup_policy(&admin, &opts, &spec.name))
+        .await?;
         if !policy.split(',').any(|p| p.trim() == "compact") {
             anyhow::bail!(
                 "Kafka topic {} must have cleanup.policy=compact (it has {policy:?}); fix it with \
@@ -94,37 +106,25 @@ pub async fn ensure_topics(
     Ok(())
 }
 
-/// A just-created topic's configuration can take a moment to become
-/// visible; retry briefly before judging it.
+/// The topic's `cleanup.policy`; an error while it is missing or unset.
 async fn cleanup_policy(
     admin: &AdminClient<DefaultClientContext>,
     opts: &AdminOptions,
     topic: &str,
 ) -> anyhow::Result<String> {
-    let mut last = String::new();
-    // Up to 15 s: a loaded single-node Kafka can take that long.
-    for _ in 0..60 {
-        let spec = ResourceSpecifier::Topic(topic);
-        let res = admin.describe_configs([&spec], opts).await?;
-        match res.into_iter().next() {
-            Some(Ok(r)) => {
-                last = r
-                    .get("cleanup.policy")
-                    .and_then(|e| e.value.clone())
-                    .unwrap_or_default();
-                if !last.is_empty() {
-                    return Ok(last);
-                }
-            }
-            Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) | None => {}
-            Some(Err(e)) => anyhow::bail!("cannot describe Kafka topic {topic}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    let spec = ResourceSpecifier::Topic(topic);
+    let res = admin.describe_configs([&spec], opts).await?;
+    match res.into_iter().next() {
+        Some(Ok(r)) => r
+            .get("cleanup.policy")
+            .and_then(|e| e.value.clone())
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("Kafka topic {topic}: cleanup.policy not visible yet")),
+        Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) | None => anyhow::bail!(
+            "Kafka topic {topic} is missing or its configuration cannot be read (kafka.create_topics = false?)"
+        ),
+        Some(Err(e)) => anyhow::bail!("cannot describe Kafka topic {topic}: {e}"),
     }
-    if last.is_empty() {
-        anyhow::bail!("Kafka topic {topic} is missing or its configuration cannot be read (kafka.create_topics = false?)");
-    }
-    Ok(last)
 }
 
 #[cfg(test)]

@@ -11,12 +11,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use lodestream_mqtt::SubscriptionOptions;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use super::Record;
 use crate::config::KafkaConfig;
-use crate::message::Message;
 use crate::session::{Delivery, Offsets, Source};
 use crate::subscriptions::{delivery_for, SubEntry, SubKey, SubscriptionIndex};
 
@@ -46,14 +45,7 @@ pub async fn run(
     let consumer: Option<StreamConsumer> = if pos.is_empty() {
         None
     } else {
-        let mut c = super::client_config(cfg, &format!("lodestream-catchup-{node_id}"));
-        c.set("group.id", format!("lodestream-catchup-{node_id}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
-            // Offsets below the log start (retention) resume at the start.
-            .set("auto.offset.reset", "earliest");
-        let consumer: StreamConsumer = c.create()?;
+        let consumer = super::consumer::assigned(cfg, "catchup", node_id, cfg.fetch_wait_max_ms)?;
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &pos {
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
@@ -103,33 +95,29 @@ pub async fn run(
                 Ok(None) => anyhow::bail!("catch-up consumer closed"),
                 Err(_) => break, // re-check positions (records may have been compacted away)
             };
-            let topic: Arc<str> = Arc::from(item.topic());
-            pos.insert((topic.clone(), item.partition()), item.offset() + 1);
-            let Some(key) = item.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                continue;
+            let rec = Record::copy_of(&item);
+            let topic: Arc<str> = Arc::from(rec.topic.as_str());
+            pos.insert((topic.clone(), rec.partition), rec.offset + 1);
+            // The same conversion as fan-out: a record fan-out would skip
+            // (e.g. key `cars/+`) is skipped here too.
+            let msg = match rec.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(topic = %topic, offset = rec.offset, error = %e, "record skipped");
+                    continue;
+                }
             };
-            let msg = Message::from_record(
-                key.to_string(),
-                item.payload()
-                    .map(bytes::Bytes::copy_from_slice)
-                    .unwrap_or_default(),
-                item.timestamp().to_millis().unwrap_or(0),
-                item.headers()
-                    .map(|hs| hs.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>())
-                    .unwrap_or_default(),
-            );
-            if let Some((qos, retain, ids)) = delivery_for(&job.subscriptions, &job.client_id, &msg)
-            {
+            if let Some(g) = delivery_for(&job.subscriptions, &job.client_id, &msg) {
                 let d = Delivery {
                     msg: Arc::new(msg),
                     source: Some(Source {
                         topic,
-                        partition: item.partition(),
-                        offset: item.offset(),
+                        partition: rec.partition,
+                        offset: rec.offset,
                     }),
-                    qos,
-                    retain,
-                    subscription_ids: ids,
+                    qos: g.qos,
+                    retain: g.retain,
+                    subscription_ids: g.subscription_ids,
                 };
                 if tx.send(d).await.is_err() {
                     anyhow::bail!("connection closed during catch-up");

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod catchup;
+mod consumer;
 mod producer;
 pub mod qos2_scan;
 mod reader;

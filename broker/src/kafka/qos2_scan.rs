@@ -23,12 +23,14 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::message::Qos2Flow;
+use crate::metrics::Metrics;
+use crate::retry::Retry;
 
 /// Records may carry a timestamp a little before the bound if the clock
 /// stepped back between the write and the bound being taken.
@@ -85,21 +87,21 @@ pub struct ScanRequest<'a> {
 pub async fn find_writes(
     cfg: &KafkaConfig,
     node_id: &str,
+    metrics: &Metrics,
     req: ScanRequest<'_>,
 ) -> anyhow::Result<Vec<u64>> {
     let started = Instant::now();
     // Metadata, timestamps and watermarks can fail transiently (a leader
     // moving, a cluster still starting): retry the scan until the deadline.
-    loop {
-        match scan(cfg, node_id, &req, started).await {
-            Ok(found) => return Ok(found),
-            Err(e) if started.elapsed() < TIMEOUT => {
-                tracing::debug!(topic = req.topic, error = %e, "QoS 2 scan failed; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    Retry::fixed(
+        "qos2_scan",
+        u32::MAX,
+        Duration::from_millis(250),
+        &metrics.retry_give_ups,
+    )
+    .within(TIMEOUT)
+    .run(req.topic, || scan(cfg, node_id, &req, started))
+    .await
 }
 
 async fn scan(
@@ -108,13 +110,7 @@ async fn scan(
     req: &ScanRequest<'_>,
     started: Instant,
 ) -> anyhow::Result<Vec<u64>> {
-    let mut c = super::client_config(cfg, &format!("lodestream-qos2-scan-{node_id}"));
-    c.set("group.id", format!("lodestream-qos2-scan-{node_id}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "50")
-        .set("auto.offset.reset", "earliest");
-    let consumer: StreamConsumer = c.create()?;
+    let consumer = super::consumer::assigned(cfg, "qos2-scan", node_id, 50)?;
     let meta = consumer.fetch_metadata(Some(req.topic), TIMEOUT)?;
     let partitions: Vec<i32> = meta
         .topics()

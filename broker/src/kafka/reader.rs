@@ -10,11 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use crate::config::KafkaConfig;
+use crate::message::{Message, NotAMessage};
+use crate::metrics::Metrics;
+use crate::retry::Retry;
 
 /// A record as the reader hands it over (owned: librdkafka's buffer is reused).
 #[derive(Debug, Clone)]
@@ -26,6 +28,18 @@ pub struct Record {
     pub value: Option<Bytes>,
     pub timestamp_ms: i64,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Record {
+    /// The MQTT message this record carries (see `Message::try_from_record`).
+    pub fn message(&self) -> Result<Message, NotAMessage> {
+        Message::try_from_record(
+            self.key.as_deref(),
+            self.value.clone().unwrap_or_default(),
+            self.timestamp_ms,
+            self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,44 +104,42 @@ impl TopicReader {
         node_id: &str,
         topic: &str,
         from: StartAt,
+        metrics: &Metrics,
         mut on_record: F,
     ) -> anyhow::Result<(TopicReader, oneshot::Receiver<()>, HashMap<i32, i64>)>
     where
         F: FnMut(Record) + Send + 'static,
     {
-        let mut c = super::client_config(cfg, &format!("lodestream-{node_id}-{topic}"));
-        // A group id is required by librdkafka, but nothing is committed: the
-        // reader always starts from explicit offsets.
-        c.set("group.id", format!("lodestream-reader-{node_id}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
-            .set("auto.offset.reset", "earliest");
-        let consumer: StreamConsumer = c.create()?;
-        let consumer = Arc::new(consumer);
-        let topic_owned = topic.to_string();
-        let c2 = consumer.clone();
-        // Metadata and watermark calls block; keep them off the runtime threads.
-        let (tpl, targets, starts) = tokio::task::spawn_blocking(move || {
-            // Right after topic creation a partition may have no leader yet:
-            // retry briefly before giving up.
-            let mut last = None;
-            for _ in 0..40 {
-                match start_offsets(&c2, &topic_owned, from) {
-                    Ok(x) => return Ok(x),
-                    Err(e) => {
-                        last = Some(e);
-                        std::thread::sleep(Duration::from_millis(250));
-                    }
+        let role = format!("reader-{topic}");
+        let consumer = Arc::new(super::consumer::assigned(
+            cfg,
+            &role,
+            node_id,
+            cfg.fetch_wait_max_ms,
+        )?);
+        // Right after topic creation a partition may have no leader yet:
+        // retry for up to 10 s before giving up.
+        let retry = Retry::fixed(
+            "reader_start",
+            40,
+            Duration::from_millis(250),
+            &metrics.retry_give_ups,
+        );
+        let (tpl, mut targets, starts) = retry
+            .run(topic, || {
+                let (c, t) = (consumer.clone(), topic.to_string());
+                // Metadata and watermark calls block; keep them off the runtime threads.
+                async move {
+                    tokio::task::spawn_blocking(move || start_offsets(&c, &t, from))
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|r| r)
                 }
-            }
-            Err(last.unwrap_or_else(|| anyhow::anyhow!("Kafka topic {topic_owned}: no metadata")))
-        })
-        .await??;
+            })
+            .await?;
         consumer.assign(&tpl)?;
         let (caught_up_tx, caught_up_rx) = oneshot::channel();
         let mut caught_up_tx = Some(caught_up_tx);
-        let mut targets = targets;
         if targets.is_empty() {
             if let Some(tx) = caught_up_tx.take() {
                 let _ = tx.send(());
@@ -145,22 +157,7 @@ impl TopicReader {
                         continue;
                     }
                 };
-                let rec = Record {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(Bytes::copy_from_slice),
-                    value: m.payload().map(Bytes::copy_from_slice),
-                    timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                };
+                let rec = Record::copy_of(&m);
                 let (p, o) = (rec.partition, rec.offset);
                 on_record(rec);
                 if let Some(t) = targets.get(&p) {

@@ -30,11 +30,14 @@ use crate::auth::CertIdentitySource;
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first.
-    pub cert: String,
+    #[serde(deserialize_with = "crate::config::empty_is_none")]
+    pub cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: String,
-    /// PEM CA bundle; non-empty enables client certificates.
-    pub client_ca: String,
+    #[serde(deserialize_with = "crate::config::empty_is_none")]
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle; set enables client certificates.
+    #[serde(deserialize_with = "crate::config::empty_is_none")]
+    pub client_ca: Option<PathBuf>,
     /// Refuse clients without a certificate (needs `client_ca`).
     pub require_client_cert: bool,
     /// Poll the files' mtime every this many seconds; 0 = no reload.
@@ -145,7 +148,7 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(what: &'static str, path: &str) -> Result<Vec<u8>, TlsError> {
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Io {
         what,
         path: path.into(),
@@ -153,7 +156,7 @@ fn read(what: &'static str, path: &str) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn pem_err(what: &'static str, path: &str, e: impl std::fmt::Display) -> TlsError {
+fn pem_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> TlsError {
     TlsError::Pem {
         what,
         path: path.into(),
@@ -161,7 +164,7 @@ fn pem_err(what: &'static str, path: &str, e: impl std::fmt::Display) -> TlsErro
     }
 }
 
-fn load_certs(what: &'static str, path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(what, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -173,35 +176,29 @@ fn load_certs(what: &'static str, path: &str) -> Result<Vec<CertificateDer<'stat
 }
 
 fn build(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
-    if cfg.cert.is_empty() {
-        return Err(TlsError::Missing("cert"));
-    }
-    if cfg.key.is_empty() {
-        return Err(TlsError::Missing("key"));
-    }
-    if cfg.require_client_cert && cfg.client_ca.is_empty() {
+    let cert = cfg.cert.as_deref().ok_or(TlsError::Missing("cert"))?;
+    let key_path = cfg.key.as_deref().ok_or(TlsError::Missing("key"))?;
+    if cfg.require_client_cert && cfg.client_ca.is_none() {
         return Err(TlsError::RequireWithoutCa);
     }
-    let chain = load_certs("certificate", &cfg.cert)?;
-    let key_pem = read("key", &cfg.key)?;
+    let chain = load_certs("certificate", cert)?;
+    let key_pem = read("key", key_path)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => {
-            pem_err("key", &cfg.key, "no PEM private key found")
+            pem_err("key", key_path, "no PEM private key found")
         }
-        e => pem_err("key", &cfg.key, e),
+        e => pem_err("key", key_path, e),
     })?;
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = if cfg.client_ca.is_empty() {
-        builder.with_no_client_auth()
-    } else {
+    let builder = if let Some(client_ca) = cfg.client_ca.as_deref() {
         let mut roots = RootCertStore::empty();
-        for ca in load_certs("client CA", &cfg.client_ca)? {
+        for ca in load_certs("client CA", client_ca)? {
             roots
                 .add(ca)
-                .map_err(|e| pem_err("client CA", &cfg.client_ca, e))?;
+                .map_err(|e| pem_err("client CA", client_ca, e))?;
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
         let verifier = if cfg.require_client_cert {
@@ -212,13 +209,16 @@ fn build(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
         builder.with_client_cert_verifier(
             verifier
                 .build()
-                .map_err(|e| pem_err("client CA", &cfg.client_ca, e))?,
+                .map_err(|e| pem_err("client CA", client_ca, e))?,
         )
+    } else {
+        builder.with_no_client_auth()
     };
     let server = builder.with_single_cert(chain, key).map_err(|e| {
         TlsError::Config(format!(
             "certificate {} with key {}: {e}",
-            cfg.cert, cfg.key
+            cert.display(),
+            key_path.display()
         ))
     })?;
     Ok(Arc::new(server))
@@ -227,9 +227,9 @@ fn build(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
 fn stamps(cfg: &TlsConfig) -> Stamps {
     [&cfg.cert, &cfg.key, &cfg.client_ca]
         .into_iter()
-        .filter(|p| !p.is_empty())
+        .flatten()
         .map(|p| {
-            std::fs::metadata(Path::new(p))
+            std::fs::metadata(p)
                 .ok()
                 .and_then(|m| Some((m.modified().ok()?, m.len())))
         })
@@ -260,7 +260,7 @@ impl Inner {
         match build(&self.cfg) {
             Ok(server) => {
                 self.install(server);
-                tracing::info!(cert = %self.cfg.cert, "TLS certificate reloaded");
+                tracing::info!(cert = ?self.cfg.cert, "TLS certificate reloaded");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificate")
@@ -448,13 +448,9 @@ pub(crate) mod tests {
 
         pub(crate) fn config(&self, mtls: bool) -> TlsConfig {
             TlsConfig {
-                cert: self.path("server.pem"),
-                key: self.path("server.key"),
-                client_ca: if mtls {
-                    self.path("ca.pem")
-                } else {
-                    String::new()
-                },
+                cert: Some(self.path("server.pem").into()),
+                key: Some(self.path("server.key").into()),
+                client_ca: mtls.then(|| self.path("ca.pem").into()),
                 require_client_cert: false,
                 reload_interval_s: 0,
             }
@@ -639,7 +635,7 @@ pub(crate) mod tests {
     fn configuration_errors_name_the_file() {
         let pki = Pki::new();
         let e = TlsAcceptor::new(&TlsConfig {
-            cert: "/nonexistent/cert.pem".into(),
+            cert: Some("/nonexistent/cert.pem".into()),
             ..pki.config(false)
         })
         .unwrap_err()
@@ -647,14 +643,14 @@ pub(crate) mod tests {
         assert!(e.contains("certificate file /nonexistent/cert.pem"), "{e}");
         std::fs::write(pki.path("empty.pem"), "not pem\n").unwrap();
         let e = TlsAcceptor::new(&TlsConfig {
-            key: pki.path("empty.pem"),
+            key: Some(pki.path("empty.pem").into()),
             ..pki.config(false)
         })
         .unwrap_err()
         .to_string();
         assert!(e.contains("key file") && e.contains("empty.pem"), "{e}");
         let e = TlsAcceptor::new(&TlsConfig {
-            client_ca: pki.path("empty.pem"),
+            client_ca: Some(pki.path("empty.pem").into()),
             ..pki.config(false)
         })
         .unwrap_err()

@@ -1,0 +1,18 @@
+//! The session lifecycle: what a session holds (`state`), its record in
+//! the sessions topic (`record`), every node's view of that topic
+//! (`store`), which client ids this node holds (`registry`), and the nodes'
+//! liveness (`liveness`) with the adoption of a dead node's sessions
+//! (`cluster`), and the claim at CONNECT (`lifecycle`).
+
+pub mod cluster;
+pub mod high_watermarks;
+pub mod inbound_qos2;
+pub mod lifecycle;
+pub mod liveness;
+pub mod mailbox;
+pub mod record;
+pub mod registry;
+pub mod state;
+pub mod store;
+
+pub use state::*;

@@ -1,0 +1,299 @@
+//! Session state that outlives a network connection [MQTT-4.1.0-*]: the
+//! subscriptions, the mailbox that Kafka fan-out fills, the QoS 1/2 flows in
+//! both directions and the Last Will. Pure bookkeeping, no I/O: the
+//! connection task drives it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use lodestream_mqtt::{LastWill, Publish, QoS, SubscriptionOptions};
+
+use crate::message::Message;
+use crate::session::inbound_qos2::InboundQos2;
+use crate::session::mailbox;
+
+/// Where a message sits in Kafka: sessions remember how far they got per
+/// partition, so a resumed session re-reads Kafka from there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Per Kafka partition, the next offset a session has not yet seen.
+pub type Offsets = HashMap<(Arc<str>, i32), i64>;
+
+/// What fan-out hands a session for one matching message.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    /// `None` for retained messages (served from the retained view).
+    pub source: Option<Source>,
+    /// Already downgraded to the subscription's maximum QoS.
+    pub qos: QoS,
+    /// RETAIN flag to put on the outgoing PUBLISH.
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Flags fan-out sets on a session without taking its lock.
+#[derive(Debug, Default)]
+pub struct SessionFlags {
+    /// A QoS 1/2 message could not be queued because the mailbox was full.
+    pub overflowed: AtomicBool,
+}
+
+/// The sending side of a session's mailbox, stored in the subscription index.
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    pub tx: mailbox::Sender<Delivery>,
+    pub flags: Arc<SessionFlags>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+}
+
+/// One outbound QoS 1/2 flow (server -> client) [MQTT-4.3.2/4.3.3].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutFlow {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published(Box<Publish>),
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+/// Outbound QoS 1/2 flows in the order they started, so they can be resent
+/// in order on reconnect [MQTT-4.4.0-1].
+#[derive(Debug, Default)]
+pub struct Outbound {
+    flows: VecDeque<(u16, OutFlow)>,
+    in_use: HashSet<u16>,
+    next_id: u16,
+}
+
+impl Outbound {
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// A packet id not used by any flow in progress [MQTT-2.2.1-3]; `None`
+    /// when all 65,535 are taken.
+    pub fn next_packet_id(&mut self) -> Option<u16> {
+        if self.flows.len() >= u16::MAX as usize {
+            return None;
+        }
+        loop {
+            self.next_id = self.next_id.wrapping_add(1);
+            if self.next_id != 0 && !self.in_use.contains(&self.next_id) {
+                return Some(self.next_id);
+            }
+        }
+    }
+
+    pub fn start(&mut self, id: u16, publish: Publish) {
+        self.in_use.insert(id);
+        self.flows
+            .push_back((id, OutFlow::Published(Box::new(publish))));
+    }
+
+    /// A QoS 2 flow restored in its PUBREL stage.
+    pub fn start_released(&mut self, id: u16) {
+        self.in_use.insert(id);
+        self.flows.push_back((id, OutFlow::Released));
+    }
+
+    fn remove(&mut self, p: usize) {
+        if let Some((id, _)) = self.flows.remove(p) {
+            self.in_use.remove(&id);
+        }
+    }
+
+    fn position(&self, id: u16) -> Option<usize> {
+        if !self.in_use.contains(&id) {
+            return None;
+        }
+        self.flows.iter().position(|(i, _)| *i == id)
+    }
+
+    /// PUBACK for a QoS 1 flow: true if it ended one.
+    pub fn puback(&mut self, id: u16) -> bool {
+        match self.position(id) {
+            Some(p) if matches!(&self.flows[p].1, OutFlow::Published(pb) if pb.qos == QoS::AtLeastOnce) =>
+            {
+                self.remove(p);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// PUBREC for a QoS 2 flow. `Some(true)` = reply PUBREL; `Some(false)` =
+    /// the client refused it (error reason), the flow ends; `None` = unknown id.
+    pub fn pubrec(&mut self, id: u16, refused: bool) -> Option<bool> {
+        let p = self.position(id)?;
+        match &self.flows[p].1 {
+            OutFlow::Published(pb) if pb.qos == QoS::ExactlyOnce => {
+                if refused {
+                    self.remove(p);
+                    Some(false)
+                } else {
+                    self.flows[p].1 = OutFlow::Released;
+                    Some(true)
+                }
+            }
+            // A repeated PUBREC after a resend: answer PUBREL again.
+            OutFlow::Released => Some(true),
+            OutFlow::Published(_) => None,
+        }
+    }
+
+    /// PUBCOMP: true if it ended a QoS 2 flow.
+    pub fn pubcomp(&mut self, id: u16) -> bool {
+        match self.position(id) {
+            Some(p) if self.flows[p].1 == OutFlow::Released => {
+                self.remove(p);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Flows to resend after a reconnect, in order, PUBLISHes with DUP set.
+    pub fn resend(&self) -> Vec<(u16, OutFlow)> {
+        self.flows
+            .iter()
+            .map(|(id, f)| {
+                let f = match f {
+                    OutFlow::Published(p) => OutFlow::Published(Box::new(Publish {
+                        dup: true,
+                        ..(**p).clone()
+                    })),
+                    OutFlow::Released => OutFlow::Released,
+                };
+                (*id, f)
+            })
+            .collect()
+    }
+}
+
+pub struct Session {
+    pub client_id: Arc<str>,
+    /// Seconds the session outlives its connection; 0 = ends with it.
+    pub expiry_s: u32,
+    /// Keyed by the filter as the client sent it (incl. `$share/…`).
+    pub subscriptions: HashMap<String, Subscription>,
+    pub mailbox: Mailbox,
+    pub inbox: mailbox::Receiver<Delivery>,
+    pub outbound: Outbound,
+    /// QoS 2 flows from the client: ids acknowledged with PUBREC and
+    /// awaiting PUBREL (a PUBLISH with one of these ids is a duplicate
+    /// [MQTT-4.3.3-9]), plus what recognises duplicates after a node crash.
+    pub inbound_qos2: InboundQos2,
+    pub will: Option<LastWill>,
+    /// Next Kafka offset per partition this session has not been given.
+    pub offsets: Offsets,
+    /// Epoch of this node's claim in the sessions topic.
+    pub epoch: u64,
+}
+
+impl Session {
+    pub fn new(client_id: Arc<str>, queue: usize) -> Session {
+        let (tx, rx) = mailbox::channel(queue.max(1));
+        Session {
+            client_id,
+            expiry_s: 0,
+            subscriptions: HashMap::new(),
+            mailbox: Mailbox {
+                tx,
+                flags: Arc::new(SessionFlags::default()),
+            },
+            inbox: rx,
+            outbound: Outbound::default(),
+            inbound_qos2: InboundQos2::default(),
+            will: None,
+            offsets: Offsets::new(),
+            epoch: 0,
+        }
+    }
+
+    pub fn take_overflow(&self) -> bool {
+        self.mailbox.flags.overflowed.swap(false, Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use lodestream_mqtt::Properties;
+
+    fn publish(qos: QoS) -> Publish {
+        Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: "t".into(),
+            packet_id: None,
+            payload: Bytes::new(),
+            properties: Properties::default(),
+        }
+    }
+
+    /// [MQTT-2.2.1-3] a new flow never reuses an id in use; 0 is never used.
+    #[test]
+    fn packet_ids_are_unique_and_non_zero() {
+        let mut o = Outbound::default();
+        let mut seen = HashSet::new();
+        for _ in 0..70_000u32 {
+            match o.next_packet_id() {
+                Some(id) => {
+                    assert_ne!(id, 0);
+                    assert!(seen.insert(id));
+                    o.start(id, publish(QoS::AtLeastOnce));
+                }
+                None => break,
+            }
+        }
+        assert_eq!(o.len(), 65_535);
+        assert!(o.puback(7));
+        assert_eq!(o.next_packet_id(), Some(7));
+    }
+
+    /// [MQTT-4.3.3] QoS 2: PUBLISH -> PUBREC -> PUBREL -> PUBCOMP.
+    #[test]
+    fn qos2_flow_and_resend_order() {
+        let mut o = Outbound::default();
+        o.start(1, publish(QoS::ExactlyOnce));
+        o.start(2, publish(QoS::AtLeastOnce));
+        assert!(!o.puback(1), "PUBACK does not end a QoS 2 flow");
+        assert_eq!(o.pubrec(1, false), Some(true));
+        assert_eq!(o.pubrec(2, false), None);
+        let r = o.resend();
+        assert_eq!(r[0], (1, OutFlow::Released));
+        assert!(
+            matches!(&r[1], (2, OutFlow::Published(p)) if p.dup),
+            "[MQTT-4.4.0-1] DUP set on resend"
+        );
+        assert!(o.pubcomp(1));
+        assert!(!o.pubcomp(1));
+        assert!(o.puback(2));
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn refused_pubrec_ends_flow() {
+        let mut o = Outbound::default();
+        o.start(5, publish(QoS::ExactlyOnce));
+        assert_eq!(o.pubrec(5, true), Some(false));
+        assert!(o.is_empty());
+    }
+}
