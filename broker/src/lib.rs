@@ -19,6 +19,7 @@ pub mod session;
 pub mod session_record;
 pub mod session_store;
 pub mod subscriptions;
+pub mod sys;
 
 use std::sync::Arc;
 
@@ -42,6 +43,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let node = Node::start(config).await?;
     tokio::spawn(cluster::run(node.clone()));
     tokio::spawn(node::report_consumer_lag(node.clone()));
+    tokio::spawn(sys::run(node.clone()));
     let mut running = Running {
         node: node.clone(),
         tcp: None,
