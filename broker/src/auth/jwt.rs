@@ -537,6 +537,29 @@ mod tests {
     }
 
     #[test]
+    fn example_rules_scope_a_token_to_its_fleet() {
+        use crate::acl::{Acl, Action};
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/acl-jwt.toml");
+        let acl = Acl::load(&path).unwrap();
+        let (v, _d) = hs_verifier(JwtConfig::default());
+        let t = token(json!({"sub": "truck-7", "fleet": "north", "exp": now() + 60}), SECRET);
+        let ok = v.verify(&t).unwrap();
+        let id = crate::auth::Identity {
+            username: Some(ok.identity),
+            cert_identity: None,
+            client_id: "c".into(),
+            anonymous: false,
+            claims: Some(ok.claims),
+        };
+        assert!(acl.check(&id, Action::Publish, "fleets/north/truck-7/gps"));
+        assert!(!acl.check(&id, Action::Publish, "fleets/north/truck-8/gps"));
+        assert!(!acl.check(&id, Action::Publish, "fleets/south/truck-7/gps"));
+        assert!(acl.check(&id, Action::Subscribe, "fleets/north/+/gps"));
+        assert!(!acl.check(&id, Action::Subscribe, "fleets/+/+/gps"));
+        assert!(!acl.check(&id, Action::Subscribe, "$SYS/#"));
+    }
+
+    #[test]
     fn jwt_shaped_passwords_only() {
         let t = token(json!({"sub": "a"}), SECRET);
         assert!(looks_like_jwt(t.as_bytes()));
