@@ -542,7 +542,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/acl-jwt.toml");
         let acl = Acl::load(&path).unwrap();
         let (v, _d) = hs_verifier(JwtConfig::default());
-        let t = token(json!({"sub": "truck-7", "fleet": "north", "exp": now() + 60}), SECRET);
+        let t = token(
+            json!({"sub": "truck-7", "fleet": "north", "exp": now() + 60}),
+            SECRET,
+        );
         let ok = v.verify(&t).unwrap();
         let id = crate::auth::Identity {
             username: Some(ok.identity),
