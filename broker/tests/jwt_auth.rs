@@ -75,17 +75,6 @@ fn keys() -> Keys {
     ]);
     let ec = rcgen::KeyPair::generate().unwrap();
     std::fs::write(dir.join("jwks.json"), jwks(&ec, HS_SECRET)).unwrap();
-    std::fs::write(
-        dir.join("acl.toml"),
-        r#"
-[[rule]]
-who = "authenticated"
-action = "all"
-topics = ["fleets/%{claim:fleet}/%u/#", "fleets/%{claim:fleet}/+/+"]
-allow = true
-"#,
-    )
-    .unwrap();
     Keys {
         rsa_private: std::fs::read(&private).unwrap(),
         dir,
@@ -127,7 +116,8 @@ async fn broker(k: &Keys, topic: &str) -> common::Broker {
     c.auth.jwt.jwks_file = k.path("jwks.json");
     c.auth.jwt.audience = vec!["lodestream".into()];
     c.auth.jwt.issuer = vec!["https://idp.test".into()];
-    c.acl.file = k.path("acl.toml");
+    // The documented claim rules: a truck publishes under fleets/<fleet>/<sub>/.
+    c.acl.file = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/acl-jwt.toml").into();
     common::start_with(c).await
 }
 
