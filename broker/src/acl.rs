@@ -160,6 +160,11 @@ impl Acl {
     /// For publish `topic_or_filter` is a topic name; for subscribe it is a
     /// filter (see the module documentation for how rules apply to filters).
     pub fn check(&self, who: &Identity, action: Action, topic_or_filter: &str) -> bool {
+        // `$SYS` is the broker's own (crate::sys): a client's figures there
+        // would be taken for a node's and enter the cluster totals.
+        if action == Action::Publish && topic_or_filter.starts_with("$SYS/") {
+            return false;
+        }
         let Some(rules) = &self.rules else {
             return true;
         };
@@ -642,6 +647,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/acl.toml"), "{e}");
+    }
+
+    #[test]
+    fn no_client_publishes_to_sys_whatever_the_rules() {
+        let everything = Acl::parse(
+            "[[rule]]\nwho = \"*\"\naction = \"all\"\ntopics = [\"#\", \"$SYS/#\"]\nallow = true\n",
+        )
+        .unwrap();
+        for acl in [Acl::allow_all(), everything] {
+            assert!(!acl.check(
+                &user("admin"),
+                Action::Publish,
+                "$SYS/broker/nodes/x/clients/connected"
+            ));
+            assert!(acl.check(&user("admin"), Action::Subscribe, "$SYS/#"));
+            assert!(acl.check(&user("admin"), Action::Publish, "trucks/1"));
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! JWT authentication with real clients: mosquitto_pub / mosquitto_sub
-//! (`-P <token>`) over TCP and rumqttc over WebSocket, against a broker
+//! JWT authentication with real clients: mosquitto_pub (`-P <token>`)
+//! over TCP and rumqttc over WebSocket, against a broker
 //! whose keys are an RS256 PEM (from `openssl`) and a JWKS file holding an
 //! ES256 and an HS256 key. Refusals: 0x86 for a token that cannot be trusted
 //! or is expired, 0x87 for a genuine token without the identity claim.
