@@ -321,3 +321,67 @@ async fn rotated_jwks_is_used_after_reload() {
     let (ok, out) = mosquitto_pub(b.port(), &new, "fleets/north/truck-5/gps").await;
     assert!(ok, "{out}");
 }
+
+/// The real binary: `kill -HUP` makes it re-read the JWKS file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_jwks_of_the_broker_binary() {
+    let k = keys();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = k.path("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listeners]\ntcp = \"127.0.0.1:{port}\"\nws = \"\"\nmetrics = \"\"\n\
+             [kafka]\nbootstrap_servers = \"{}\"\ndefault_topic = \"{}\"\nretained_topic = \"{}\"\n\
+             sessions_topic = \"{}\"\nnodes_topic = \"{}\"\n\
+             [auth]\nallow_anonymous = false\nfailure_delay_ms = 0\n\
+             [auth.jwt]\njwks_file = \"{}\"\n[sys]\ninterval_s = 0\n",
+            common::kafka(),
+            common::unique("default"),
+            common::unique("retained"),
+            common::unique("sessions"),
+            common::unique("nodes"),
+            k.path("jwks.json"),
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["--config", &config])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("broker binary");
+    let pid = child.id().to_string();
+    let _proc = common::Proc(child);
+    common::wait_port(port).await;
+    let mut claims = json!({"sub": "truck-6", "exp": now() + 300});
+    let old = k.hs256(claims.clone(), HS_SECRET);
+    let (ok, out) = mosquitto_pub(port, &old, "fleets/north/truck-6/gps").await;
+    assert!(ok, "{out}");
+
+    let rotated = b"sighup-rotated-secret-of-32-byte";
+    std::fs::write(k.dir.join("jwks.json"), jwks(&k.ec, rotated)).unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    claims["jti"] = json!("after-reload");
+    let new = k.hs256(claims, rotated);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = mosquitto_pub(port, &new, "fleets/north/truck-6/gps").await;
+        if ok {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new key never accepted: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (ok, out) = mosquitto_pub(port, &old, "fleets/north/truck-6/gps").await;
+    assert!(!ok && out.contains("received CONNACK (134)"), "{out}");
+}
