@@ -18,6 +18,10 @@
 //! count. Counters of a node that restarts start again from 0, as in
 //! Mosquitto.
 //!
+//! The publishing node also deletes (empty retained payload) the expired
+//! figures of departed nodes, so node ids that come and go (random ones,
+//! by default) do not pile up in the retained topic.
+//!
 //! Reading `$SYS` is a subscription like any other, so the authorization
 //! rules apply; and [MQTT-4.7.2-1] a filter starting with `#` or `+` never
 //! matches a `$SYS` topic.
@@ -258,6 +262,8 @@ pub async fn run(node: Arc<Node>) {
             let mut all: Vec<Figures> = peers.into_iter().map(|(_, f)| f).collect();
             all.push(mine);
             topics.extend(cluster_topics(&Figures::combine(&all), all.len()));
+            let gone = node.retained.expired(&format!("{ROOT}/nodes/#"), now_ms());
+            topics.extend(gone.into_iter().map(|t| (t, String::new())));
         }
         publish(&node, topics, expiry).await;
     }

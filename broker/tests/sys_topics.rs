@@ -353,3 +353,56 @@ allow = true
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Waits for a PUBLISH with payload `want`.
+async fn wait_payload(c: &mut Client, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let p = tokio::time::timeout_at(deadline, c.publishes.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no payload {want}"))
+            .expect("open");
+        if p.payload == want.as_bytes() {
+            return;
+        }
+    }
+}
+
+/// A node that leaves stops counting once its figures expire (three
+/// intervals), and the publishing node then deletes them: the retained
+/// topic ends with a tombstone for each, so departed node ids do not pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_nodes_figures_expire_and_are_deleted() {
+    let mut c = common::test_config(&[]);
+    c.sys.interval_s = 1;
+    c.node_id = common::unique("aa");
+    let a = common::start_with(c.clone()).await;
+    let mut c2 = common::test_config(&[]);
+    c2.kafka = c.kafka.clone();
+    c2.sys.interval_s = 1;
+    c2.node_id = common::unique("zz");
+    let b = common::start_with(c2.clone()).await;
+    let gone = lodestream_broker::sys::node_level(&c2.node_id);
+    let mut monitor = connect(a.port()).await;
+    monitor.subscribe("$SYS/broker/nodes/count").await;
+    wait_payload(&mut monitor, "2").await;
+    b.node().shutdown(Duration::from_secs(1)).await;
+    wait_payload(&mut monitor, "1").await;
+    // The deletions follow in the same round; give them a round to land.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let prefix = format!("$SYS/broker/nodes/{gone}/");
+    assert!(a
+        .node()
+        .retained
+        .matching(&format!("{prefix}#"), i64::MAX)
+        .is_empty());
+    let recs = common::read_topic(&a.retained_topic, 10_000, Duration::from_secs(5));
+    let mut last: HashMap<String, bool> = HashMap::new();
+    for r in &recs {
+        if let Some(k) = r.key.as_ref().filter(|k| k.starts_with(&prefix)) {
+            last.insert(k.clone(), r.value.is_none());
+        }
+    }
+    assert!(!last.is_empty(), "the departed node published figures");
+    assert!(last.values().all(|tombstone| *tombstone), "{last:?}");
+}
