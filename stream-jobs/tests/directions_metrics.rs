@@ -2,11 +2,11 @@
 //! processed records from a real Kafka (`LODESTREAM_KAFKA=host:port`, e.g.
 //! from `scripts/kafka-local start`; without it the test fails loudly).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use stream_jobs::directions::{run_with_metrics, Args};
@@ -40,18 +40,7 @@ async fn metrics_endpoint_counts_real_records() {
         .expect("LODESTREAM_KAFKA=host:port of a running Kafka (scripts/kafka-local start)");
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let positions = format!("it-metrics-pos-{suffix}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .expect("admin");
-    let res = admin
-        .create_topics(
-            &[NewTopic::new(&positions, 2, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topic");
-    assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    common::create_topic(&bootstrap, &positions, 2).await;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
