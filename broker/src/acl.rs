@@ -6,7 +6,8 @@
 //! [[rule]]
 //! who = "user:trucksim"        # user:NAME | cert:ID | anonymous | authenticated | *
 //! action = "publish"           # publish | subscribe | all
-//! topics = ["trucks/#"]        # MQTT filters; %u = username, %c = client id
+//! topics = ["trucks/#"]        # MQTT filters; %u = username, %c = client id,
+//!                              # %{claim:NAME} = claim NAME of the login JWT
 //! allow = true                 # required: true allows, false denies
 //! match = "pattern"            # optional: pattern (default) | literal
 //! overlap = "refuse"           # optional, deny rules for subscribe: refuse (default) | filter
@@ -51,6 +52,9 @@
 //! using `%u` never matches an identity without a username; a value
 //! containing `/`, `+`, `#` or NUL (or an empty one) makes the rule not match,
 //! so a client cannot widen a rule through its own name or client id.
+//! `%{claim:NAME}` is the string (or number) claim NAME of the JWT the client
+//! logged in with (see `auth::jwt`), under the same safety rule; a rule using
+//! it never matches a client without a token or without that claim.
 
 use std::path::Path;
 
@@ -247,6 +251,11 @@ impl Acl {
     /// For publish `topic_or_filter` is a topic name; for subscribe it is a
     /// filter (see the module documentation for how rules apply to filters).
     pub fn check(&self, who: &Identity, action: Action, topic_or_filter: &str) -> bool {
+        // `$SYS` is the broker's own (crate::sys): a client's figures there
+        // would be taken for a node's and enter the cluster totals.
+        if action == Action::Publish && topic_or_filter.starts_with("$SYS/") {
+            return false;
+        }
         let Some(rules) = &self.rules else {
             return true;
         };
@@ -298,7 +307,9 @@ fn substitute(pattern: &str, who: &Identity) -> Option<String> {
         return Some(pattern.to_string());
     }
     let safe = |v: &str| !v.is_empty() && !v.contains(['/', '+', '#', '\0']);
-    let mut out = pattern.to_string();
+    let mut out = replace_claims(pattern, |name| {
+        claim_value(who.claims.as_deref(), name).filter(|v| safe(v))
+    })?;
     if out.contains("%u") {
         let user = who.username.as_deref().filter(|u| safe(u))?;
         out = out.replace("%u", user);
@@ -310,6 +321,36 @@ fn substitute(pattern: &str, who: &Identity) -> Option<String> {
         out = out.replace("%c", &who.client_id);
     }
     Some(out)
+}
+
+const CLAIM_OPEN: &str = "%{claim:";
+
+/// Replaces every `%{claim:NAME}` with `value(NAME)`; `None` when a
+/// placeholder is unterminated or `value` gives nothing.
+fn replace_claims(pattern: &str, value: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let mut out = String::with_capacity(pattern.len());
+    let mut rest = pattern;
+    while let Some(at) = rest.find(CLAIM_OPEN) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + CLAIM_OPEN.len()..];
+        let end = after.find('}')?;
+        out.push_str(&value(&after[..end])?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// A claim's value for a rule: strings and numbers only.
+fn claim_value(
+    claims: Option<&serde_json::Map<String, serde_json::Value>>,
+    name: &str,
+) -> Option<String> {
+    match claims?.get(name)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -413,7 +454,14 @@ fn parse_with(text: &str, path: Option<String>) -> Result<Acl, AclError> {
         }
         for t in &topics {
             // Check the syntax with placeholders standing for one level part.
-            let probe = t.replace("%u", "u").replace("%c", "c");
+            let probe = replace_claims(t, |name| (!name.is_empty()).then(|| "x".into()))
+                .map(|p| p.replace("%u", "u").replace("%c", "c"));
+            let Some(probe) = probe else {
+                return Err(err(
+                    topics_span.clone(),
+                    format!("topic filter {t:?}: %{{claim:NAME}} needs a name and a closing brace"),
+                ));
+            };
             if let Err(e) = validate_topic_filter(&probe) {
                 return Err(err(topics_span.clone(), format!("topic filter {t:?}: {e}")));
             }
@@ -450,6 +498,7 @@ mod tests {
             cert_identity: None,
             client_id: format!("{name}-client"),
             anonymous: false,
+            claims: None,
         }
     }
 
@@ -459,6 +508,7 @@ mod tests {
             cert_identity: Some(id.into()),
             client_id: format!("{id}-client"),
             anonymous: false,
+            claims: None,
         }
     }
 
@@ -468,6 +518,7 @@ mod tests {
             cert_identity: None,
             client_id: "anon-client".into(),
             anonymous: true,
+            claims: None,
         }
     }
 
@@ -848,6 +899,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/acl.toml"), "{e}");
+    }
+
+    #[test]
+    fn no_client_publishes_to_sys_whatever_the_rules() {
+        let everything = Acl::parse(
+            "[[rule]]\nwho = \"*\"\naction = \"all\"\ntopics = [\"#\", \"$SYS/#\"]\nallow = true\n",
+        )
+        .unwrap();
+        for acl in [Acl::allow_all(), everything] {
+            assert!(!acl.check(
+                &user("admin"),
+                Action::Publish,
+                "$SYS/broker/nodes/x/clients/connected"
+            ));
+            assert!(acl.check(&user("admin"), Action::Subscribe, "$SYS/#"));
+            assert!(acl.check(&user("admin"), Action::Publish, "trucks/1"));
+        }
+    }
+
+    #[test]
+    fn claim_substitution_from_the_login_token() {
+        let acl = Acl::parse(
+            r#"
+            [[rule]]
+            who = "authenticated"
+            action = "all"
+            topics = ["fleets/%{claim:fleet}/%u/#", "regions/%{claim:region}/+"]
+            allow = true
+            "#,
+        )
+        .unwrap();
+        let with = |claims: serde_json::Value| Identity {
+            claims: claims.as_object().cloned().map(std::sync::Arc::new),
+            ..user("truck-7")
+        };
+        let north = with(serde_json::json!({"fleet": "north", "region": 44}));
+        assert!(acl.check(&north, Action::Publish, "fleets/north/truck-7/gps"));
+        assert!(acl.check(&north, Action::Subscribe, "regions/44/+"));
+        assert!(!acl.check(&north, Action::Publish, "fleets/south/truck-7/gps"));
+        // No token, a missing claim, a non-scalar claim or a wildcard in the
+        // claim: the placeholder rule does not match.
+        for who in [
+            user("truck-7"),
+            with(serde_json::json!({"region": 1})),
+            with(serde_json::json!({"fleet": ["north"]})),
+            with(serde_json::json!({"fleet": "+"})),
+            with(serde_json::json!({"fleet": "a/b"})),
+        ] {
+            assert!(!acl.check(&who, Action::Publish, "fleets/north/truck-7/gps"));
+            assert!(!acl.check(&who, Action::Publish, "fleets/+/truck-7/gps"));
+        }
+        for bad in ["a/%{claim:fleet", "a/%{claim:}/b"] {
+            let text = format!(
+                "[[rule]]\nwho = \"*\"\naction = \"all\"\ntopics = [\"{bad}\"]\nallow = true\n"
+            );
+            let e = Acl::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("claim"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -32,6 +32,11 @@
 //! Password file format: one `username:PHC-string` per line, `#` starts a
 //! comment line, blank lines are ignored. Usernames must not contain `:` or
 //! whitespace. Create entries with `broker passwd FILE USER` ([`set_password`]).
+//!
+//! With `[auth.jwt]` configured, a password in JWT form is verified as a
+//! token instead (the username is then ignored), see [`jwt`].
+
+pub mod jwt;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -57,6 +62,8 @@ pub struct Identity {
     pub client_id: String,
     /// Neither a verified username nor a certificate.
     pub anonymous: bool,
+    /// Claims of the verified JWT the client logged in with, if any.
+    pub claims: Option<jwt::Claims>,
 }
 
 /// Which certificate field names the client.
@@ -95,6 +102,8 @@ pub struct AuthConfig {
     pub success_cache_ttl_s: u64,
     /// Entries the success cache holds at most.
     pub success_cache_max: usize,
+    /// JWT authentication (token as the MQTT password); off without keys.
+    pub jwt: jwt::JwtConfig,
 }
 
 impl Default for AuthConfig {
@@ -107,6 +116,7 @@ impl Default for AuthConfig {
             max_failures_per_minute: 20,
             success_cache_ttl_s: 300,
             success_cache_max: 200_000,
+            jwt: jwt::JwtConfig::default(),
         }
     }
 }
@@ -129,6 +139,8 @@ pub enum AuthError {
     InvalidUser(String),
     #[error("password hashing failed: {0}")]
     Hash(String),
+    #[error(transparent)]
+    Jwt(#[from] jwt::JwtError),
 }
 
 /// Source addresses whose failures are remembered at most (bounded memory).
@@ -277,6 +289,8 @@ struct Inner {
     /// core, so a connection flood must queue here rather than exhaust memory
     /// through the blocking pool.
     verify_slots: Semaphore,
+    /// `None` when JWT authentication is not configured.
+    jwt: Option<jwt::JwtVerifier>,
 }
 
 /// Authenticates CONNECTs. Cheap to clone.
@@ -301,6 +315,7 @@ impl Authenticator {
             None => None,
             Some(file) => Some(Arc::new(load_users(file)?)),
         };
+        let jwt = jwt::JwtVerifier::new(&cfg.jwt)?;
         let slots = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
@@ -311,14 +326,19 @@ impl Authenticator {
                 users: RwLock::new(users),
                 failures: Mutex::new(FailureTable::default()),
                 verify_slots: Semaphore::new(slots),
+                jwt,
             }),
         })
     }
 
-    /// Re-reads the password file. On error the previous users stay in force.
-    /// Blocking (file read and one argon2 hash): call it from
-    /// `spawn_blocking` inside the runtime.
+    /// Re-reads the JWT keys and the password file. On error the previous
+    /// keys / users stay in force. Blocking (file reads and one argon2 hash):
+    /// call it from `spawn_blocking` inside the runtime.
     pub fn reload(&self) -> Result<(), AuthError> {
+        if let Some(jwt) = &self.inner.jwt {
+            let n = jwt.reload()?;
+            tracing::info!(keys = n, "JWT keys reloaded");
+        }
         let Some(file) = &self.inner.cfg.password_file else {
             return Ok(());
         };
@@ -350,7 +370,13 @@ impl Authenticator {
             cert_identity: cert_identity.map(str::to_string),
             client_id: client_id.to_string(),
             anonymous,
+            claims: None,
         };
+        if let (Some(jwt), Some(token)) = (&self.inner.jwt, password) {
+            if jwt::looks_like_jwt(token) {
+                return self.token(jwt, token, identity(None, false)).await;
+            }
+        }
         let users = self
             .inner
             .users
@@ -391,6 +417,33 @@ impl Authenticator {
             }
         }
         self.fail(peer, client_id).await
+    }
+
+    /// A JWT password. Refusals are delayed like bad passwords but not
+    /// counted towards the source's ban: a signature cannot be guessed, and a
+    /// fleet behind one NAT reconnecting with expired tokens must not lock
+    /// out its peers' good ones.
+    async fn token(
+        &self,
+        jwt: &jwt::JwtVerifier,
+        token: &[u8],
+        mut id: Identity,
+    ) -> Result<Identity, ReasonCode> {
+        let verified = std::str::from_utf8(token)
+            .map_err(|_| jwt::JwtRefusal::Invalid("not UTF-8".into()))
+            .and_then(|t| jwt.verify(t));
+        match verified {
+            Ok(v) => {
+                id.username = Some(v.identity);
+                id.claims = Some(v.claims);
+                Ok(id)
+            }
+            Err(refusal) => {
+                tracing::debug!(client_id = %id.client_id, %refusal, "login refused: token");
+                self.delay().await;
+                Err(refusal.reason_code())
+            }
+        }
     }
 
     fn anonymous(&self, id: Identity) -> Result<Identity, ReasonCode> {
@@ -644,7 +697,8 @@ mod tests {
                 username: Some("alice".into()),
                 cert_identity: None,
                 client_id: "c1".into(),
-                anonymous: false
+                anonymous: false,
+                claims: None,
             }
         );
         assert!(a

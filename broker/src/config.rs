@@ -41,6 +41,7 @@ pub struct Config {
     pub acl: AclConfig,
     pub tls: crate::transport::TlsConfig,
     pub ws: crate::transport::WsConfig,
+    pub sys: crate::sys::SysConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

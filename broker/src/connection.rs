@@ -137,7 +137,7 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     node.open_connections.fetch_add(1, Ordering::Relaxed);
-    node.metrics.connections.inc();
+    node.metrics.connection_opened();
     node.metrics.connections_total.inc();
     let _guard = ConnGuard(node.clone());
     let (rd, wr) = tokio::io::split(stream);

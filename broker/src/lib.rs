@@ -14,6 +14,7 @@ pub mod retry;
 pub mod server;
 pub mod session;
 pub mod subscriptions;
+pub mod sys;
 
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ pub async fn start(config: config::Validated) -> anyhow::Result<Running> {
     let node = Node::start(config).await?;
     tokio::spawn(session::cluster::run(node.clone()));
     tokio::spawn(node::report_consumer_lag(node.clone()));
+    tokio::spawn(sys::run(node.clone()));
     let mut running = Running {
         node: node.clone(),
         tcp: None,

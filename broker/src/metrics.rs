@@ -80,6 +80,10 @@ pub struct Metrics {
     pub disconnects: IntCounterVec,
     pub retry_give_ups: IntCounterVec,
     pub session_writes_abandoned: IntCounter,
+    /// Highest `connections` since start; set from `peak` by [`Metrics::refresh`].
+    pub connections_max: IntGauge,
+    peak: std::sync::atomic::AtomicI64,
+    pub retained_messages: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -229,9 +233,35 @@ impl Metrics {
                 &r,
                 "lodestream_session_writes_abandoned_total",
                 "Background session-record writes given up after their last retry",
+            connections_max: gauge(
+                &r,
+                "lodestream_connections_max",
+                "Highest number of simultaneously open MQTT connections since start",
+            ),
+            peak: std::sync::atomic::AtomicI64::new(0),
+            retained_messages: gauge(
+                &r,
+                "lodestream_retained_messages",
+                "Retained messages (cluster-wide: every node holds them all)",
             ),
             registry: r,
         }
+    }
+
+    /// Counts an accepted connection and remembers the peak.
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+        self.peak
+            .fetch_max(self.connections.get(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets the gauges derived from other state; called before each scrape
+    /// and each `$SYS` publication so both show the same.
+    pub fn refresh(&self, retained: usize) {
+        self.connections_max
+            .set(self.peak.load(std::sync::atomic::Ordering::Relaxed));
+        self.retained_messages
+            .set(i64::try_from(retained).unwrap_or(i64::MAX));
     }
 
     pub fn render(&self) -> String {

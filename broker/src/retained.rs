@@ -63,6 +63,18 @@ impl RetainedStore {
         out
     }
 
+    /// Topics matching `filter` whose retained message has expired (still
+    /// held: expiry only hides a message, nothing deletes it by itself).
+    pub fn expired(&self, filter: &str, now_ms: i64) -> Vec<String> {
+        let m = self.map.read().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .filter(|msg| {
+                msg.is_expired(now_ms) && lodestream_mqtt::topic::matches(filter, &msg.topic)
+            })
+            .map(|msg| msg.topic.clone())
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|e| e.into_inner()).len()
     }

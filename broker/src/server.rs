@@ -169,7 +169,10 @@ async fn http_one(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<()>
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or("");
     let (status, ctype, body) = match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", node.metrics.render()),
+        "/metrics" => {
+            node.metrics.refresh(node.retained.len());
+            ("200 OK", "text/plain; version=0.0.4", node.metrics.render())
+        }
         "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
         "/ready" => {
             if kafka_reachable(&node).await {

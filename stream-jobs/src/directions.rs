@@ -13,6 +13,7 @@
 //! Splitting the work this way is what makes the totals right when several
 //! instances share the partitions: no instance ever sees the whole fleet.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -29,6 +30,7 @@ use tokio::time::{interval, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::agg::{parse_position, Aggregator, Applied, Merger, PartialStats};
+use crate::metrics::JobMetrics;
 use crate::window::{now_ms, CatchUp, RebalanceEvent, WindowContext};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -94,6 +96,9 @@ pub struct Args {
     /// Replication factor for topics this job creates (-1 = broker default).
     #[arg(long, env = "DIRECTIONS_REPLICATION", default_value_t = -1, allow_hyphen_values = true)]
     pub replication: i32,
+    /// Serve Prometheus metrics on this address, path /metrics (empty: off).
+    #[arg(long, env = "DIRECTIONS_METRICS_ADDR", default_value = "")]
+    pub metrics_addr: String,
     /// Extra librdkafka properties (e.g. security.protocol=SASL_SSL), repeatable.
     #[arg(long = "kafka-opt", value_parser = parse_kv)]
     pub kafka_opts: Vec<(String, String)>,
@@ -132,7 +137,9 @@ impl Args {
             // positions come from the time window, see WindowContext.
             .set("enable.auto.commit", "true")
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // Feeds directions_consumer_lag (WindowContext::stats).
+            .set("statistics.interval.ms", "5000");
         for (k, v) in &self.kafka_opts {
             c.set(k, v);
         }
@@ -140,8 +147,26 @@ impl Args {
     }
 }
 
-/// Runs the job until `shutdown` becomes true or a stage fails.
+/// Runs the job until `shutdown` becomes true or a stage fails, serving
+/// its metrics on `--metrics-addr` when set.
 pub async fn run(args: Args, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let metrics = JobMetrics::new();
+    if !args.metrics_addr.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
+        info!(addr = %args.metrics_addr, "Prometheus metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+    }
+    run_with_metrics(args, shutdown, metrics).await
+}
+
+/// [`run`] counting into `metrics` (tests serve them themselves).
+pub async fn run_with_metrics(
+    args: Args,
+    shutdown: watch::Receiver<bool>,
+    metrics: Arc<JobMetrics>,
+) -> anyhow::Result<()> {
     if args.interval_ms == 0 {
         bail!("--interval-ms must be > 0");
     }
@@ -158,10 +183,20 @@ pub async fn run(args: Args, shutdown: watch::Receiver<bool>) -> anyhow::Result<
 
     let mut tasks = tokio::task::JoinSet::new();
     if matches!(args.role, Role::All | Role::Aggregate) {
-        tasks.spawn(aggregate(args.clone(), producer.clone(), shutdown.clone()));
+        tasks.spawn(aggregate(
+            args.clone(),
+            producer.clone(),
+            shutdown.clone(),
+            metrics.clone(),
+        ));
     }
     if matches!(args.role, Role::All | Role::Merge) {
-        tasks.spawn(merge(args.clone(), producer.clone(), shutdown.clone()));
+        tasks.spawn(merge(
+            args.clone(),
+            producer.clone(),
+            shutdown.clone(),
+            metrics.clone(),
+        ));
     }
     while let Some(res) = tasks.join_next().await {
         // The first stage to fail stops the process: a half-running job would
@@ -204,22 +239,54 @@ async fn ensure_topics(args: &Args) {
     }
 }
 
+/// What a published record is, for `directions_records_out_total{topic}`.
+#[derive(Clone, Copy)]
+enum Out {
+    Partials,
+    Stats,
+}
+
 /// Sends without waiting for the broker: delivery is awaited in a background
 /// task so a slow broker cannot stall consumption.
-fn publish(producer: &FutureProducer, topic: &str, key: &str, payload: Vec<u8>) {
+fn publish(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: Vec<u8>,
+    out: (Out, &Arc<JobMetrics>),
+) {
     let rec = FutureRecord::to(topic).key(key).payload(&payload);
+    let (kind, metrics) = (out.0, out.1.clone());
     match producer.send_result(rec) {
         Ok(delivery) => {
             let topic = topic.to_owned();
             tokio::spawn(async move {
                 match delivery.await {
-                    Ok(Err((err, _))) => warn!(%err, %topic, "publish failed"),
-                    Err(_) => warn!(%topic, "publish cancelled"),
-                    Ok(Ok(_)) => {}
+                    Ok(Err((err, _))) => {
+                        metrics.publish_errors.inc();
+                        warn!(%err, %topic, "publish failed")
+                    }
+                    Err(_) => {
+                        metrics.publish_errors.inc();
+                        warn!(%topic, "publish cancelled")
+                    }
+                    Ok(Ok(_)) => {
+                        let label = match kind {
+                            Out::Partials => "partials",
+                            Out::Stats => {
+                                metrics.snapshot_acked();
+                                "stats"
+                            }
+                        };
+                        metrics.records_out.with_label_values(&[label]).inc();
+                    }
                 }
             });
         }
-        Err((err, _)) => warn!(%err, topic, "cannot enqueue record"),
+        Err((err, _)) => {
+            metrics.publish_errors.inc();
+            warn!(%err, topic, "cannot enqueue record")
+        }
     }
 }
 
@@ -238,11 +305,14 @@ async fn aggregate(
     args: Args,
     producer: FutureProducer,
     mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<JobMetrics>,
 ) -> anyhow::Result<()> {
     let stale_ms = args.stale_after_ms();
     let consumer: StreamConsumer<WindowContext> = args
         .consumer_config(&args.group)
-        .create_with_context(WindowContext::new(stale_ms))
+        .create_with_context(
+            WindowContext::new(stale_ms).with_lag_metrics(metrics.clone(), "aggregate"),
+        )
         .context("creating the positions consumer")?;
     consumer
         .subscribe(&[&args.positions_topic])
@@ -297,10 +367,12 @@ async fn aggregate(
                     }
                 };
                 n.records += 1;
+                metrics.records_in.with_label_values(&["aggregate"]).inc();
                 let partition = msg.partition();
                 catch.consumed(partition, msg.offset());
                 let Some(payload) = msg.payload() else {
                     n.invalid += 1;
+                    metrics.records_invalid.inc();
                     continue;
                 };
                 match parse_position(msg.key(), payload, msg.timestamp().to_millis()) {
@@ -313,6 +385,7 @@ async fn aggregate(
                     },
                     Err(err) => {
                         n.invalid += 1;
+                        metrics.records_invalid.inc();
                         debug!(%err, partition, offset = msg.offset(), "skipping record");
                     }
                 }
@@ -337,13 +410,14 @@ async fn aggregate(
                 }
                 let now = now_ms();
                 agg.evict_stale(now);
+                metrics.trucks.set(i64::try_from(agg.trucks()).unwrap_or(i64::MAX));
                 let mut parts: Vec<i32> = agg.assigned().filter(|p| catch.is_ready(*p)).collect();
                 parts.sort_unstable();
                 for p in parts {
                     let Some(counts) = agg.partition_counts(p) else { continue };
                     let partial = PartialStats { v: 1, ts_ms: now, partition: p, partitions: partitions_total, counts };
                     match serde_json::to_vec(&partial) {
-                        Ok(json) => publish(&producer, &args.partials_topic, &format!("{}/{}", args.positions_topic, p), json),
+                        Ok(json) => publish(&producer, &args.partials_topic, &format!("{}/{}", args.positions_topic, p), json, (Out::Partials, &metrics)),
                         Err(err) => warn!(%err, "cannot encode partial"),
                     }
                 }
@@ -372,12 +446,15 @@ async fn merge(
     args: Args,
     producer: FutureProducer,
     mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<JobMetrics>,
 ) -> anyhow::Result<()> {
     let stale_ms = args.stale_after_ms();
     let group = format!("{}-merge", args.group);
     let consumer: StreamConsumer<WindowContext> = args
         .consumer_config(&group)
-        .create_with_context(WindowContext::new(stale_ms))
+        .create_with_context(
+            WindowContext::new(stale_ms).with_lag_metrics(metrics.clone(), "merge"),
+        )
         .context("creating the partials consumer")?;
     // Several partitions would split the partials between merge instances and
     // each would publish a partial "total".
@@ -429,11 +506,13 @@ async fn merge(
                         catch.assigned(a);
                     }
                     *active = Some(Instant::now());
+                    metrics.merge_active.set(1);
                     info!("merge stage active");
                 }
                 RebalanceEvent::Revoked(_) | RebalanceEvent::RevokedAll => {
                     merger.clear();
                     catch.clear();
+                    metrics.merge_active.set(0);
                     if active.take().is_some() {
                         info!("merge stage standing by");
                     }
@@ -455,6 +534,7 @@ async fn merge(
                     }
                 };
                 catch.consumed(msg.partition(), msg.offset());
+                metrics.records_in.with_label_values(&["merge"]).inc();
                 let Some(payload) = msg.payload() else { continue };
                 match serde_json::from_slice::<PartialStats>(payload) {
                     Ok(p) if p.v == 1 => {
@@ -479,7 +559,7 @@ async fn merge(
                 }
                 match serde_json::to_vec(&merged.stats) {
                     Ok(json) => {
-                        publish(&producer, &args.stats_topic, &args.stats_key, json);
+                        publish(&producer, &args.stats_topic, &args.stats_key, json, (Out::Stats, &metrics));
                         published += 1;
                     }
                     Err(err) => warn!(%err, "cannot encode stats"),

@@ -8,4 +8,5 @@
 
 pub mod agg;
 pub mod directions;
+pub mod metrics;
 pub mod window;

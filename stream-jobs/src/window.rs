@@ -44,6 +44,8 @@ pub struct WindowContext {
     lookback_ms: i64,
     timeout: Duration,
     events: Mutex<Vec<RebalanceEvent>>,
+    /// Where librdkafka's statistics report the consumer lag, and as which stage.
+    lag: Option<(std::sync::Arc<crate::metrics::JobMetrics>, &'static str)>,
 }
 
 impl WindowContext {
@@ -52,7 +54,18 @@ impl WindowContext {
             lookback_ms,
             timeout: Duration::from_secs(10),
             events: Mutex::new(Vec::new()),
+            lag: None,
         }
+    }
+
+    /// Reports this consumer's lag as `directions_consumer_lag{stage}`.
+    pub fn with_lag_metrics(
+        mut self,
+        metrics: std::sync::Arc<crate::metrics::JobMetrics>,
+        stage: &'static str,
+    ) -> Self {
+        self.lag = Some((metrics, stage));
+        self
     }
 
     /// Takes the rebalance events recorded since the last call, in order.
@@ -147,7 +160,13 @@ impl WindowContext {
     }
 }
 
-impl ClientContext for WindowContext {}
+impl ClientContext for WindowContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Some((metrics, stage)) = &self.lag {
+            metrics.observe_lag(stage, &statistics);
+        }
+    }
+}
 
 impl ConsumerContext for WindowContext {
     // Replaces the default handler (which assigns at the committed offsets) so

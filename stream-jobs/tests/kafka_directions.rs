@@ -9,11 +9,11 @@
 //! first complete one must carry exactly the expected counts: rebalances may
 //! delay numbers but must never publish wrong ones.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -143,18 +143,7 @@ async fn directions_against_real_kafka() {
         .try_init();
     let suffix = format!("{}", uuid::Uuid::new_v4().simple());
     let pos_topic = format!("it-pos-{suffix}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .expect("admin");
-    let res = admin
-        .create_topics(
-            &[NewTopic::new(&pos_topic, 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topic");
-    assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    common::create_topic(&bootstrap, &pos_topic, 3).await;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
