@@ -92,7 +92,8 @@ class Probe:
         self.c.reconnect_delay_set(0.2, 1)
         self.c.on_publish = lambda _c, _u, mid, reason, _p: (
             None if reason.is_failure else self.acked_mids.append(mid))
-        self.c.on_disconnect = lambda *_: setattr(self, "disconnects", self.disconnects + 1)
+        self.stopping = False
+        self.c.on_disconnect = lambda *_: None if self.stopping else setattr(self, "disconnects", self.disconnects + 1)
         self.c.connect(host, port, keepalive=10)
         self.c.loop_start()
 
@@ -109,6 +110,7 @@ class Probe:
         return {self.seq_by_mid[m] for m in list(self.acked_mids) if m in self.seq_by_mid}
 
     def stop(self):
+        self.stopping = True    # our own DISCONNECT is not a cut-off
         self.c.loop_stop()
         self.c.disconnect()
 
