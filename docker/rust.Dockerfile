@@ -45,7 +45,11 @@ FROM ${RUNTIME_IMAGE} AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl tini \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --user-group --home-dir /var/lib/lodestream --create-home lodestream
+ && useradd --system --uid 10001 --user-group --home-dir /var/lib/lodestream --create-home lodestream \
+ && install -d -o lodestream -g lodestream -m 700 /var/lib/lodestream/secrets
+# The demo's generated passwords (volume demo-secrets, see docker-compose.yml's mqtt-users) go to
+# secrets/; secret-env passes a NAME_PASSWORD_FILE to the program as NAME_PASSWORD.
+COPY docker/secret-env.sh /usr/local/bin/secret-env
 WORKDIR /var/lib/lodestream
 USER lodestream
 
@@ -65,7 +69,7 @@ ENV TRUCK_SIM_METRICS_ADDR=0.0.0.0:9464
 EXPOSE 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD curl -fsS http://127.0.0.1:9464/metrics > /dev/null || exit 1
-ENTRYPOINT ["tini", "--", "truck-sim"]
+ENTRYPOINT ["tini", "--", "secret-env", "truck-sim"]
 
 # ---- directions: Kafka -> Kafka, no port ------------------------------------------------------
 FROM runtime AS directions
@@ -81,4 +85,4 @@ ENV LODESTREAM_UI_LISTEN=0.0.0.0:8080 \
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8080/healthz || exit 1
-ENTRYPOINT ["tini", "--", "ui"]
+ENTRYPOINT ["tini", "--", "secret-env", "ui"]
