@@ -76,8 +76,13 @@ struct OsrmAnnotation {
 /// OSRM codes meaning "these points cannot be routed": retrying will not help.
 const NO_ROUTE_CODES: &[&str] = &["NoRoute", "NoSegment", "NoMatch", "NoTrips", "InvalidValue"];
 
-/// Parses an OSRM `/route` answer (any HTTP status) into a [`Route`].
-pub fn parse_route_response(status: u16, body: &[u8]) -> Result<Route, RouteError> {
+/// Parses an OSRM `/route` answer (any HTTP status) into a [`Route`] whose
+/// geometry is simplified within `simplify_m` metres (0 keeps every point).
+pub fn parse_route_response(
+    status: u16,
+    body: &[u8],
+    simplify_m: f64,
+) -> Result<Route, RouteError> {
     let resp: OsrmResponse = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -114,7 +119,7 @@ pub fn parse_route_response(status: u16, body: &[u8]) -> Result<Route, RouteErro
     } else {
         0.0
     };
-    Route::new(&r.geometry.coordinates, &ann, fallback)
+    Route::simplified(&r.geometry.coordinates, &ann, fallback, simplify_m)
         .map_err(|e| RouteError::NoRoute(e.to_string()))
 }
 
@@ -123,10 +128,17 @@ pub fn parse_route_response(status: u16, body: &[u8]) -> Result<Route, RouteErro
 pub struct OsrmClient {
     http: reqwest::Client,
     base: String,
+    simplify_m: f64,
 }
 
 impl OsrmClient {
-    pub fn new(base_url: &str, timeout: Duration, pool: usize) -> anyhow::Result<Self> {
+    /// A client whose routes are simplified within `simplify_m` metres.
+    pub fn new(
+        base_url: &str,
+        timeout: Duration,
+        pool: usize,
+        simplify_m: f64,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -136,6 +148,7 @@ impl OsrmClient {
         Ok(Self {
             http,
             base: base_url.trim_end_matches('/').to_string(),
+            simplify_m,
         })
     }
 
@@ -162,7 +175,7 @@ impl OsrmClient {
             .bytes()
             .await
             .map_err(|e| RouteError::Transient(describe(&e)))?;
-        parse_route_response(status, &body)
+        parse_route_response(status, &body, self.simplify_m)
     }
 }
 
@@ -349,8 +362,8 @@ mod tests {
 
     #[test]
     fn osrm_ok_response_becomes_a_route() {
-        let r = parse_route_response(200, OK.as_bytes()).unwrap();
-        assert_eq!(r.points().len(), 3);
+        let r = parse_route_response(200, OK.as_bytes(), 0.0).unwrap();
+        assert_eq!(r.len_points(), 3);
         assert_eq!(r.start(), LonLat::new(7.41, 43.73));
         assert!((r.segment_speed_mps(0) - 8.1).abs() < 1e-6);
         // speed 0 and distance 0: falls back to the route average 300/30 m/s.
@@ -361,12 +374,12 @@ mod tests {
     fn osrm_no_route_is_not_retryable() {
         let body = br#"{"code":"NoRoute","message":"Impossible route between points"}"#;
         assert!(matches!(
-            parse_route_response(400, body),
+            parse_route_response(400, body, 0.0),
             Err(RouteError::NoRoute(_))
         ));
         let body = br#"{"code":"NoSegment","message":"Could not find a matching segment"}"#;
         assert!(matches!(
-            parse_route_response(400, body),
+            parse_route_response(400, body, 0.0),
             Err(RouteError::NoRoute(_))
         ));
     }
@@ -374,11 +387,11 @@ mod tests {
     #[test]
     fn osrm_garbage_or_other_codes_are_transient() {
         assert!(matches!(
-            parse_route_response(502, b"<html>bad gateway</html>"),
+            parse_route_response(502, b"<html>bad gateway</html>", 0.0),
             Err(RouteError::Transient(_))
         ));
         assert!(matches!(
-            parse_route_response(429, br#"{"code":"TooBig"}"#),
+            parse_route_response(429, br#"{"code":"TooBig"}"#, 0.0),
             Err(RouteError::Transient(_))
         ));
     }
@@ -388,14 +401,14 @@ mod tests {
         let body = br#"{"code":"Ok","routes":[{"distance":0,"duration":0,
             "geometry":{"coordinates":[[7.41,43.73]]},"legs":[]}]}"#;
         assert!(matches!(
-            parse_route_response(200, body),
+            parse_route_response(200, body, 0.0),
             Err(RouteError::NoRoute(_))
         ));
     }
 
     #[test]
     fn route_url_has_lon_lat_order_and_annotations() {
-        let c = OsrmClient::new("http://127.0.0.1:5000/", Duration::from_secs(1), 1).unwrap();
+        let c = OsrmClient::new("http://127.0.0.1:5000/", Duration::from_secs(1), 1, 0.0).unwrap();
         assert_eq!(
             c.route_url(
                 LonLat::new(7.41337, 43.72956),
@@ -425,7 +438,7 @@ mod tests {
     }
 
     fn small_route() -> Arc<Route> {
-        Arc::new(parse_route_response(200, OK.as_bytes()).unwrap())
+        Arc::new(parse_route_response(200, OK.as_bytes(), 0.0).unwrap())
     }
 
     #[test]

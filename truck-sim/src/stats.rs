@@ -11,6 +11,8 @@ pub struct Stats {
     pub trucks_driving: AtomicI64,
     pub trucks_resting: AtomicI64,
     pub arrivals: AtomicU64,
+    /// Route-ahead messages (and clears) handed to the MQTT client.
+    pub routes_published: AtomicU64,
 
     pub mqtt_connected: AtomicI64,
     pub mqtt_connects: AtomicU64,
@@ -114,6 +116,12 @@ impl Stats {
             "counter",
             "Trucks that reached their destination.",
             &[("", u(&self.arrivals))],
+        );
+        metric(
+            "routes_published_total",
+            "counter",
+            "Retained route-ahead messages and clears handed to the MQTT client.",
+            &[("", u(&self.routes_published))],
         );
         metric(
             "mqtt_connected",
