@@ -318,6 +318,15 @@ impl RouteService {
         stats.route_in_flight.fetch_sub(1, Relaxed);
         match result {
             Ok(route) => {
+                stats
+                    .route_points_received
+                    .fetch_add(route.received_points() as u64, Relaxed);
+                stats
+                    .route_points_kept
+                    .fetch_add(route.len_points() as u64, Relaxed);
+                stats
+                    .route_length_m
+                    .fetch_add(route.total_len_m() as u64, Relaxed);
                 let route = Arc::new(route);
                 self.cache_put(key, Arc::clone(&route));
                 stats.route_ok.fetch_add(1, Relaxed);

@@ -36,6 +36,8 @@ pub struct Route {
     /// Speed on segment `i` from the annotations, cm/s (not yet capped).
     seg_speed_cms: Vec<u16>,
     total_len_m: f64,
+    /// Points OSRM sent, before simplification (for the metrics).
+    received_points: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,7 +126,13 @@ impl Route {
             seg_len_m,
             seg_speed_cms,
             total_len_m: total,
+            received_points: coords.len(),
         })
+    }
+
+    /// Points of the geometry this route was built from, before simplification.
+    pub fn received_points(&self) -> usize {
+        self.received_points
     }
 
     /// Number of points (segments + 1).
@@ -329,7 +337,8 @@ pub(crate) mod tests {
         (0..=600)
             .map(|i| {
                 let s = f64::from(i) * 50.0;
-                let off = 400.0 * (s / 4_000.0).sin() + 10.0 * (s / 400.0 * 6.283).sin();
+                let off =
+                    400.0 * (s / 4_000.0).sin() + 10.0 * (s / 400.0 * std::f64::consts::TAU).sin();
                 let (x, y) = (s * 0.8 - off * 0.6, s * 0.6 + off * 0.8);
                 [11.34 + x / kx, 44.5 + y / ky]
             })
