@@ -36,7 +36,8 @@ SAMPLE = re.compile(r"^truck_sim_([a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$")
 
 
 def metrics(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=5) as r:
+    # Generous: on a loaded machine a busy simulator answers slowly.
+    with urllib.request.urlopen(url, timeout=30) as r:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
