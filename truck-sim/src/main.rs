@@ -113,8 +113,9 @@ struct Args {
     #[arg(long, env = "TRUCK_SIM_ROUTE_CACHE_ENTRIES", default_value_t = 20_000)]
     route_cache_entries: usize,
     /// Memory budget of the route cache, MiB. A cached route is held whole
-    /// (trucks drop the driven part only of routes they alone hold).
-    #[arg(long, env = "TRUCK_SIM_ROUTE_CACHE_MB", default_value_t = 32)]
+    /// (trucks drop the driven part only of routes they alone hold); it must
+    /// hold every city pair's route for trucks to share them.
+    #[arg(long, env = "TRUCK_SIM_ROUTE_CACHE_MB", default_value_t = 256)]
     route_cache_mb: usize,
     /// Route geometry is simplified within this many metres (0 keeps every point).
     #[arg(long, env = "TRUCK_SIM_SIMPLIFY_M", default_value_t = 3.0)]
@@ -133,8 +134,11 @@ struct Args {
     /// (e.g. 7.409,43.725,7.439,43.752 for Monaco).
     #[arg(long, env = "TRUCK_SIM_AREA")]
     area: Option<Area>,
-    /// Start points and destinations are moved up to this far from the city centre, km.
-    #[arg(long, env = "TRUCK_SIM_JITTER_KM", default_value_t = 5.0)]
+    /// Start points and destinations are moved up to this far from the city
+    /// centre, km. 0 (the default) makes trucks share one route per city pair
+    /// (at most 49 x 48 routes whatever the fleet size); each km of jitter
+    /// makes nearly every route unique: tens of KB a truck on OSM-dense roads.
+    #[arg(long, env = "TRUCK_SIM_JITTER_KM", default_value_t = 0.0)]
     jitter_km: f64,
     /// Speed limit of every truck, km/h (OSRM's annotated speeds are capped to it).
     #[arg(long, env = "TRUCK_SIM_MAX_SPEED_KMH", default_value_t = 90.0)]

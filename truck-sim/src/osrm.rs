@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::places::LonLat;
 use crate::route::{Annotations, Route};
@@ -274,12 +274,43 @@ impl RouteCache {
     }
 }
 
-/// Shared by all trucks: cache, then OSRM with at most `concurrency` requests at once.
+type RouteResult = Result<Arc<Route>, RouteError>;
+
+/// Shared by all trucks: cache, then OSRM with at most `concurrency` requests
+/// at once. Trucks asking for the same route while it is being fetched wait for
+/// that one request and share its result, so a fleet leaving the same depots
+/// holds one copy of each route (what bounds truck-sim's memory).
 pub struct RouteService {
     client: OsrmClient,
     permits: Semaphore,
     cache: Mutex<RouteCache>,
+    /// Requests in flight, with the trucks waiting for the same key.
+    inflight: Mutex<HashMap<CacheKey, Vec<oneshot::Sender<RouteResult>>>>,
     stats: Arc<Stats>,
+}
+
+/// Removes an in-flight entry however its request ends; waiters whose sender
+/// is dropped without a result (the fetching truck stopped) retry.
+struct InflightGuard<'a> {
+    service: &'a RouteService,
+    key: CacheKey,
+}
+
+impl InflightGuard<'_> {
+    fn take_waiters(&self) -> Vec<oneshot::Sender<RouteResult>> {
+        let mut map = self
+            .service
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.remove(&self.key).unwrap_or_default()
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.take_waiters());
+    }
 }
 
 impl RouteService {
@@ -293,6 +324,7 @@ impl RouteService {
             client,
             permits: Semaphore::new(concurrency.max(1)),
             cache: Mutex::new(cache),
+            inflight: Mutex::new(HashMap::new()),
             stats,
         }
     }
@@ -306,6 +338,43 @@ impl RouteService {
             stats.route_ok.fetch_add(1, Relaxed);
             return Ok(r);
         }
+        let joined = {
+            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get_mut(&key) {
+                Some(waiters) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    map.insert(key, Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(rx) = joined {
+            let result = rx.await.unwrap_or_else(|_| {
+                Err(RouteError::Transient(
+                    "shared route request was cancelled".into(),
+                ))
+            });
+            if result.is_ok() {
+                stats.route_cache_hits.fetch_add(1, Relaxed);
+                stats.route_ok.fetch_add(1, Relaxed);
+            }
+            return result;
+        }
+        let guard = InflightGuard { service: self, key };
+        let result = self.fetch(from, to, key).await;
+        for waiter in guard.take_waiters() {
+            let _ = waiter.send(result.clone());
+        }
+        result
+    }
+
+    /// One OSRM request (after a concurrency slot); a route goes into the cache.
+    async fn fetch(&self, from: LonLat, to: LonLat, key: CacheKey) -> RouteResult {
+        let stats = &self.stats;
         stats.route_queued.fetch_add(1, Relaxed);
         let permit = self.permits.acquire().await;
         stats.route_queued.fetch_sub(1, Relaxed);
