@@ -127,28 +127,33 @@ def winding_track(lon_a, lat_a, lon_b, lat_b, per_km: float, seed: int) -> np.nd
     b = np.array([lon_b * KM_PER_DEG_LON, lat_b * KM_PER_DEG_LAT])
     d = b - a
     length_km = float(np.hypot(*d))
-    # The meander makes the road a few percent longer than the straight line.
-    n = int(np.ceil(length_km * per_km * 1.05))
-    if n < 2 or length_km <= 0:
+    if length_km <= 0:
         return np.empty((0, 2))
     rng = np.random.default_rng(seed)
-    t = np.arange(1, n) / n
-    s_km = t * length_km
-    envelope = np.sin(np.pi * t)
-    # Slow meander: wavelengths 3-12 km, amplitude up to 3 % of the road (max 1.5 km).
-    offset = np.zeros_like(t)
-    for _ in range(3):
-        wl = rng.uniform(3.0, 12.0)
-        amp = min(0.03 * length_km, 1.5) * rng.uniform(0.2, 0.6)
-        offset += amp * np.sin(2 * np.pi * s_km / wl + rng.uniform(0, 2 * np.pi))
-    # Curves of a real road: 5-20 m every 200-800 m.
-    for _ in range(2):
-        wl = rng.uniform(0.2, 0.8)
-        amp = rng.uniform(0.005, 0.02)
-        offset += amp * np.sin(2 * np.pi * s_km / wl + rng.uniform(0, 2 * np.pi))
-    offset *= envelope
+    # Slow meander: wavelengths 3-12 km, amplitude up to 3 % of the road (max 1.5 km);
+    # then the curves of a real road: 5-20 m every 200-800 m. (wavelength, amplitude, phase), km.
+    waves = [(rng.uniform(3.0, 12.0), min(0.03 * length_km, 1.5) * rng.uniform(0.2, 0.6),
+              rng.uniform(0, 2 * np.pi)) for _ in range(3)]
+    waves += [(rng.uniform(0.2, 0.8), rng.uniform(0.005, 0.02), rng.uniform(0, 2 * np.pi))
+              for _ in range(2)]
     normal = np.array([-d[1], d[0]]) / length_km
-    xy = a + np.outer(t, d) + np.outer(offset, normal)
+
+    def shape(n: int) -> np.ndarray:
+        t = np.arange(1, n) / n
+        s_km = t * length_km
+        offset = sum(amp * np.sin(2 * np.pi * s_km / wl + ph) for wl, amp, ph in waves)
+        offset = offset * np.sin(np.pi * t)
+        return a + np.outer(t, d) + np.outer(offset, normal)
+
+    # The winding road is longer than the straight line: size the node count on
+    # its real length, so that it has at least per_km nodes per km.
+    n = max(int(np.ceil(length_km * per_km)), 2)
+    xy = shape(n)
+    full = np.vstack([a, xy, b])
+    real_km = float(np.hypot(*np.diff(full, axis=0).T).sum())
+    n_real = int(np.ceil(real_km * per_km * 1.02))  # finer sampling finds a little more length
+    if n_real > n:
+        xy = shape(n_real)
     return np.column_stack([xy[:, 0] / KM_PER_DEG_LON, xy[:, 1] / KM_PER_DEG_LAT])
 
 
