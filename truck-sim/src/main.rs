@@ -227,9 +227,10 @@ fn main() -> anyhow::Result<()> {
 /// Pins glibc's mmap threshold at its initial 128 KiB. By default glibc raises
 /// it to the size of each large block freed (OSRM answers are hundreds of KB),
 /// after which every connection's 256 KiB rumqttc QoS 2 table (`calloc`ed,
-/// mostly never touched) comes from a thread arena and is zeroed page by page:
-/// measured, 15,000 trucks grew past 1.7 GB RSS. Mapped blocks stay untouched
-/// until used and go back to the OS when freed.
+/// mostly never touched) can come from a thread arena and be zeroed page by
+/// page. Mapped blocks stay untouched until used and go back to the OS when
+/// freed. It lowered, but did not stop, the RSS growth of the 15,000-truck
+/// runs in docs/benchmarks.md.
 fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
