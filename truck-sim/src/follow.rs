@@ -13,6 +13,10 @@ use geo::{Bearing, Haversine};
 use crate::places::LonLat;
 use crate::route::{Route, SpeedCap};
 
+/// A follower that alone holds its route drops the driven part once it has
+/// passed at least this many segments and a quarter of what it holds.
+const TRIM_MIN_SEGMENTS: usize = 32;
+
 /// Where a truck is on its route.
 #[derive(Debug, Clone)]
 pub struct Follower {
@@ -55,6 +59,11 @@ impl Follower {
         &self.route
     }
 
+    /// Index of the segment the truck is on (`== route().segments()` once arrived).
+    pub fn segment(&self) -> usize {
+        self.seg
+    }
+
     pub fn arrived(&self) -> bool {
         self.seg >= self.route.segments()
     }
@@ -64,7 +73,25 @@ impl Follower {
     }
 
     pub fn remaining_m(&self) -> f64 {
-        (self.route.total_len_m() - self.travelled_m).max(0.0)
+        let behind: f64 = (0..self.seg.min(self.route.segments()))
+            .map(|i| self.route.segment_len_m(i))
+            .sum::<f64>()
+            + self.along_m;
+        (self.route.total_len_m() - behind).max(0.0)
+    }
+
+    /// Drops the route's driven part when this follower is its only holder
+    /// (no cache entry, no other truck): what lies behind is never needed again.
+    fn trim_behind(&mut self) {
+        let seg = self.seg;
+        if seg < TRIM_MIN_SEGMENTS || seg * 4 < self.route.segments() {
+            return;
+        }
+        if let Some(route) = Arc::get_mut(&mut self.route) {
+            let before = route.segments();
+            route.drop_front(seg);
+            self.seg -= before - route.segments();
+        }
     }
 
     /// Jumps `distance_m` ahead along the route without simulating time (used
@@ -86,6 +113,7 @@ impl Follower {
         if let Some(h) = self.segment_bearing() {
             self.last_heading = h;
         }
+        self.trim_behind();
     }
 
     /// Drives for `dt_s` seconds at each segment's capped speed, crossing as
@@ -112,6 +140,7 @@ impl Follower {
         if let Some(h) = self.segment_bearing() {
             self.last_heading = h;
         }
+        self.trim_behind();
         Step {
             moved_m: moved,
             speed_mps: self.current_speed_mps(cap),
@@ -133,8 +162,7 @@ impl Follower {
         if self.arrived() {
             return self.route.end();
         }
-        let pts = self.route.points();
-        let (a, b) = (pts[self.seg], pts[self.seg + 1]);
+        let (a, b) = (self.route.point(self.seg), self.route.point(self.seg + 1));
         let len = self.route.segment_len_m(self.seg);
         let t = if len > 0.0 {
             (self.along_m / len).clamp(0.0, 1.0)
@@ -149,7 +177,7 @@ impl Follower {
         if self.arrived() {
             return self.route.end();
         }
-        self.route.points()[self.seg + 1]
+        self.route.point(self.seg + 1)
     }
 
     /// Heading in degrees clockwise from north, `[0, 360)`: the bearing from
@@ -180,8 +208,8 @@ impl Follower {
             return None;
         }
         Some(heading_deg(
-            self.route.points()[self.seg],
-            self.route.points()[self.seg + 1],
+            self.route.point(self.seg),
+            self.route.point(self.seg + 1),
         ))
     }
 }
@@ -293,7 +321,7 @@ mod tests {
     #[test]
     fn positions_always_lie_on_the_route_polyline() {
         let mut f = Follower::new(route(&[7.0, 3.0, 13.0]));
-        let pts = f.route().points().to_vec();
+        let pts = f.route().to_points();
         while !f.advance(3.7, &no_cap()).arrived {
             let p = f.position();
             let off = pts
@@ -302,6 +330,47 @@ mod tests {
                 .fold(f64::INFINITY, f64::min);
             assert!(off < 0.5, "{p:?} is {off} m off the route");
         }
+    }
+
+    #[test]
+    fn positions_on_a_simplified_route_stay_within_its_tolerance_of_the_road() {
+        use crate::route::tests::{off_polyline_m, winding_road};
+        let road = winding_road();
+        for tolerance in [1.0, 3.0, 5.0] {
+            let r = Route::simplified(&road, &Annotations::default(), 20.0, tolerance).unwrap();
+            let mut f = Follower::new(Arc::new(r));
+            let mut worst: f64 = 0.0;
+            while !f.advance(1.0, &no_cap()).arrived {
+                worst = worst.max(off_polyline_m(f.position(), &road));
+            }
+            // + fixed-point rounding (0.1 m) and the flat distance approximation.
+            assert!(
+                worst <= tolerance + 0.3,
+                "tolerance {tolerance} m: {worst} m off"
+            );
+        }
+    }
+
+    #[test]
+    fn a_sole_holder_drops_the_driven_route_and_drives_the_same_path() {
+        use crate::route::tests::winding_road;
+        let r = Route::new(&winding_road(), &Annotations::default(), 20.0).unwrap();
+        let shared = Arc::new(r.clone());
+        let mut alone = Follower::new(Arc::new(r));
+        // A second holder (like the route cache) keeps this one whole.
+        let mut with_cache = Follower::new(Arc::clone(&shared));
+        let full = shared.heap_bytes();
+        for _ in 0..1200 {
+            alone.advance(1.0, &no_cap());
+            with_cache.advance(1.0, &no_cap());
+            let (a, b) = (alone.position(), with_cache.position());
+            assert!((a.lon - b.lon).abs() < 1e-9 && (a.lat - b.lat).abs() < 1e-9);
+            assert_eq!(alone.next_point(), with_cache.next_point());
+            assert!((alone.remaining_m() - with_cache.remaining_m()).abs() < 1e-3);
+        }
+        assert_eq!(with_cache.route().heap_bytes(), full);
+        assert!(alone.route().heap_bytes() < full / 2);
+        assert!((alone.travelled_m() - with_cache.travelled_m()).abs() < 1e-6);
     }
 
     #[test]

@@ -9,5 +9,6 @@ pub mod osrm;
 pub mod places;
 pub mod plates;
 pub mod route;
+pub mod route_message;
 pub mod stats;
 pub mod truck;

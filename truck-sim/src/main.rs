@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use truck_sim::mqtt::{self, MqttSettings, TransportKind};
 use truck_sim::osrm::{OsrmClient, RouteCache, RouteService};
 use truck_sim::places::{Area, Places, ITALIAN_CITIES};
-use truck_sim::plates::PlateIssuer;
+use truck_sim::plates::{PlateIssuer, DEFAULT_FLEET_SEED};
 use truck_sim::stats::Stats;
 use truck_sim::truck::{FleetConfig, Truck};
 
@@ -36,9 +36,13 @@ struct Args {
     /// Trucks started (and connected) per second during ramp-up.
     #[arg(long, env = "TRUCK_SIM_RAMP_PER_SEC", default_value_t = 500.0)]
     ramp_per_sec: f64,
-    /// Seed for plates, start points and destinations (random if absent).
-    #[arg(long, env = "TRUCK_SIM_SEED")]
-    seed: Option<u64>,
+    /// Seed for plates, start points and destinations. Fixed by default, so
+    /// that a restart brings back the same trucks (plates, client ids).
+    #[arg(long, env = "TRUCK_SIM_SEED", default_value_t = DEFAULT_FLEET_SEED)]
+    seed: u64,
+    /// Print the fleet's plates (one a line, in start order) and exit.
+    #[arg(long)]
+    list_plates: bool,
 
     /// MQTT broker host.
     #[arg(long, env = "TRUCK_SIM_MQTT_HOST", default_value = "127.0.0.1")]
@@ -108,9 +112,17 @@ struct Args {
     /// Routes kept in the cache (0 disables it).
     #[arg(long, env = "TRUCK_SIM_ROUTE_CACHE_ENTRIES", default_value_t = 20_000)]
     route_cache_entries: usize,
-    /// Memory budget of the route cache, MiB.
+    /// Memory budget of the route cache, MiB. A cached route is held whole
+    /// (trucks drop the driven part only of routes they alone hold); it must
+    /// hold every city pair's route for trucks to share them.
     #[arg(long, env = "TRUCK_SIM_ROUTE_CACHE_MB", default_value_t = 256)]
     route_cache_mb: usize,
+    /// Route geometry is simplified within this many metres (0 keeps every point).
+    #[arg(long, env = "TRUCK_SIM_SIMPLIFY_M", default_value_t = 3.0)]
+    simplify_m: f64,
+    /// Publish each truck's route ahead, retained, on `<prefix>/<plate>/route`.
+    #[arg(long, env = "TRUCK_SIM_PUBLISH_ROUTES", default_value_t = true, action = clap::ArgAction::Set)]
+    publish_routes: bool,
     /// First wait after a failed route request (doubles on each failure), milliseconds.
     #[arg(long, env = "TRUCK_SIM_ROUTE_RETRY_MIN_MS", default_value_t = 1000)]
     route_retry_min_ms: u64,
@@ -122,8 +134,11 @@ struct Args {
     /// (e.g. 7.409,43.725,7.439,43.752 for Monaco).
     #[arg(long, env = "TRUCK_SIM_AREA")]
     area: Option<Area>,
-    /// Start points and destinations are moved up to this far from the city centre, km.
-    #[arg(long, env = "TRUCK_SIM_JITTER_KM", default_value_t = 5.0)]
+    /// Start points and destinations are moved up to this far from the city
+    /// centre, km. 0 (the default) makes trucks share one route per city pair
+    /// (at most 49 x 48 routes whatever the fleet size); each km of jitter
+    /// makes nearly every route unique: tens of KB a truck on OSM-dense roads.
+    #[arg(long, env = "TRUCK_SIM_JITTER_KM", default_value_t = 0.0)]
     jitter_km: f64,
     /// Speed limit of every truck, km/h (OSRM's annotated speeds are capped to it).
     #[arg(long, env = "TRUCK_SIM_MAX_SPEED_KMH", default_value_t = 90.0)]
@@ -178,6 +193,9 @@ impl Args {
         if self.route_retry_min_ms == 0 || self.route_retry_max_ms < self.route_retry_min_ms {
             bail!("need 0 < --route-retry-min-ms <= --route-retry-max-ms");
         }
+        if !(self.simplify_m.is_finite() && (0.0..=100.0).contains(&self.simplify_m)) {
+            bail!("--simplify-m must be within 0..=100");
+        }
         if self.username.is_none() && self.password.is_some() {
             bail!("--password needs --username");
         }
@@ -194,12 +212,48 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     args.validate()?;
+    fix_mmap_threshold();
+    if args.list_plates {
+        return list_plates(args.seed, args.trucks);
+    }
     raise_fd_limit(args.trucks);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?
         .block_on(run(args))
+}
+
+/// Pins glibc's mmap threshold at its initial 128 KiB. By default glibc raises
+/// it to the size of each large block freed (OSRM answers are hundreds of KB),
+/// after which every connection's 256 KiB rumqttc QoS 2 table (`calloc`ed,
+/// mostly never touched) can come from a thread arena and be zeroed page by
+/// page. Mapped blocks stay untouched until used and go back to the OS when
+/// freed. It lowered, but did not stop, the RSS growth of the 15,000-truck
+/// runs in docs/benchmarks.md.
+fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets an allocator parameter; called once at
+        // start-up, before any other thread exists.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+        if ok != 1 {
+            tracing::warn!("could not pin the malloc mmap threshold");
+        }
+    }
+}
+
+/// Prints the plates of a fleet of `n` trucks, in start order.
+fn list_plates(seed: u64, n: usize) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut issuer = PlateIssuer::for_fleet(seed);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for _ in 0..n {
+        let plate = issuer.issue().context("ran out of unique plates")?;
+        writeln!(out, "{plate}")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Raises the soft open-files limit to the hard limit: every truck holds a socket.
@@ -222,7 +276,7 @@ fn raise_fd_limit(trucks: usize) {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let seed = args.seed.unwrap_or_else(|| rand::thread_rng().gen());
+    let seed = args.seed;
     let stats = Arc::new(Stats::default());
     stats.trucks_target.store(args.trucks as u64, Relaxed);
 
@@ -256,6 +310,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &args.osrm_url,
         Duration::from_millis(args.route_timeout_ms.max(100)),
         args.route_concurrency,
+        args.simplify_m,
     )?;
     let cache = RouteCache::new(args.route_cache_entries, args.route_cache_mb << 20);
     let routes = Arc::new(RouteService::new(
@@ -284,6 +339,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         qos,
         prefix: args.prefix.trim_end_matches('/').to_string(),
         spread_start: args.spread_start,
+        publish_routes: args.publish_routes,
     });
 
     tracing::info!(
@@ -389,7 +445,7 @@ async fn spawn_fleet(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut master = StdRng::seed_from_u64(seed);
-    let mut plates = PlateIssuer::new(StdRng::seed_from_u64(master.gen()));
+    let mut plates = PlateIssuer::for_fleet(seed);
     let t0 = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(10));
     let mut spawned = 0usize;
@@ -419,6 +475,7 @@ async fn spawn_fleet(
                 plate,
                 client,
                 connected,
+                route_news: None,
             };
             tokio::spawn(truck.run(Arc::clone(&fleet), shutdown.clone()));
             spawned += 1;

@@ -84,7 +84,7 @@ pub fn rfc3339_millis(ts_ms: u64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn round_to(x: f64, decimals: i32) -> f64 {
+pub(crate) fn round_to(x: f64, decimals: i32) -> f64 {
     if !x.is_finite() {
         return 0.0;
     }

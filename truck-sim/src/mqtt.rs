@@ -119,6 +119,11 @@ impl MqttSettings {
         let mut net = eventloop.network_options();
         net.set_connection_timeout(self.connect_timeout.as_secs().max(1));
         eventloop.set_network_options(net);
+        // rumqttc reserves a 100-event queue and a 10 KiB write buffer per
+        // connection; a truck sends one small packet a second and receives
+        // only acks, so let them grow on demand instead.
+        eventloop.state.events = Default::default();
+        eventloop.state.write = Default::default();
         (client, eventloop)
     }
 }

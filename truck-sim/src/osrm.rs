@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::places::LonLat;
 use crate::route::{Annotations, Route};
@@ -47,14 +47,12 @@ struct OsrmResponse {
 struct OsrmRoute {
     distance: f64,
     duration: f64,
-    geometry: OsrmGeometry,
+    /// `geometries=polyline6`: an encoded polyline with 6 decimals, a third
+    /// of the size of GeoJSON and far cheaper to parse (routes on real roads
+    /// carry thousands of points).
+    geometry: String,
     #[serde(default)]
     legs: Vec<OsrmLeg>,
-}
-
-#[derive(Debug, Deserialize)]
-struct OsrmGeometry {
-    coordinates: Vec<[f64; 2]>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,8 +74,13 @@ struct OsrmAnnotation {
 /// OSRM codes meaning "these points cannot be routed": retrying will not help.
 const NO_ROUTE_CODES: &[&str] = &["NoRoute", "NoSegment", "NoMatch", "NoTrips", "InvalidValue"];
 
-/// Parses an OSRM `/route` answer (any HTTP status) into a [`Route`].
-pub fn parse_route_response(status: u16, body: &[u8]) -> Result<Route, RouteError> {
+/// Parses an OSRM `/route` answer (any HTTP status) into a [`Route`] whose
+/// geometry is simplified within `simplify_m` metres (0 keeps every point).
+pub fn parse_route_response(
+    status: u16,
+    body: &[u8],
+    simplify_m: f64,
+) -> Result<Route, RouteError> {
     let resp: OsrmResponse = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -114,7 +117,10 @@ pub fn parse_route_response(status: u16, body: &[u8]) -> Result<Route, RouteErro
     } else {
         0.0
     };
-    Route::new(&r.geometry.coordinates, &ann, fallback)
+    let line = polyline::decode_polyline(&r.geometry, 6)
+        .map_err(|e| RouteError::Transient(format!("undecodable route geometry: {e}")))?;
+    let coords: Vec<[f64; 2]> = line.0.iter().map(|c| [c.x, c.y]).collect();
+    Route::simplified(&coords, &ann, fallback, simplify_m)
         .map_err(|e| RouteError::NoRoute(e.to_string()))
 }
 
@@ -123,10 +129,17 @@ pub fn parse_route_response(status: u16, body: &[u8]) -> Result<Route, RouteErro
 pub struct OsrmClient {
     http: reqwest::Client,
     base: String,
+    simplify_m: f64,
 }
 
 impl OsrmClient {
-    pub fn new(base_url: &str, timeout: Duration, pool: usize) -> anyhow::Result<Self> {
+    /// A client whose routes are simplified within `simplify_m` metres.
+    pub fn new(
+        base_url: &str,
+        timeout: Duration,
+        pool: usize,
+        simplify_m: f64,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -136,12 +149,13 @@ impl OsrmClient {
         Ok(Self {
             http,
             base: base_url.trim_end_matches('/').to_string(),
+            simplify_m,
         })
     }
 
     pub fn route_url(&self, from: LonLat, to: LonLat) -> String {
         format!(
-            "{}/route/v1/driving/{:.6},{:.6};{:.6},{:.6}?overview=full&geometries=geojson&annotations=speed,duration,distance&steps=false",
+            "{}/route/v1/driving/{:.6},{:.6};{:.6},{:.6}?overview=full&geometries=polyline6&annotations=speed&steps=false",
             self.base, from.lon, from.lat, to.lon, to.lat
         )
     }
@@ -162,7 +176,7 @@ impl OsrmClient {
             .bytes()
             .await
             .map_err(|e| RouteError::Transient(describe(&e)))?;
-        parse_route_response(status, &body)
+        parse_route_response(status, &body, self.simplify_m)
     }
 }
 
@@ -260,12 +274,43 @@ impl RouteCache {
     }
 }
 
-/// Shared by all trucks: cache, then OSRM with at most `concurrency` requests at once.
+type RouteResult = Result<Arc<Route>, RouteError>;
+
+/// Shared by all trucks: cache, then OSRM with at most `concurrency` requests
+/// at once. Trucks asking for the same route while it is being fetched wait for
+/// that one request and share its result, so a fleet leaving the same depots
+/// holds one copy of each route (what bounds truck-sim's memory).
 pub struct RouteService {
     client: OsrmClient,
     permits: Semaphore,
     cache: Mutex<RouteCache>,
+    /// Requests in flight, with the trucks waiting for the same key.
+    inflight: Mutex<HashMap<CacheKey, Vec<oneshot::Sender<RouteResult>>>>,
     stats: Arc<Stats>,
+}
+
+/// Removes an in-flight entry however its request ends; waiters whose sender
+/// is dropped without a result (the fetching truck stopped) retry.
+struct InflightGuard<'a> {
+    service: &'a RouteService,
+    key: CacheKey,
+}
+
+impl InflightGuard<'_> {
+    fn take_waiters(&self) -> Vec<oneshot::Sender<RouteResult>> {
+        let mut map = self
+            .service
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.remove(&self.key).unwrap_or_default()
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.take_waiters());
+    }
 }
 
 impl RouteService {
@@ -279,6 +324,7 @@ impl RouteService {
             client,
             permits: Semaphore::new(concurrency.max(1)),
             cache: Mutex::new(cache),
+            inflight: Mutex::new(HashMap::new()),
             stats,
         }
     }
@@ -292,6 +338,43 @@ impl RouteService {
             stats.route_ok.fetch_add(1, Relaxed);
             return Ok(r);
         }
+        let joined = {
+            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get_mut(&key) {
+                Some(waiters) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    map.insert(key, Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(rx) = joined {
+            let result = rx.await.unwrap_or_else(|_| {
+                Err(RouteError::Transient(
+                    "shared route request was cancelled".into(),
+                ))
+            });
+            if result.is_ok() {
+                stats.route_cache_hits.fetch_add(1, Relaxed);
+                stats.route_ok.fetch_add(1, Relaxed);
+            }
+            return result;
+        }
+        let guard = InflightGuard { service: self, key };
+        let result = self.fetch(from, to, key).await;
+        for waiter in guard.take_waiters() {
+            let _ = waiter.send(result.clone());
+        }
+        result
+    }
+
+    /// One OSRM request (after a concurrency slot); a route goes into the cache.
+    async fn fetch(&self, from: LonLat, to: LonLat, key: CacheKey) -> RouteResult {
+        let stats = &self.stats;
         stats.route_queued.fetch_add(1, Relaxed);
         let permit = self.permits.acquire().await;
         stats.route_queued.fetch_sub(1, Relaxed);
@@ -305,6 +388,15 @@ impl RouteService {
         stats.route_in_flight.fetch_sub(1, Relaxed);
         match result {
             Ok(route) => {
+                stats
+                    .route_points_received
+                    .fetch_add(route.received_points() as u64, Relaxed);
+                stats
+                    .route_points_kept
+                    .fetch_add(route.len_points() as u64, Relaxed);
+                stats
+                    .route_length_m
+                    .fetch_add(route.total_len_m() as u64, Relaxed);
                 let route = Arc::new(route);
                 self.cache_put(key, Arc::clone(&route));
                 stats.route_ok.fetch_add(1, Relaxed);
@@ -343,14 +435,14 @@ mod tests {
 
     const OK: &str = r#"{"code":"Ok","waypoints":[],"routes":[{"distance":300.0,"duration":30.0,
         "weight":30.0,"weight_name":"routability",
-        "geometry":{"type":"LineString","coordinates":[[7.41,43.73],[7.411,43.73],[7.412,43.731]]},
+        "geometry":"_dalrA_tgcM?o}@o}@o}@",
         "legs":[{"distance":300.0,"duration":30.0,"summary":"","steps":[],
           "annotation":{"speed":[8.1,0],"duration":[10,20],"distance":[80.5,0]}}]}]}"#;
 
     #[test]
     fn osrm_ok_response_becomes_a_route() {
-        let r = parse_route_response(200, OK.as_bytes()).unwrap();
-        assert_eq!(r.points().len(), 3);
+        let r = parse_route_response(200, OK.as_bytes(), 0.0).unwrap();
+        assert_eq!(r.len_points(), 3);
         assert_eq!(r.start(), LonLat::new(7.41, 43.73));
         assert!((r.segment_speed_mps(0) - 8.1).abs() < 1e-6);
         // speed 0 and distance 0: falls back to the route average 300/30 m/s.
@@ -361,12 +453,12 @@ mod tests {
     fn osrm_no_route_is_not_retryable() {
         let body = br#"{"code":"NoRoute","message":"Impossible route between points"}"#;
         assert!(matches!(
-            parse_route_response(400, body),
+            parse_route_response(400, body, 0.0),
             Err(RouteError::NoRoute(_))
         ));
         let body = br#"{"code":"NoSegment","message":"Could not find a matching segment"}"#;
         assert!(matches!(
-            parse_route_response(400, body),
+            parse_route_response(400, body, 0.0),
             Err(RouteError::NoRoute(_))
         ));
     }
@@ -374,11 +466,27 @@ mod tests {
     #[test]
     fn osrm_garbage_or_other_codes_are_transient() {
         assert!(matches!(
-            parse_route_response(502, b"<html>bad gateway</html>"),
+            parse_route_response(502, b"<html>bad gateway</html>", 0.0),
             Err(RouteError::Transient(_))
         ));
         assert!(matches!(
-            parse_route_response(429, br#"{"code":"TooBig"}"#),
+            parse_route_response(429, br#"{"code":"TooBig"}"#, 0.0),
+            Err(RouteError::Transient(_))
+        ));
+    }
+
+    #[test]
+    fn osrm_polyline6_geometry_is_decoded_in_lon_lat_order() {
+        let r = parse_route_response(200, OK.as_bytes(), 0.0).unwrap();
+        assert_eq!(r.point(1), LonLat::new(7.411, 43.73));
+        assert_eq!(r.end(), LonLat::new(7.412, 43.731));
+    }
+
+    #[test]
+    fn osrm_undecodable_geometry_is_transient() {
+        let body = br#"{"code":"Ok","routes":[{"distance":1,"duration":1,"geometry":"_dal\u00ff","legs":[]}]}"#;
+        assert!(matches!(
+            parse_route_response(200, body, 0.0),
             Err(RouteError::Transient(_))
         ));
     }
@@ -386,23 +494,23 @@ mod tests {
     #[test]
     fn osrm_single_point_geometry_is_no_route() {
         let body = br#"{"code":"Ok","routes":[{"distance":0,"duration":0,
-            "geometry":{"coordinates":[[7.41,43.73]]},"legs":[]}]}"#;
+            "geometry":"_dalrA_tgcM","legs":[]}]}"#;
         assert!(matches!(
-            parse_route_response(200, body),
+            parse_route_response(200, body, 0.0),
             Err(RouteError::NoRoute(_))
         ));
     }
 
     #[test]
     fn route_url_has_lon_lat_order_and_annotations() {
-        let c = OsrmClient::new("http://127.0.0.1:5000/", Duration::from_secs(1), 1).unwrap();
+        let c = OsrmClient::new("http://127.0.0.1:5000/", Duration::from_secs(1), 1, 0.0).unwrap();
         assert_eq!(
             c.route_url(
                 LonLat::new(7.41337, 43.72956),
                 LonLat::new(7.42197, 43.7386)
             ),
             "http://127.0.0.1:5000/route/v1/driving/7.413370,43.729560;7.421970,43.738600\
-             ?overview=full&geometries=geojson&annotations=speed,duration,distance&steps=false"
+             ?overview=full&geometries=polyline6&annotations=speed&steps=false"
         );
     }
 
@@ -425,7 +533,7 @@ mod tests {
     }
 
     fn small_route() -> Arc<Route> {
-        Arc::new(parse_route_response(200, OK.as_bytes()).unwrap())
+        Arc::new(parse_route_response(200, OK.as_bytes(), 0.0).unwrap())
     }
 
     #[test]

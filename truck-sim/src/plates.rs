@@ -7,7 +7,17 @@
 
 use std::collections::HashSet;
 
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The fleet seed when none is given: the same plates on every start, so a
+/// restarted simulator continues the same trucks (same MQTT client ids, same
+/// retained topics) instead of adding 15,000 new ones to the map.
+pub const DEFAULT_FLEET_SEED: u64 = 16;
+
+/// Mixed into the fleet seed for the plate stream, so that plates do not
+/// depend on how many random numbers the rest of the fleet set-up draws.
+const PLATE_STREAM: u64 = 0x706c_6174_6573; // "plates"
 
 /// The 22 letters used on Italian plates.
 pub const PLATE_LETTERS: &[u8; 22] = b"ABCDEFGHJKLMNPRSTVWXYZ";
@@ -19,6 +29,13 @@ pub const PLATE_SPACE: u64 = 22 * 22 * 22 * 22 * 1000;
 pub struct PlateIssuer<R: Rng> {
     rng: R,
     issued: HashSet<[u8; 7]>,
+}
+
+impl PlateIssuer<StdRng> {
+    /// The issuer of a fleet: its plates depend only on `seed`.
+    pub fn for_fleet(seed: u64) -> Self {
+        Self::new(StdRng::seed_from_u64(seed ^ PLATE_STREAM))
+    }
 }
 
 impl<R: Rng> PlateIssuer<R> {
@@ -67,8 +84,6 @@ pub fn is_valid_plate(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
 
     fn issue_n(seed: u64, n: usize) -> Vec<String> {
         let mut issuer = PlateIssuer::new(StdRng::seed_from_u64(seed));
@@ -100,6 +115,19 @@ mod tests {
     fn same_seed_gives_same_plates() {
         assert_eq!(issue_n(42, 100), issue_n(42, 100));
         assert_ne!(issue_n(42, 100), issue_n(43, 100));
+    }
+
+    #[test]
+    fn a_restarted_fleet_has_the_same_plates() {
+        let start = |seed| {
+            let mut issuer = PlateIssuer::for_fleet(seed);
+            (0..15_000)
+                .map(|_| issuer.issue().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let first = start(DEFAULT_FLEET_SEED);
+        assert_eq!(first, start(DEFAULT_FLEET_SEED));
+        assert_ne!(first, start(DEFAULT_FLEET_SEED + 1));
     }
 
     #[test]

@@ -1,43 +1,52 @@
-//! A driveable route: the OSRM geometry with a length and a speed per segment.
+//! A driveable route: the OSRM geometry with a length and a speed per segment,
+//! stored compactly because 15,000 trucks each hold one.
 //!
-//! Segment lengths are computed from the geometry (haversine), so that the
-//! interpolated position always lies on the polyline OSRM returned. Speeds
-//! come from OSRM's per-segment annotations and are capped by [`SpeedCap`].
+//! * Geometry is simplified (Ramer-Douglas-Peucker, `geo`'s `SimplifyIdx`) in
+//!   Web Mercator, the projection in which a truck interpolates between two
+//!   points, so every position lies within the tolerance of OSRM's polyline.
+//! * Coordinates are fixed-point `i32` in 1e-6 degree (0.11 m at most), speeds
+//!   `u16` in cm/s: 10 bytes a point plus a 4-byte segment length, against 24
+//!   for `f64` coordinates.
+//! * A driver that owns its route alone drops the part behind it
+//!   ([`Route::drop_front`]), so on average half of a route is held.
+//!
+//! Segment lengths are computed from the kept geometry (haversine), so that the
+//! interpolated position lies on the polyline. Speeds come from OSRM's
+//! per-segment annotations (merged so that travel time is kept) and are capped
+//! by [`SpeedCap`].
 
-use geo::{Distance, Haversine};
+use geo::{Distance, Haversine, LineString, SimplifyIdx};
 
 use crate::places::LonLat;
 
 /// Segment speeds are never below this (OSRM annotates some segments with 0).
 pub const MIN_SPEED_MPS: f64 = 5.0 / 3.6;
 
+/// Fixed-point scale of stored coordinates: 1e-6 degree.
+const FIXED_PER_DEG: f64 = 1e6;
+/// Stored speeds are in cm/s.
+const SPEED_UNITS_PER_MPS: f64 = 100.0;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
-    /// `points.len() >= 2`.
-    points: Vec<LonLat>,
+    /// `[lon, lat]` in 1e-6 degree; `points.len() >= 2`.
+    points: Vec<[i32; 2]>,
     /// Length of segment `i` (from `points[i]` to `points[i+1]`), metres.
     seg_len_m: Vec<f32>,
-    /// Speed on segment `i` from the annotations, m/s (not yet capped).
-    seg_speed_mps: Vec<f32>,
+    /// Speed on segment `i` from the annotations, cm/s (not yet capped).
+    seg_speed_cms: Vec<u16>,
     total_len_m: f64,
+    /// Points OSRM sent, before simplification (for the metrics).
+    received_points: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteBuildError {
+    #[error("route geometry has {0} point(s), need 2")]
     TooFewPoints(usize),
+    #[error("route geometry has a non-finite or out-of-range coordinate")]
     NonFiniteCoordinate,
 }
-
-impl std::fmt::Display for RouteBuildError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::TooFewPoints(n) => write!(f, "route geometry has {n} point(s), need 2"),
-            Self::NonFiniteCoordinate => write!(f, "route geometry has a non-finite coordinate"),
-        }
-    }
-}
-
-impl std::error::Error for RouteBuildError {}
 
 /// Per-segment annotation arrays as OSRM returns them (`annotations=speed,duration,distance`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -48,7 +57,8 @@ pub struct Annotations {
 }
 
 impl Route {
-    /// Builds a route from a `[lon, lat]` geometry and per-segment annotations.
+    /// Builds a route from a `[lon, lat]` geometry and per-segment annotations,
+    /// keeping every point (see [`Route::simplified`]).
     ///
     /// `fallback_speed_mps` (typically total distance / total duration) is used
     /// for segments whose annotation is missing or unusable, and for all of them
@@ -58,38 +68,86 @@ impl Route {
         ann: &Annotations,
         fallback_speed_mps: f64,
     ) -> Result<Self, RouteBuildError> {
+        Self::simplified(coords, ann, fallback_speed_mps, 0.0)
+    }
+
+    /// Like [`Route::new`], but drops the points that lie within `tolerance_m`
+    /// metres of the line through their neighbours. A merged segment gets the
+    /// speed that keeps the travel time OSRM gave its parts.
+    pub fn simplified(
+        coords: &[[f64; 2]],
+        ann: &Annotations,
+        fallback_speed_mps: f64,
+        tolerance_m: f64,
+    ) -> Result<Self, RouteBuildError> {
         if coords.len() < 2 {
             return Err(RouteBuildError::TooFewPoints(coords.len()));
         }
-        if coords.iter().flatten().any(|c| !c.is_finite()) {
+        let valid = |c: &[f64; 2]| c[0].abs() <= 180.0 && c[1].abs() < 85.0;
+        if !coords.iter().all(valid) {
             return Err(RouteBuildError::NonFiniteCoordinate);
         }
-        let points: Vec<LonLat> = coords.iter().map(|c| LonLat::new(c[0], c[1])).collect();
-        let n = points.len() - 1;
+        let n = coords.len() - 1;
         let fallback = if fallback_speed_mps.is_finite() && fallback_speed_mps > 0.0 {
             fallback_speed_mps.max(MIN_SPEED_MPS)
         } else {
             50.0 / 3.6
         };
-        let mut seg_len_m = Vec::with_capacity(n);
-        let mut seg_speed_mps = Vec::with_capacity(n);
+        let keep = kept_indices(coords, tolerance_m);
+        let at = |i: usize| LonLat::new(coords[i][0], coords[i][1]);
+        let mut points = Vec::with_capacity(keep.len());
+        let mut seg_len_m = Vec::with_capacity(keep.len() - 1);
+        let mut seg_speed_cms = Vec::with_capacity(keep.len() - 1);
         let mut total = 0.0;
-        for i in 0..n {
-            let len = Haversine.distance(points[i].point(), points[i + 1].point()) as f32;
-            total += f64::from(len);
-            seg_len_m.push(len);
-            seg_speed_mps.push(segment_speed(ann, i, n, fallback) as f32);
+        points.push(to_fixed(coords[keep[0]]));
+        for w in keep.windows(2) {
+            let (i0, i1) = (w[0], w[1]);
+            points.push(to_fixed(coords[i1]));
+            let chord = Haversine.distance(at(i0).point(), at(i1).point());
+            // Travel time of the original segments this one replaces.
+            let time_s: f64 = (i0..i1)
+                .map(|i| {
+                    let len = Haversine.distance(at(i).point(), at(i + 1).point());
+                    len / segment_speed(ann, i, n, fallback)
+                })
+                .sum();
+            let speed = if time_s > 0.0 {
+                chord / time_s
+            } else {
+                segment_speed(ann, i0, n, fallback)
+            };
+            // The total is the sum of the stored lengths, so that it matches them exactly.
+            total += f64::from(chord as f32);
+            seg_len_m.push(chord as f32);
+            seg_speed_cms.push(to_speed_units(speed.max(MIN_SPEED_MPS)));
         }
         Ok(Self {
             points,
             seg_len_m,
-            seg_speed_mps,
+            seg_speed_cms,
             total_len_m: total,
+            received_points: coords.len(),
         })
     }
 
-    pub fn points(&self) -> &[LonLat] {
-        &self.points
+    /// Points of the geometry this route was built from, before simplification.
+    pub fn received_points(&self) -> usize {
+        self.received_points
+    }
+
+    /// Number of points (segments + 1).
+    pub fn len_points(&self) -> usize {
+        self.points.len()
+    }
+
+    /// Point `i`; `i < len_points()`.
+    pub fn point(&self, i: usize) -> LonLat {
+        from_fixed(self.points[i])
+    }
+
+    /// All points, decoded (for publishing and tests; the driver uses [`Route::point`]).
+    pub fn to_points(&self) -> Vec<LonLat> {
+        self.points.iter().map(|&p| from_fixed(p)).collect()
     }
 
     pub fn segments(&self) -> usize {
@@ -101,7 +159,7 @@ impl Route {
     }
 
     pub fn segment_speed_mps(&self, i: usize) -> f64 {
-        f64::from(self.seg_speed_mps[i])
+        f64::from(self.seg_speed_cms[i]) / SPEED_UNITS_PER_MPS
     }
 
     pub fn total_len_m(&self) -> f64 {
@@ -109,18 +167,112 @@ impl Route {
     }
 
     pub fn start(&self) -> LonLat {
-        self.points[0]
+        self.point(0)
     }
 
     pub fn end(&self) -> LonLat {
-        self.points[self.points.len() - 1]
+        self.point(self.points.len() - 1)
+    }
+
+    /// Forgets the first `segments` segments (the part a truck has driven),
+    /// keeping at least the last one, and gives back the memory. Returns the
+    /// metres dropped.
+    pub fn drop_front(&mut self, segments: usize) -> f64 {
+        let k = segments.min(self.segments().saturating_sub(1));
+        let dropped: f64 = self.seg_len_m[..k].iter().map(|&l| f64::from(l)).sum();
+        self.points.drain(..k);
+        self.seg_len_m.drain(..k);
+        self.seg_speed_cms.drain(..k);
+        self.points.shrink_to_fit();
+        self.seg_len_m.shrink_to_fit();
+        self.seg_speed_cms.shrink_to_fit();
+        self.total_len_m = (self.total_len_m - dropped).max(0.0);
+        dropped
+    }
+
+    /// The route ahead of a truck at `pos` on segment `seg`, for drawing: `pos`
+    /// then the points after it, simplified from `tolerance_m` metres on
+    /// (doubling the tolerance) until at most `max_points` (>= 2) remain.
+    pub fn outline(
+        &self,
+        seg: usize,
+        pos: LonLat,
+        tolerance_m: f64,
+        max_points: usize,
+    ) -> Vec<LonLat> {
+        let first = (seg + 1).min(self.points.len() - 1);
+        let coords: Vec<[f64; 2]> = std::iter::once([pos.lon, pos.lat])
+            .chain(self.points[first..].iter().map(|&p| {
+                let p = from_fixed(p);
+                [p.lon, p.lat]
+            }))
+            .collect();
+        let max_points = max_points.max(2);
+        let mut tolerance = tolerance_m.max(0.1);
+        let mut keep = kept_indices(&coords, tolerance);
+        while keep.len() > max_points {
+            tolerance *= 2.0;
+            keep = kept_indices(&coords, tolerance);
+        }
+        keep.into_iter()
+            .map(|i| LonLat::new(coords[i][0], coords[i][1]))
+            .collect()
     }
 
     /// Approximate heap size, for the route cache budget.
     pub fn heap_bytes(&self) -> usize {
-        self.points.capacity() * std::mem::size_of::<LonLat>()
-            + (self.seg_len_m.capacity() + self.seg_speed_mps.capacity()) * 4
+        self.points.capacity() * std::mem::size_of::<[i32; 2]>()
+            + self.seg_len_m.capacity() * 4
+            + self.seg_speed_cms.capacity() * 2
     }
+}
+
+/// Indices of the points kept by simplifying within `tolerance_m` metres, in
+/// Web Mercator metres at the equator scaled for the route's lowest latitude
+/// (where a Mercator metre is longest), so the bound holds everywhere.
+fn kept_indices(coords: &[[f64; 2]], tolerance_m: f64) -> Vec<usize> {
+    if tolerance_m.is_nan() || tolerance_m <= 0.0 || coords.len() <= 2 {
+        return (0..coords.len()).collect();
+    }
+    const R: f64 = 6_378_137.0;
+    let min_abs_lat = coords.iter().map(|c| c[1].abs()).fold(90.0, f64::min);
+    let eps = tolerance_m / min_abs_lat.to_radians().cos();
+    let line: LineString<f64> = coords
+        .iter()
+        .map(|c| {
+            let y = (std::f64::consts::FRAC_PI_4 + c[1].to_radians() / 2.0)
+                .tan()
+                .ln();
+            (c[0].to_radians() * R, y * R)
+        })
+        .collect();
+    let keep = line.simplify_idx(eps);
+    if keep.len() >= 2 {
+        keep
+    } else {
+        vec![0, coords.len() - 1]
+    }
+}
+
+fn to_fixed(c: [f64; 2]) -> [i32; 2] {
+    // Coordinates were checked to lie within +-180 degrees: no overflow.
+    [
+        (c[0] * FIXED_PER_DEG).round() as i32,
+        (c[1] * FIXED_PER_DEG).round() as i32,
+    ]
+}
+
+fn from_fixed(p: [i32; 2]) -> LonLat {
+    LonLat::new(
+        f64::from(p[0]) / FIXED_PER_DEG,
+        f64::from(p[1]) / FIXED_PER_DEG,
+    )
+}
+
+fn to_speed_units(mps: f64) -> u16 {
+    (mps * SPEED_UNITS_PER_MPS)
+        .round()
+        .clamp(1.0, f64::from(u16::MAX)) as u16
 }
 
 /// Speed of segment `i` from the annotations: `speed`, else `distance/duration`,
@@ -166,7 +318,7 @@ impl SpeedCap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn ann(speed: &[f64]) -> Annotations {
@@ -175,6 +327,141 @@ mod tests {
             duration_s: vec![],
             distance_m: vec![],
         }
+    }
+
+    /// A winding road like `routing/make_synth_italy.py --points-per-km 20`
+    /// builds: 30 km north-east from Bologna, a point every 50 m, a slow
+    /// meander plus 10 m curves every 400 m.
+    pub(crate) fn winding_road() -> Vec<[f64; 2]> {
+        let (kx, ky) = (111_320.0 * 44.5f64.to_radians().cos(), 110_574.0);
+        (0..=600)
+            .map(|i| {
+                let s = f64::from(i) * 50.0;
+                let off =
+                    400.0 * (s / 4_000.0).sin() + 10.0 * (s / 400.0 * std::f64::consts::TAU).sin();
+                let (x, y) = (s * 0.8 - off * 0.6, s * 0.6 + off * 0.8);
+                [11.34 + x / kx, 44.5 + y / ky]
+            })
+            .collect()
+    }
+
+    /// Distance from `p` to the polyline `line`, metres (flat approximation).
+    pub(crate) fn off_polyline_m(p: LonLat, line: &[[f64; 2]]) -> f64 {
+        let kx = 111_320.0 * p.lat.to_radians().cos();
+        let ky = 110_574.0;
+        line.windows(2)
+            .map(|w| {
+                let (ax, ay) = ((w[0][0] - p.lon) * kx, (w[0][1] - p.lat) * ky);
+                let (bx, by) = ((w[1][0] - p.lon) * kx, (w[1][1] - p.lat) * ky);
+                let (dx, dy) = (bx - ax, by - ay);
+                let len2 = dx * dx + dy * dy;
+                let t = if len2 > 0.0 {
+                    (-(ax * dx + ay * dy) / len2).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                (ax + t * dx).hypot(ay + t * dy)
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    #[test]
+    fn simplification_drops_points_and_keeps_every_kept_point_on_the_road() {
+        let road = winding_road();
+        let full = Route::new(&road, &Annotations::default(), 20.0).unwrap();
+        let r = Route::simplified(&road, &Annotations::default(), 20.0, 3.0).unwrap();
+        assert_eq!(full.len_points(), road.len());
+        assert!(
+            r.len_points() * 2 < road.len(),
+            "kept {} of {}",
+            r.len_points(),
+            road.len()
+        );
+        assert_eq!(r.start(), full.start());
+        assert_eq!(r.end(), full.end());
+        for p in r.to_points() {
+            assert!(off_polyline_m(p, &road) < 0.2, "{p:?}");
+        }
+        // Chords are a little shorter than the winding road, never longer.
+        assert!(r.total_len_m() <= full.total_len_m());
+        assert!(r.total_len_m() > full.total_len_m() * 0.99);
+    }
+
+    #[test]
+    fn fixed_point_coordinates_are_within_a_tenth_of_a_metre() {
+        let road = winding_road();
+        let r = Route::new(&road, &Annotations::default(), 20.0).unwrap();
+        for (i, c) in road.iter().enumerate() {
+            let p = r.point(i);
+            let d = Haversine.distance(p.point(), LonLat::new(c[0], c[1]).point());
+            assert!(d < 0.1, "point {i} moved {d} m");
+        }
+    }
+
+    #[test]
+    fn merged_segments_keep_osrms_travel_time() {
+        let road = winding_road();
+        let n = road.len() - 1;
+        // Alternating 10 and 25 m/s: a merged segment must not average them naively.
+        let speeds: Vec<f64> = (0..n)
+            .map(|i| if i % 2 == 0 { 10.0 } else { 25.0 })
+            .collect();
+        let a = ann(&speeds);
+        let full = Route::new(&road, &a, 1.0).unwrap();
+        let r = Route::simplified(&road, &a, 1.0, 3.0).unwrap();
+        let time = |r: &Route| -> f64 {
+            (0..r.segments())
+                .map(|i| r.segment_len_m(i) / r.segment_speed_mps(i))
+                .sum()
+        };
+        let (t_full, t_simple) = (time(&full), time(&r));
+        assert!(
+            (t_full - t_simple).abs() < t_full * 0.001,
+            "{t_full} s vs {t_simple} s"
+        );
+    }
+
+    #[test]
+    fn compact_route_takes_at_most_14_bytes_a_point() {
+        let road = winding_road();
+        let r = Route::new(&road, &Annotations::default(), 20.0).unwrap();
+        assert!(r.heap_bytes() <= road.len() * 14, "{}", r.heap_bytes());
+    }
+
+    #[test]
+    fn drop_front_keeps_the_route_ahead() {
+        let road = winding_road();
+        let mut r = Route::new(&road, &Annotations::default(), 20.0).unwrap();
+        let before = r.clone();
+        let dropped = r.drop_front(100);
+        assert_eq!(r.len_points(), before.len_points() - 100);
+        assert_eq!(r.start(), before.point(100));
+        assert_eq!(r.end(), before.end());
+        let behind: f64 = (0..100).map(|i| before.segment_len_m(i)).sum();
+        assert!((dropped - behind).abs() < 1e-6);
+        assert!((r.total_len_m() - (before.total_len_m() - behind)).abs() < 1e-6);
+        // Never below one segment.
+        r.drop_front(usize::MAX);
+        assert_eq!(r.segments(), 1);
+        assert_eq!(r.end(), before.end());
+    }
+
+    #[test]
+    fn outline_starts_at_the_truck_and_respects_the_point_cap() {
+        let road = winding_road();
+        let r = Route::new(&road, &Annotations::default(), 20.0).unwrap();
+        let pos = LonLat::new(road[10][0], road[10][1]);
+        let o = r.outline(10, pos, 1.0, 40);
+        assert!(o.len() <= 40 && o.len() >= 2, "{}", o.len());
+        assert_eq!(o[0], pos);
+        assert_eq!(*o.last().unwrap(), r.end());
+        // The route's own points beyond the cap's tolerance stay near the outline.
+        let outline: Vec<[f64; 2]> = o.iter().map(|p| [p.lon, p.lat]).collect();
+        let worst = r.to_points()[11..]
+            .iter()
+            .map(|&p| off_polyline_m(p, &outline))
+            .fold(0.0, f64::max);
+        assert!(worst < 300.0, "{worst} m");
     }
 
     #[test]
@@ -246,7 +533,8 @@ mod tests {
     #[test]
     fn speeds_never_drop_below_walking_pace() {
         let r = Route::new(&[[12.0, 42.0], [12.0, 42.01]], &ann(&[0.1]), 8.0).unwrap();
-        assert!((r.segment_speed_mps(0) - MIN_SPEED_MPS).abs() < 1e-6);
+        // Stored in cm/s.
+        assert!((r.segment_speed_mps(0) - MIN_SPEED_MPS).abs() < 0.006);
     }
 
     #[test]

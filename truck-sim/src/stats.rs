@@ -11,6 +11,8 @@ pub struct Stats {
     pub trucks_driving: AtomicI64,
     pub trucks_resting: AtomicI64,
     pub arrivals: AtomicU64,
+    /// Route-ahead messages (and clears) handed to the MQTT client.
+    pub routes_published: AtomicU64,
 
     pub mqtt_connected: AtomicI64,
     pub mqtt_connects: AtomicU64,
@@ -29,6 +31,11 @@ pub struct Stats {
     pub route_latency_us_sum: AtomicU64,
     pub route_cache_entries: AtomicI64,
     pub route_cache_bytes: AtomicI64,
+    /// Route points received from OSRM, and kept after simplification.
+    pub route_points_received: AtomicU64,
+    pub route_points_kept: AtomicU64,
+    /// Length of the routes received, metres.
+    pub route_length_m: AtomicU64,
 }
 
 /// A snapshot of the counters, for rates between two progress lines.
@@ -114,6 +121,27 @@ impl Stats {
             "counter",
             "Trucks that reached their destination.",
             &[("", u(&self.arrivals))],
+        );
+        metric(
+            "route_points_total",
+            "counter",
+            "Route points received from OSRM and kept after simplification.",
+            &[
+                ("{stage=\"received\"}", u(&self.route_points_received)),
+                ("{stage=\"kept\"}", u(&self.route_points_kept)),
+            ],
+        );
+        metric(
+            "route_length_meters_total",
+            "counter",
+            "Length of the routes received from OSRM.",
+            &[("", u(&self.route_length_m))],
+        );
+        metric(
+            "routes_published_total",
+            "counter",
+            "Retained route-ahead messages and clears handed to the MQTT client.",
+            &[("", u(&self.routes_published))],
         );
         metric(
             "mqtt_connected",

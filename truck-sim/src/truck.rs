@@ -16,6 +16,9 @@ use crate::message::{PositionMessage, TruckState};
 use crate::osrm::{RouteError, RouteService};
 use crate::places::{LonLat, Places};
 use crate::route::{Route, SpeedCap};
+use crate::route_message::{
+    route_topic, RouteAheadMessage, OUTLINE_MAX_POINTS, OUTLINE_TOLERANCE_M,
+};
 use crate::stats::Stats;
 
 /// How long a new truck waits for its first route before it starts
@@ -38,6 +41,17 @@ pub struct FleetConfig {
     /// Start each truck at a random point of its first route, so that the
     /// fleet is spread over the roads at once instead of leaving the depots.
     pub spread_start: bool,
+    /// Publish each truck's route ahead, retained, on `<prefix>/<plate>/route`.
+    pub publish_routes: bool,
+}
+
+/// A change of route that the retained route topic has yet to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteNews {
+    /// Set off on a new route: publish it.
+    Started,
+    /// Arrived: clear the retained route (empty payload).
+    Ended,
 }
 
 /// What the truck is doing between two ticks.
@@ -64,12 +78,15 @@ pub struct Truck {
     pub connected: Arc<AtomicBool>,
     pub rng: SmallRng,
     pub start: LonLat,
+    /// Route change not yet published (kept until the client accepts it).
+    pub route_news: Option<RouteNews>,
 }
 
 impl Truck {
     pub async fn run(mut self, fleet: Arc<FleetConfig>, mut shutdown: watch::Receiver<bool>) {
         let stats = Arc::clone(&fleet.stats);
         let topic = format!("{}/{}", fleet.prefix, self.plate);
+        let route_topic = route_topic(&fleet.prefix, &self.plate);
         let cap = SpeedCap::from_kmh(fleet.max_speed_kmh, self.rng.gen_range(0.88..=1.0));
         let mut pos = self.start;
         let mut heading = 0.0;
@@ -114,6 +131,9 @@ impl Truck {
                         _ => (TruckState::Resting, 0.0, pos),
                     };
                     gauge.set(state);
+                    if fleet.publish_routes {
+                        self.publish_route_news(&fleet, &route_topic, &activity);
+                    }
                     self.publish(&fleet, &topic, pos, next, speed, heading, state);
                     published_any = true;
                 }
@@ -159,6 +179,7 @@ impl Truck {
                         }
                         *first_route = false;
                         *pos = f.position();
+                        self.route_news = Some(RouteNews::Started);
                         Activity::Driving(f)
                     }
                     Err(RouteError::NoRoute(msg)) => {
@@ -207,6 +228,7 @@ impl Truck {
                 *pos = f.position();
                 if step.arrived {
                     fleet.stats.arrivals.fetch_add(1, Relaxed);
+                    self.route_news = Some(RouteNews::Ended);
                     let rest = self
                         .rng
                         .gen_range(fleet.rest_min..=fleet.rest_max.max(fleet.rest_min));
@@ -225,6 +247,39 @@ impl Truck {
                     task: spawn_route(&fleet.routes, *pos, dest),
                 }
             }
+        }
+    }
+
+    /// Publishes (retained) the route ahead of a truck that set off, or clears
+    /// it on arrival; left pending while the client cannot take it.
+    fn publish_route_news(&mut self, fleet: &FleetConfig, topic: &str, activity: &Activity) {
+        let Some(news) = self.route_news else {
+            return;
+        };
+        if !self.connected.load(Relaxed) {
+            return;
+        }
+        let payload = match (news, activity) {
+            (RouteNews::Started, Activity::Driving(f)) => {
+                let outline = f.route().outline(
+                    f.segment(),
+                    f.position(),
+                    OUTLINE_TOLERANCE_M,
+                    OUTLINE_MAX_POINTS,
+                );
+                RouteAheadMessage::new(&self.plate, &outline, f.remaining_m(), SystemTime::now())
+                    .to_json()
+            }
+            // Arrived, or the route is already over: clear it.
+            _ => Vec::new(),
+        };
+        if self
+            .client
+            .try_publish(topic, fleet.qos, true, payload)
+            .is_ok()
+        {
+            self.route_news = None;
+            fleet.stats.routes_published.fetch_add(1, Relaxed);
         }
     }
 

@@ -5,6 +5,8 @@ Capture with:  mosquitto_sub -p PORT -t 'trucks/#' -v > capture.txt
 Check with:    check_positions.py capture.txt [--osrm http://127.0.0.1:5000] [--max-speed-kmh 90]
 
 Checks, per message: schema v1 fields and types, plate format, topic == prefix/plate.
+Route-ahead messages (topic prefix/plate/route, retained) are checked for their own schema:
+`coords` of at least 2 [lon, lat] pairs ending at `dest`; an empty payload (a clear) is allowed.
 Per truck, between consecutive messages: the implied speed (haversine distance over ts_ms
 difference) is at most the max speed (+ tolerance); while driving, the heading matches the
 bearing from the position to `next`. With --osrm, a sample of driving positions is snapped
@@ -26,6 +28,30 @@ from collections import defaultdict
 
 PLATE = re.compile(r"^[A-HJ-NPR-TV-Z]{2}[0-9]{3}[A-HJ-NPR-TV-Z]{2}$")
 FIELDS = {"v", "plate", "lat", "lon", "next", "speed_kmh", "heading_deg", "ts", "ts_ms", "state"}
+ROUTE_FIELDS = {"v", "plate", "dest", "remaining_m", "ts", "ts_ms", "coords"}
+
+
+def check_route(topic: str, payload: str, prefix: str) -> list[str]:
+    """Problems with one route-ahead message (empty payload: the route was cleared)."""
+    if not payload:
+        return []
+    try:
+        m = json.loads(payload)
+    except json.JSONDecodeError as e:
+        return [f"bad JSON on {topic}: {e}"]
+    if set(m) != ROUTE_FIELDS:
+        return [f"{topic}: fields {sorted(m)}"]
+    errs = []
+    if m["v"] != 1 or not PLATE.match(m["plate"]) or topic != f"{prefix}/{m['plate']}/route":
+        errs.append(f"{topic}: v/plate {m['v']} {m['plate']}")
+    c = m["coords"]
+    if len(c) < 2 or any(len(p) != 2 or not (-180 <= p[0] <= 180 and -90 <= p[1] <= 90) for p in c):
+        errs.append(f"{topic}: coords must be >= 2 [lon, lat] pairs")
+    elif abs(c[-1][0] - m["dest"]["lon"]) > 2e-5 or abs(c[-1][1] - m["dest"]["lat"]) > 2e-5:
+        errs.append(f"{topic}: last coordinate {c[-1]} is not dest {m['dest']}")
+    if m["remaining_m"] < 0:
+        errs.append(f"{topic}: remaining_m {m['remaining_m']}")
+    return errs
 
 
 def haversine_m(lat1, lon1, lat2, lon2):
@@ -64,12 +90,17 @@ def main() -> int:
     errors: list[str] = []
     by_plate: dict[str, list[dict]] = defaultdict(list)
     n = 0
+    routes = 0
     with open(args.capture, encoding="utf-8") as f:
         for line in f:
             line = line.rstrip("\n")
             if not line:
                 continue
             topic, _, payload = line.partition(" ")
+            if topic.endswith("/route"):
+                routes += 1
+                errors.extend(check_route(topic, payload, args.prefix))
+                continue
             n += 1
             try:
                 m = json.loads(payload)
@@ -129,7 +160,7 @@ def main() -> int:
     def pct(xs, q):
         return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
-    print(f"messages {n}, trucks {len(by_plate)}, driving msgs {len(driving)}")
+    print(f"messages {n}, trucks {len(by_plate)}, driving msgs {len(driving)}, route messages {routes}")
     print(f"implied speed km/h: p50 {pct(speeds, .5):.1f} p95 {pct(speeds, .95):.1f} max {max(speeds, default=0):.1f}")
     print(f"reported speed km/h (driving): p50 {pct([m['speed_kmh'] for m in driving], .5):.1f} "
           f"max {max((m['speed_kmh'] for m in driving), default=0):.1f}")
