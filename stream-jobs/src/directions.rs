@@ -99,7 +99,7 @@ pub struct Args {
     pub kafka_opts: Vec<(String, String)>,
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .filter(|(k, _)| !k.is_empty())
@@ -206,7 +206,7 @@ async fn ensure_topics(args: &Args) {
 
 /// Sends without waiting for the broker: delivery is awaited in a background
 /// task so a slow broker cannot stall consumption.
-fn publish(producer: &FutureProducer, topic: &str, key: &str, payload: Vec<u8>) {
+pub(crate) fn publish(producer: &FutureProducer, topic: &str, key: &str, payload: Vec<u8>) {
     let rec = FutureRecord::to(topic).key(key).payload(&payload);
     match producer.send_result(rec) {
         Ok(delivery) => {

@@ -3,6 +3,7 @@
 
 use clap::Parser;
 use stream_jobs::directions::{run, Args};
+use stream_jobs::signal::wait_for_signal;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
@@ -22,26 +23,4 @@ async fn main() -> anyhow::Result<()> {
         let _ = tx.send(true);
     });
     run(args, rx).await
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -1,0 +1,26 @@
+//! `fleet-snapshot`: publishes a per-second binary snapshot of the whole fleet
+//! for map viewers. See stream-jobs/README.md.
+
+use clap::Parser;
+use stream_jobs::signal::wait_for_signal;
+use stream_jobs::snapshot_job::{run, Args};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        // Receivers gone means the job already ended; nothing to notify.
+        let _ = tx.send(true);
+    });
+    run(args, rx).await
+}
