@@ -1,4 +1,4 @@
-// Unit tests of static/fleet.js (pure page logic): node --test static/test/
+// Unit tests of static/fleet.js (pure page logic): node --test static/test/fleet.test.mjs
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import {

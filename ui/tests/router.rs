@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use ui::{router, Config};
+use ui::Config;
 
 fn config() -> Config {
     Config {
@@ -28,7 +28,11 @@ fn static_dir() -> PathBuf {
 }
 
 async fn get(path: &str) -> (StatusCode, Option<String>, String) {
-    let resp = router(config(), &static_dir())
+    get_with(ui::Extras::default(), path).await
+}
+
+async fn get_with(extras: ui::Extras, path: &str) -> (StatusCode, Option<String>, String) {
+    let resp = ui::router_with(config(), &static_dir(), extras)
         .oneshot(Request::get(path).body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -102,17 +106,9 @@ async fn throughput_json_serves_the_latest_scrape() {
         t.nodes = 2;
         t.nodes_up = 2;
     }
-    let resp = ui::router_with(config(), &static_dir(), extras)
-        .oneshot(
-            Request::get("/throughput.json")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (status, _, body) = get_with(extras, "/throughput.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["mqtt_in_per_s"], 15_000.0);
     assert_eq!(v["nodes_up"], 2);
     for k in [
@@ -138,16 +134,8 @@ async fn roads_are_served_from_the_configured_file_and_404_without_one() {
         roads: Some(file),
         ..Default::default()
     };
-    let resp = ui::router_with(config(), &static_dir(), extras)
-        .oneshot(
-            Request::get("/data/roads.geojson")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    assert!(String::from_utf8_lossy(&body).contains("FeatureCollection"));
+    let (status, _, body) = get_with(extras, "/data/roads.geojson").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("FeatureCollection"));
     std::fs::remove_dir_all(&dir).ok();
 }
