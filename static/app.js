@@ -421,8 +421,14 @@ function onTruck(topic, payload) {
 }
 
 function onRoute(topic, payload) {
-  const r = parseRoute(payload);
   const plate = topic.slice(cfg.prefix.length, -'/route'.length).toUpperCase();
+  // An empty (retained) payload means the truck has no route now: it rests or waits for one.
+  if (payload.length === 0) {
+    routes.delete(plate);
+    routesDirty = true;
+    return;
+  }
+  const r = parseRoute(payload);
   if (!r || !followed.has(plate)) {
     if (!r) L.badMsgs++;
     return;
