@@ -207,27 +207,41 @@ fn partition_count(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<i32
 /// silent recently are still shown (and fade) after a restart. Waits for the
 /// topic to exist.
 async fn assign_from_window(consumer: &StreamConsumer, args: &Args) -> anyhow::Result<i32> {
-    let topic = &args.positions_topic;
-    let parts = loop {
-        match partition_count(consumer, topic) {
-            Ok(n) if n > 0 => break n,
-            Ok(_) => info!(%topic, "waiting for the positions topic"),
-            Err(err) => warn!(%err, "waiting for Kafka"),
+    loop {
+        // Right after the topic is created, its partitions may have no leader yet: retry.
+        match window_offsets(consumer, args) {
+            Ok(Some((parts, tpl))) => {
+                consumer.assign(&tpl).context("assigning the partitions")?;
+                return Ok(parts);
+            }
+            Ok(None) => info!(topic = %args.positions_topic, "waiting for the positions topic"),
+            Err(err) => warn!(err = format!("{err:#}"), "waiting for Kafka"),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-    };
+    }
+}
+
+/// Every partition at its first offset at or after `drop_after_s` ago (End
+/// where there is none); `None` while the topic does not exist.
+fn window_offsets(
+    consumer: &StreamConsumer,
+    args: &Args,
+) -> anyhow::Result<Option<(i32, TopicPartitionList)>> {
+    let topic = &args.positions_topic;
+    let parts = partition_count(consumer, topic)?;
+    if parts == 0 {
+        return Ok(None);
+    }
     let since = now_ms() - args.drop_after_ms();
     let mut tpl = TopicPartitionList::new();
     for p in 0..parts {
         tpl.add_partition_offset(topic, p, Offset::Offset(since))
             .context("building the assignment")?;
     }
-    // offsets_for_times: the first offset at or after `since`; End where none is.
     let tpl = consumer
         .offsets_for_times(tpl, Duration::from_secs(10))
         .context("looking up the offsets of the replay window")?;
-    consumer.assign(&tpl).context("assigning the partitions")?;
-    Ok(parts)
+    Ok(Some((parts, tpl)))
 }
 
 fn add_new_partitions(consumer: &StreamConsumer, args: &Args, known: i32) -> i32 {
