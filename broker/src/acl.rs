@@ -8,6 +8,8 @@
 //! action = "publish"           # publish | subscribe | all
 //! topics = ["trucks/#"]        # MQTT filters; %u = username, %c = client id
 //! allow = true                 # required: true allows, false denies
+//! match = "pattern"            # optional: pattern (default) | literal
+//! overlap = "refuse"           # optional, deny rules for subscribe: refuse (default) | filter
 //! ```
 //!
 //! Evaluation: the first rule whose `who` and `action` apply and one of whose
@@ -20,10 +22,30 @@
 //! - subscribe, allow rule: the rule's filter must *cover* the requested
 //!   filter (every topic it can match): rule `trucks/#` allows `trucks/+`,
 //!   rule `trucks/+` does not allow `trucks/#`;
-//! - subscribe, deny rule: applies as soon as its filter *overlaps* the
-//!   requested one, so a deny on `trucks/secret/#` also refuses `trucks/#`
-//!   (which would otherwise deliver the secret topics);
+//! - subscribe, deny rule with `overlap = "refuse"` (the default): applies
+//!   as soon as its filter *overlaps* the requested one, so a deny on
+//!   `trucks/secret/#` also refuses `trucks/#` (which would otherwise deliver
+//!   the secret topics);
+//! - subscribe, deny rule with `overlap = "filter"`: refuses only a filter it
+//!   covers entirely (`trucks/secret/#`, `trucks/secret/x`); an overlapping
+//!   filter such as `trucks/#` or `#` goes on to the next rules and, when
+//!   granted, never delivers a topic the rule denies: live messages, what a
+//!   resumed session catches up on from Kafka and retained messages are all
+//!   checked at delivery (`Acl::may_deliver`), like Mosquitto's `acl_file`;
 //! - shared subscriptions `$share/group/filter` are checked on `filter`.
+//!
+//! `match = "literal"` compares the rule's topics as plain strings, without
+//! wildcards (EMQX's `{eq, ...}`, Mosquitto's `subscribeLiteral`): a literal
+//! `trucks/#` allows or refuses exactly the filter `trucks/#`, not
+//! `trucks/1`; a literal with `overlap = "filter"` withholds deliveries of
+//! exactly that topic name.
+//!
+//! Why `refuse` stays the default: existing rule files keep their meaning,
+//! and a client learns at SUBACK (0x87, 3.1.1: 0x80) that its filter reaches
+//! topics it may not read, instead of silently receiving fewer messages. Use
+//! `filter` where tools subscribe to `#` (MQTT Explorer, `mosquitto_sub -t
+//! '#'`). With `filter`, a shared subscription's message denied to the
+//! member it was given to is dropped, not offered to another member.
 //!
 //! Substitutions: `%u` is the verified username, `%c` the client id. A rule
 //! using `%u` never matches an identity without a username; a value
@@ -104,12 +126,73 @@ enum RuleAction {
     All,
 }
 
+/// How a rule's topics are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Match {
+    /// MQTT filter semantics (wildcards).
+    Pattern,
+    /// Plain string equality.
+    Literal,
+}
+
+/// What a subscribe deny rule does with a filter that only overlaps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overlap {
+    Refuse,
+    Filter,
+}
+
 #[derive(Debug, Clone)]
 struct Rule {
     who: Who,
     action: RuleAction,
     topics: Vec<String>,
     allow: bool,
+    matching: Match,
+    overlap: Overlap,
+}
+
+impl Rule {
+    fn applies(&self, who: &Identity, action: Action) -> bool {
+        let action_applies = matches!(
+            (self.action, action),
+            (RuleAction::All, _)
+                | (RuleAction::Publish, Action::Publish)
+                | (RuleAction::Subscribe, Action::Subscribe)
+        );
+        action_applies && self.who.applies(who)
+    }
+
+    /// Whether one of the rule's topics decides `action` on `target` (a
+    /// topic name for publish, a filter for subscribe).
+    fn hits(&self, who: &Identity, action: Action, target: &str) -> bool {
+        self.topics.iter().any(|pattern| {
+            let Some(pattern) = substitute(pattern, who) else {
+                return false;
+            };
+            match (self.matching, action, self.allow, self.overlap) {
+                (Match::Literal, _, _, _) => pattern == target,
+                (Match::Pattern, Action::Publish, _, _) => matches(&pattern, target),
+                (Match::Pattern, Action::Subscribe, true, _) => covers(&pattern, target),
+                (Match::Pattern, Action::Subscribe, false, Overlap::Refuse) => {
+                    filters_may_overlap(&pattern, target)
+                }
+                (Match::Pattern, Action::Subscribe, false, Overlap::Filter) => {
+                    covers(&pattern, target)
+                }
+            }
+        })
+    }
+
+    /// Whether one of the rule's topics matches the topic name `topic`.
+    fn hits_topic(&self, who: &Identity, topic: &str) -> bool {
+        self.topics.iter().any(|pattern| {
+            substitute(pattern, who).is_some_and(|p| match self.matching {
+                Match::Literal => p == topic,
+                Match::Pattern => matches(&p, topic),
+            })
+        })
+    }
 }
 
 /// Authorization rules; cheap to check, immutable once built (reload by
@@ -118,6 +201,8 @@ struct Rule {
 pub struct Acl {
     /// `None`: no rules file, everything allowed.
     rules: Option<Vec<Rule>>,
+    /// Some rule has `overlap = "filter"`: deliveries must be checked.
+    filters_deliveries: bool,
 }
 
 #[derive(Deserialize)]
@@ -134,11 +219,17 @@ struct RawRule {
     action: Spanned<String>,
     topics: Spanned<Vec<String>>,
     allow: bool,
+    #[serde(rename = "match")]
+    matching: Option<Spanned<String>>,
+    overlap: Option<Spanned<String>>,
 }
 
 impl Acl {
     pub fn allow_all() -> Acl {
-        Acl { rules: None }
+        Acl {
+            rules: None,
+            filters_deliveries: false,
+        }
     }
 
     pub fn load(path: &Path) -> Result<Acl, AclError> {
@@ -174,30 +265,29 @@ impl Acl {
             Action::Subscribe => topic_or_filter,
         };
         for rule in rules {
-            let action_applies = matches!(
-                (rule.action, action),
-                (RuleAction::All, _)
-                    | (RuleAction::Publish, Action::Publish)
-                    | (RuleAction::Subscribe, Action::Subscribe)
-            );
-            if !action_applies || !rule.who.applies(who) {
-                continue;
-            }
-            let hit = rule.topics.iter().any(|pattern| {
-                let Some(pattern) = substitute(pattern, who) else {
-                    return false;
-                };
-                match (action, rule.allow) {
-                    (Action::Publish, _) => matches(&pattern, target),
-                    (Action::Subscribe, true) => covers(&pattern, target),
-                    (Action::Subscribe, false) => filters_may_overlap(&pattern, target),
-                }
-            });
-            if hit {
+            if rule.applies(who, action) && rule.hits(who, action, target) {
                 return rule.allow;
             }
         }
         false
+    }
+
+    /// Whether a message on `topic` may be delivered to `who` through a
+    /// subscription it was granted: `false` only when a deny rule with
+    /// `overlap = "filter"` matches the topic before any allow rule does.
+    /// Deny rules with `overlap = "refuse"` already refused every filter that
+    /// could deliver their topics, so they are not looked at again.
+    pub fn may_deliver(&self, who: &Identity, topic: &str) -> bool {
+        let Some(rules) = self.rules.as_ref().filter(|_| self.filters_deliveries) else {
+            return true;
+        };
+        for rule in rules {
+            let decides = rule.allow || rule.overlap == Overlap::Filter;
+            if decides && rule.applies(who, Action::Subscribe) && rule.hits_topic(who, topic) {
+                return rule.allow;
+            }
+        }
+        true
     }
 }
 
@@ -224,6 +314,38 @@ fn substitute(pattern: &str, who: &Identity) -> Option<String> {
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The `match` and `overlap` settings of a rule; an error names the span of
+/// the offending value.
+fn rule_options(
+    r: &RawRule,
+    action: RuleAction,
+) -> Result<(Match, Overlap), (std::ops::Range<usize>, String)> {
+    let matching = match r.matching.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("pattern") => Match::Pattern,
+        Some("literal") => Match::Literal,
+        Some(s) => {
+            return Err((
+                r.matching.as_ref().map(|m| m.span()).unwrap_or_default(),
+                format!("match = {s:?}: expected \"pattern\" or \"literal\""),
+            ))
+        }
+    };
+    let overlap = match r.overlap.as_ref().map(|o| o.get_ref().as_str()) {
+        None | Some("refuse") => Overlap::Refuse,
+        Some("filter") if !r.allow && action != RuleAction::Publish => Overlap::Filter,
+        Some(s) => {
+            return Err((
+                r.overlap.as_ref().map(|o| o.span()).unwrap_or_default(),
+                format!(
+                    "overlap = {s:?}: expected \"refuse\" or \"filter\", and \"filter\" \
+                     only on a deny rule (allow = false) for subscribe or all"
+                ),
+            ))
+        }
+    };
+    Ok((matching, overlap))
 }
 
 fn parse_with(text: &str, path: Option<String>) -> Result<Acl, AclError> {
@@ -282,6 +404,8 @@ fn parse_with(text: &str, path: Option<String>) -> Result<Acl, AclError> {
                 ))
             }
         };
+        let (matching, overlap) =
+            rule_options(&r, action).map_err(|(at, message)| err(at, message))?;
         let topics_span = r.topics.span();
         let topics = r.topics.into_inner();
         if topics.is_empty() {
@@ -305,9 +429,15 @@ fn parse_with(text: &str, path: Option<String>) -> Result<Acl, AclError> {
             action,
             topics,
             allow: r.allow,
+            matching,
+            overlap,
         });
     }
-    Ok(Acl { rules: Some(rules) })
+    let filters_deliveries = rules.iter().any(|r| r.overlap == Overlap::Filter);
+    Ok(Acl {
+        rules: Some(rules),
+        filters_deliveries,
+    })
 }
 
 #[cfg(test)]
@@ -440,6 +570,128 @@ mod tests {
         assert!(acl.check(&a, Action::Subscribe, "trucks/public/#"));
         assert!(!acl.check(&a, Action::Publish, "trucks/secret/key"));
         assert!(acl.check(&a, Action::Publish, "trucks/public/key"));
+    }
+
+    const HIDE_ONE_TOPIC: &str = r##"
+        [[rule]]
+        who = "user:admin"
+        action = "subscribe"
+        topics = ["#"]
+        allow = true
+        [[rule]]
+        who = "*"
+        action = "subscribe"
+        topics = ["test/nosubscribe", "hidden/#"]
+        allow = false
+        overlap = "filter"
+        [[rule]]
+        who = "*"
+        action = "all"
+        topics = ["#"]
+        allow = true
+    "##;
+
+    #[test]
+    fn filter_deny_grants_overlapping_filters_and_withholds_the_denied_topics() {
+        let acl = Acl::parse(HIDE_ONE_TOPIC).unwrap();
+        let a = user("x");
+        use Action::Subscribe;
+        // Covered entirely by the deny: refused.
+        for f in [
+            "test/nosubscribe",
+            "hidden/#",
+            "hidden/a/+",
+            "$share/g/hidden/x",
+        ] {
+            assert!(!acl.check(&a, Subscribe, f), "{f}");
+        }
+        // Only overlapping: granted, the denied topics filtered at delivery.
+        for f in ["#", "+/+", "test/#", "test/+", "+/nosubscribe", "+/a"] {
+            assert!(acl.check(&a, Subscribe, f), "{f}");
+        }
+        assert!(!acl.may_deliver(&a, "test/nosubscribe"));
+        assert!(!acl.may_deliver(&a, "hidden/a/b"));
+        assert!(acl.may_deliver(&a, "test/other"));
+        assert!(acl.may_deliver(&a, "test/nosubscribe/deeper"));
+        // First match wins at delivery too: admin's earlier allow.
+        let admin = user("admin");
+        assert!(acl.check(&admin, Subscribe, "test/nosubscribe"));
+        assert!(acl.may_deliver(&admin, "test/nosubscribe"));
+        // Publishing is not what the rule is about.
+        assert!(acl.check(&a, Action::Publish, "test/nosubscribe"));
+    }
+
+    #[test]
+    fn refuse_is_the_default_and_needs_no_delivery_check() {
+        let acl = Acl::parse(&HIDE_ONE_TOPIC.replace("overlap = \"filter\"", "")).unwrap();
+        let a = user("x");
+        assert!(!acl.check(&a, Action::Subscribe, "#"));
+        assert!(!acl.check(&a, Action::Subscribe, "test/+"));
+        assert!(acl.check(&a, Action::Subscribe, "test/other"));
+        assert!(!acl.filters_deliveries);
+        assert!(acl.may_deliver(&a, "test/nosubscribe"));
+    }
+
+    #[test]
+    fn literal_rules_compare_the_string_without_wildcards() {
+        let acl = Acl::parse(
+            r##"
+            [[rule]]
+            who = "*"
+            action = "subscribe"
+            topics = ["trucks/#"]
+            allow = false
+            match = "literal"
+            [[rule]]
+            who = "*"
+            action = "publish"
+            topics = ["cmd/+"]
+            allow = true
+            match = "literal"
+            [[rule]]
+            who = "*"
+            action = "subscribe"
+            topics = ["secret"]
+            allow = false
+            match = "literal"
+            overlap = "filter"
+            [[rule]]
+            who = "*"
+            action = "subscribe"
+            topics = ["#"]
+            allow = true
+            "##,
+        )
+        .unwrap();
+        let a = user("x");
+        assert!(!acl.check(&a, Action::Subscribe, "trucks/#"));
+        assert!(acl.check(&a, Action::Subscribe, "trucks/+"));
+        assert!(acl.check(&a, Action::Subscribe, "trucks/1"));
+        // A literal "cmd/+" is no topic name a client can publish to.
+        assert!(!acl.check(&a, Action::Publish, "cmd/1"));
+        assert!(!acl.check(&a, Action::Subscribe, "secret"));
+        assert!(acl.check(&a, Action::Subscribe, "+"));
+        assert!(!acl.may_deliver(&a, "secret"));
+        assert!(acl.may_deliver(&a, "secrets"));
+    }
+
+    #[test]
+    fn overlap_and_match_values_are_checked() {
+        let rule = |extra: &str, allow: bool, action: &str| {
+            Acl::parse(&format!(
+                "[[rule]]\nwho = \"*\"\naction = \"{action}\"\ntopics = [\"a\"]\nallow = {allow}\n{extra}\n"
+            ))
+        };
+        assert!(rule("overlap = \"filter\"", false, "all").is_ok());
+        for (extra, allow, action) in [
+            ("overlap = \"filter\"", true, "subscribe"),
+            ("overlap = \"filter\"", false, "publish"),
+            ("overlap = \"hide\"", false, "subscribe"),
+            ("match = \"regex\"", false, "subscribe"),
+        ] {
+            let e = rule(extra, allow, action).unwrap_err().to_string();
+            assert!(e.contains("rule 1") && e.contains("line 6"), "{extra}: {e}");
+        }
     }
 
     #[test]

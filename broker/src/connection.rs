@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
-use lodestream_mqtt::codec::{reason_allowed_in, Decoder};
+use lodestream_mqtt::codec::{reason_allowed_in, DecodeError, Decoder};
 use lodestream_mqtt::topic::SharedFilter;
 use lodestream_mqtt::{
     encode, Ack, ConnAck, Connect, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
@@ -279,9 +279,9 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
                 Err(e) => {
                     let reason = e.reason_code();
                     match self.decoder.version() {
-                        // [MQTT-3.1.2-2] unknown level: answer as 3.1.1 with code 1.
+                        // [MQTT-3.1.2-2] unknown level: see `refusal_version`.
                         None if reason == ReasonCode::UnsupportedProtocolVersion => {
-                            self.decoder.set_version(ProtocolVersion::V311);
+                            self.decoder.set_version(refusal_version(&e));
                             self.send(&connack(false, reason));
                         }
                         Some(ProtocolVersion::V5) => {
@@ -302,6 +302,19 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
                 }
             }
         }
+    }
+}
+
+/// The CONNACK format for a CONNECT whose protocol level we do not speak
+/// [MQTT-3.1.2-2]: a level above 5 is a client newer than MQTT 5, which
+/// understands the MQTT 5 CONNACK (0x84 Unsupported Protocol Version, as the
+/// MQTT 5 spec's non-normative comment suggests); any other unknown level (or
+/// name) gets the 3.1.1 CONNACK with return code 1, which every MQTT version
+/// can read. docs/conformance.md ("Choices") says why.
+fn refusal_version(e: &DecodeError) -> ProtocolVersion {
+    match e {
+        DecodeError::UnsupportedProtocolVersion(level) if *level > 5 => ProtocolVersion::V5,
+        _ => ProtocolVersion::V311,
     }
 }
 
@@ -965,6 +978,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .metrics
                 .dropped_messages
                 .with_label_values(&["expired"])
+                .inc();
+            return;
+        }
+        // A deny rule with `overlap = "filter"` granted an overlapping
+        // filter: its topics are withheld here, where live, catch-up and
+        // retained deliveries all pass (offsets above still advance).
+        if !self.node.acl().may_deliver(&self.identity, &msg.topic) {
+            self.node
+                .metrics
+                .dropped_messages
+                .with_label_values(&["acl_filtered"])
                 .inc();
             return;
         }

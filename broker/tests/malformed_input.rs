@@ -95,14 +95,15 @@ async fn wildcard_in_publish_topic_rejected() {
     expect_disconnect(&mut r, ReasonCode::TopicNameInvalid).await;
 }
 
-/// Unsupported protocol level: CONNACK 0x01 in 3.1.1 format [MQTT-3.1.2-2].
+/// Unsupported protocol level below 5: CONNACK 0x01 in 3.1.1 format
+/// [MQTT-3.1.2-2] (levels above 5: `unknown_protocol_level.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_protocol_level() {
     let b = common::start(&[]).await;
     let mut r = Raw::connect(b.addr()).await;
     r.set_version(ProtocolVersion::V311);
     r.send_bytes(&[
-        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 30, 0, 1, b'x',
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 2, 0x02, 0, 30, 0, 1, b'x',
     ])
     .await;
     match r.recv().await {

@@ -1860,3 +1860,184 @@ async fn acl_resumed_session_does_not_deliver_what_the_new_identity_may_not_subs
     let leaked = tokio::time::timeout(Duration::from_secs(3), anon.next_publish()).await;
     assert!(leaked.is_err(), "anonymous received {leaked:?}");
 }
+
+/// Issue #13: rules that hide one topic (and one subtree) from everyone
+/// without refusing the wildcards that cover them: deny rules with
+/// `overlap = "filter"` before an allow-all rule.
+const HIDE_ONE_TOPIC_RULES: &str = r##"
+[[rule]]
+who = "*"
+action = "subscribe"
+topics = ["test/nosubscribe", "hidden/#"]
+allow = false
+overlap = "filter"
+
+[[rule]]
+who = "*"
+action = "all"
+topics = ["#"]
+allow = true
+"##;
+
+/// (filter, granted) for the hide-one-topic rules: what the deny covers
+/// entirely is refused, what merely overlaps it is granted.
+const HIDE_ONE_TOPIC_SUBSCRIBE: &[(&str, bool)] = &[
+    ("#", true),
+    ("+/+", true),
+    ("test/#", true),
+    ("test/nosubscribe", false),
+    ("test/+", true),
+    ("hidden/#", false),
+    ("hidden/x", false),
+];
+
+fn retained_packet(topic: &str, payload: &str, id: u16) -> Packet {
+    match publish_packet(topic, payload, QoS::AtLeastOnce, Some(id)) {
+        Packet::Publish(mut p) => {
+            p.retain = true;
+            Packet::Publish(p)
+        }
+        other => other,
+    }
+}
+
+/// A persistent-session CONNECT (3.1.1: clean session 0; 5: clean start 0
+/// and an hour of session expiry).
+fn persistent_connect(v: ProtocolVersion, client_id: &str) -> Packet {
+    let mut p = connect_packet(v, client_id, None, None);
+    if let Packet::Connect(c) = &mut p {
+        c.clean_start = false;
+        if v == V5 {
+            c.properties.session_expiry_interval = Some(3600);
+        }
+    }
+    p
+}
+
+/// Every payload delivered to `c` until `want` are all there (then 2 s more
+/// for anything that should not come); panics after 15 s without them.
+async fn payloads_until(c: &mut Client, want: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut got = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !want.is_subset(&got) {
+        match tokio::time::timeout_at(deadline, c.next_publish()).await {
+            Ok(p) => got.insert(String::from_utf8_lossy(&p.payload).into_owned()),
+            Err(_) => panic!("got {got:?}, want at least {want:?}"),
+        };
+    }
+    while let Ok(p) = tokio::time::timeout(Duration::from_secs(2), c.next_publish()).await {
+        got.insert(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    got
+}
+
+/// The matrix for the hide-one-topic rules in one protocol version: SUBACK
+/// codes per filter; a subscriber to `#` and friends gets the visible topic
+/// retained, live and caught up after a reconnect from Kafka, and never the
+/// hidden topics' messages in any of the three ways.
+async fn acl_hide_one_topic_matrix(v: ProtocolVersion) {
+    let pki = Pki::new();
+    let mut c = secure_config(&pki, &[]);
+    c.auth.allow_anonymous = true;
+    with_acl(&mut c, &pki, HIDE_ONE_TOPIC_RULES);
+    let b = start(c).await;
+    let tag = if v == V5 { "v5" } else { "v311" };
+
+    let mut publisher = Client::tcp(b.addr()).await;
+    publisher.connect_ok(V5, &unique("hide-pub"), None).await;
+    let mut id = 0u16;
+    let mut publish = |topic: &'static str, what: &str, retain: bool| {
+        id += 1;
+        let payload = format!("{tag} {what} {topic}");
+        let p = if retain {
+            retained_packet(topic, &payload, id)
+        } else {
+            publish_packet(topic, &payload, QoS::AtLeastOnce, Some(id))
+        };
+        (p, id)
+    };
+    let topics = ["test/visible", "test/nosubscribe", "hidden/a/b"];
+    for t in topics {
+        let (p, id) = publish(t, "retained", true);
+        publisher.send(&p).await;
+        assert!(
+            matches!(publisher.recv_control().await.1, Packet::PubAck(a) if a.packet_id == id && a.reason == ReasonCode::Success)
+        );
+    }
+
+    let client_id = unique(&format!("hide-sub-{tag}"));
+    let mut sub = Client::tcp(b.addr()).await;
+    sub.send(&persistent_connect(v, &client_id)).await;
+    assert!(matches!(sub.recv().await, Packet::ConnAck(a) if a.reason == ReasonCode::Success));
+    let filters: Vec<&str> = HIDE_ONE_TOPIC_SUBSCRIBE.iter().map(|f| f.0).collect();
+    let (raw, reasons) = sub.subscribe(1, &filters).await;
+    let want: Vec<ReasonCode> = HIDE_ONE_TOPIC_SUBSCRIBE
+        .iter()
+        .map(|&(_, ok)| match (ok, v) {
+            (true, _) => ReasonCode::GrantedQoS1,
+            (false, V5) => ReasonCode::NotAuthorized,
+            (false, _) => ReasonCode::UnspecifiedError,
+        })
+        .collect();
+    assert_eq!(reasons, want, "{tag} SUBACK {raw:02x?}");
+
+    for t in topics {
+        let (p, id) = publish(t, "live", false);
+        publisher.send(&p).await;
+        assert!(matches!(publisher.recv_control().await.1, Packet::PubAck(a) if a.packet_id == id));
+    }
+    let visible = |what: &[&str]| -> BTreeSet<String> {
+        what.iter()
+            .map(|w| format!("{tag} {w} test/visible"))
+            .collect()
+    };
+    let got = payloads_until(&mut sub, &visible(&["retained", "live"])).await;
+    assert_eq!(
+        got,
+        visible(&["retained", "live"]),
+        "{tag}: retained and live"
+    );
+
+    // Offline: what is published now comes back by the Kafka catch-up.
+    sub.send(&Packet::Disconnect(lodestream_mqtt::Disconnect::new(
+        ReasonCode::Success,
+    )))
+    .await;
+    assert!(sub.closed_within(Duration::from_secs(5)).await);
+    for t in topics {
+        let (p, id) = publish(t, "offline", false);
+        publisher.send(&p).await;
+        assert!(matches!(publisher.recv_control().await.1, Packet::PubAck(a) if a.packet_id == id));
+    }
+    let mut sub = Client::tcp(b.addr()).await;
+    sub.send(&persistent_connect(v, &client_id)).await;
+    assert!(
+        matches!(sub.recv().await, Packet::ConnAck(a) if a.reason == ReasonCode::Success && a.session_present)
+    );
+    let got = payloads_until(&mut sub, &visible(&["offline"])).await;
+    assert_eq!(got, visible(&["offline"]), "{tag}: caught up from Kafka");
+    assert!(
+        wait_metric(
+            &b,
+            "lodestream_messages_dropped_total{reason=\"acl_filtered\"}",
+            1.0
+        )
+        .await
+            >= 1.0
+    );
+}
+
+/// Issue #13 item 2, MQTT 5: `#`, `+/+`, `test/#`, `test/+` granted under
+/// a deny of `test/nosubscribe` with `overlap = "filter"`; the literal
+/// denied topic refused with 0x87; no hidden message delivered (retained,
+/// live, or caught up from Kafka).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_hide_one_topic_v5_grants_wildcards_and_never_delivers_the_hidden_topic() {
+    acl_hide_one_topic_matrix(V5).await;
+}
+
+/// Issue #13 item 2 in MQTT 3.1.1: as above, the refusal is SUBACK 0x80.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_hide_one_topic_v311_grants_wildcards_and_never_delivers_the_hidden_topic() {
+    acl_hide_one_topic_matrix(V311).await;
+}

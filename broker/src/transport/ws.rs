@@ -13,6 +13,16 @@
 //! - Memory per connection: a 4 KiB read buffer, incoming messages bounded by
 //!   `max_message_size`, outgoing frames bounded by [`MAX_WRITE_BUFFER`]
 //!   (a full buffer makes `poll_write` wait: back-pressure).
+//! - A read returns every binary message already received that fits, as a
+//!   TCP read returns every byte: a client flooding PUBLISHes past Receive
+//!   Maximum is seen (and answered 0x93) as it is over TCP.
+//! - Closing: the connection's last packets (a server DISCONNECT) go out
+//!   first, then the close frame; on drop a task finishes the close without
+//!   resetting the connection: TCP write side shut (FIN), then whatever the
+//!   client still sends is read and discarded until it closes, for at most
+//!   [`LINGER`]. Closing a socket with unread bytes would send a TCP RST,
+//!   and a client that is still writing (a flood, a take-over under load)
+//!   then fails with a broken pipe before it reads the DISCONNECT.
 
 use std::io;
 use std::pin::Pin;
@@ -59,6 +69,9 @@ impl Default for WsConfig {
 pub const MAX_OUT_MESSAGE: usize = 64 * 1024;
 /// Outgoing bytes buffered before `poll_write` waits for the socket.
 pub const MAX_WRITE_BUFFER: usize = 4 * MAX_OUT_MESSAGE;
+/// Longest a closed connection keeps reading (and discarding) what the
+/// client still sends, waiting for its close.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn refuse(status: StatusCode, message: &str) -> ErrorResponse {
     let body = format!("{message}\n");
@@ -147,9 +160,10 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .await
         .map_err(to_io)?;
     Ok(WsStream {
-        ws,
+        ws: Some(ws),
         pending: Bytes::new(),
         read_done: false,
+        read_error: None,
     })
 }
 
@@ -167,15 +181,45 @@ fn to_io(e: WsError) -> io::Error {
 }
 
 /// MQTT bytes over an established WebSocket.
-pub struct WsStream<S> {
-    ws: WebSocketStream<S>,
+pub struct WsStream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+    /// `None` only once dropped (handed to the lingering close).
+    ws: Option<WebSocketStream<S>>,
     /// Unread rest of the last binary message.
     pending: Bytes,
     /// A close message, text message or end of stream was seen.
     read_done: bool,
+    /// An error met after bytes were already returned by the same read;
+    /// the next read returns it.
+    read_error: Option<io::Error>,
 }
 
-impl<S> std::fmt::Debug for WsStream<S> {
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "websocket dropped")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for WsStream<S> {
+    fn drop(&mut self) {
+        let (Some(ws), Ok(rt)) = (self.ws.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        rt.spawn(linger(ws));
+    }
+}
+
+/// Finishes a close without a TCP reset (see the module documentation).
+async fn linger<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(mut ws: WebSocketStream<S>) {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(LINGER, async {
+        // Our close frame, if the connection did not send it already.
+        let _ = ws.close(None).await;
+        let _ = ws.get_mut().shutdown().await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> std::fmt::Debug for WsStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WsStream")
             .field("pending", &self.pending.len())
@@ -184,31 +228,42 @@ impl<S> std::fmt::Debug for WsStream<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
-    /// The transport under the WebSocket.
-    pub fn get_ref(&self) -> &S {
-        self.ws.get_ref()
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsStream<S> {
+    /// The transport under the WebSocket (`None` once dropped).
+    pub fn get_ref(&self) -> Option<&S> {
+        self.ws.as_ref().map(|ws| ws.get_ref())
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for WsStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.read_error.take() {
+            return Poll::Ready(Err(e));
+        }
+        let start = buf.filled().len();
         loop {
             if !this.pending.is_empty() {
                 let n = buf.remaining().min(this.pending.len());
                 buf.put_slice(&this.pending[..n]);
                 this.pending.advance(n);
+            }
+            let copied = buf.filled().len() > start;
+            if this.read_done || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            if this.read_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+            let ws = this.ws.as_mut().ok_or_else(gone)?;
+            let item = match Pin::new(&mut *ws).poll_next(cx) {
+                Poll::Ready(item) => item,
+                // More messages may come later; return what is here now.
+                Poll::Pending if copied => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            };
+            match item {
                 Some(Ok(Message::Binary(data))) => this.pending = data,
                 Some(Ok(Message::Text(_))) => {
                     this.read_done = true;
@@ -217,34 +272,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                         code: CloseCode::Unsupported,
                         reason: "MQTT needs binary frames".into(),
                     };
-                    if Pin::new(&mut this.ws)
+                    if Pin::new(&mut *ws)
                         .start_send(Message::Close(Some(close)))
                         .is_ok()
                     {
-                        let _ = Pin::new(&mut this.ws).poll_flush(cx);
+                        let _ = Pin::new(&mut *ws).poll_flush(cx);
                     }
-                    return Poll::Ready(Err(io::Error::new(
+                    let e = io::Error::new(
                         io::ErrorKind::InvalidData,
                         "text WebSocket message: MQTT needs binary frames [MQTT-6.0.0-1]",
-                    )));
+                    );
+                    return Poll::Ready(this.error_after(copied, e));
                 }
                 // Pongs to pings are queued and sent by tungstenite.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Close(_))) | None => {
                     this.read_done = true;
                     // Push the queued close reply if the socket takes it now.
-                    let _ = Pin::new(&mut this.ws).poll_flush(cx);
+                    let _ = Pin::new(&mut *ws).poll_flush(cx);
                 }
                 Some(Err(e)) => {
                     this.read_done = true;
-                    return Poll::Ready(Err(to_io(e)));
+                    return Poll::Ready(this.error_after(copied, to_io(e)));
                 }
             }
         }
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsStream<S> {
+    /// The bytes already copied go out first; the error with the next read.
+    fn error_after(&mut self, copied: bool, e: io::Error) -> io::Result<()> {
+        if copied {
+            self.read_error = Some(e);
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for WsStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -253,7 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let ws = &mut self.get_mut().ws;
+        let ws = self.get_mut().ws.as_mut().ok_or_else(gone)?;
         ready!(Pin::new(&mut *ws).poll_ready(cx)).map_err(to_io)?;
         let n = buf.len().min(MAX_OUT_MESSAGE);
         Pin::new(ws)
@@ -263,15 +331,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().ws)
-            .poll_flush(cx)
-            .map_err(to_io)
+        let ws = self.get_mut().ws.as_mut().ok_or_else(gone)?;
+        Pin::new(ws).poll_flush(cx).map_err(to_io)
     }
 
+    /// Sends the close frame after everything written before; the TCP
+    /// close follows when the stream is dropped (see [`linger`]).
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().ws)
-            .poll_close(cx)
-            .map_err(to_io)
+        let ws = self.get_mut().ws.as_mut().ok_or_else(gone)?;
+        Pin::new(ws).poll_close(cx).map_err(to_io)
     }
 }
 
