@@ -20,7 +20,10 @@ RUN pip install --no-cache-dir --disable-pip-version-check --no-deps --only-bina
  && for exe in /opt/osrm-bindings/osrm/bin/osrm-*; do ln -s "$exe" /usr/local/bin/; done \
  && osrm-routed --version
 
-COPY routing/make_truck_lua.py routing/make_synth_italy.py /opt/routing/
+# pyosmium + shapely for the map's roads layer (routing/make_roads_geojson.py, run by `init`).
+RUN pip install --no-cache-dir --disable-pip-version-check --only-binary=:all: "osmium==4.3.2" "shapely==2.*"
+
+COPY routing/make_truck_lua.py routing/make_synth_italy.py routing/make_roads_geojson.py /opt/routing/
 
 # truck.lua next to a copy of lib/ (the profile loads require('lib/...')).
 RUN mkdir -p /opt/profiles \

@@ -24,7 +24,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked \
       -p lodestream-broker -p truck-sim -p stream-jobs -p ui \
  && mkdir -p /out \
- && cp target/release/broker target/release/truck-sim target/release/directions target/release/ui /out/
+ && cp target/release/broker target/release/truck-sim target/release/directions target/release/fleet-snapshot target/release/ui /out/
 
 # ---- Front-end: vendored MapLibre + MQTT.js, offline basemap GeoJSON ------------------------
 FROM ${NODE_IMAGE} AS static
@@ -75,6 +75,11 @@ ENTRYPOINT ["tini", "--", "secret-env", "truck-sim"]
 FROM runtime AS directions
 COPY --from=builder /out/directions /usr/local/bin/directions
 ENTRYPOINT ["tini", "--", "directions"]
+
+# ---- fleet-snapshot: Kafka -> Kafka, the map's all-trucks snapshot, no port ---------------------
+FROM runtime AS fleet-snapshot
+COPY --from=builder /out/fleet-snapshot /usr/local/bin/fleet-snapshot
+ENTRYPOINT ["tini", "--", "fleet-snapshot"]
 
 # ---- ui: the web page on 8080 -----------------------------------------------------------------
 FROM runtime AS ui

@@ -1,16 +1,27 @@
 // Lodestream fleet demo page.
 //
 // Map: MapLibre with an offline GeoJSON basemap (Natural Earth countries +
-// Italian regions) served by the ui binary; online raster tiles only when
+// Italian regions) and the roads OSRM routes on (/data/roads.geojson, made at
+// data-prepare time), served by the ui binary; online raster tiles only when
 // asked for with ?tiles=URL. Data: MQTT over WebSocket (MQTT.js) with the
-// read-only identity injected by the server: trucks/+ positions and the
-// fleet/stats/directions snapshots computed by the `directions` Kafka job.
+// read-only identity injected by the server:
+//   * fleet/stats/snapshot: every truck once a second in ~6 bytes (the
+//     `fleet-snapshot` job), drawn as a WebGL circle layer, plus its plate
+//     directory fleet/stats/plates;
+//   * trucks/<plate> and trucks/<plate>/route only for the followed trucks;
+//   * fleet/stats/directions from the `directions` Kafka job.
+// So a tab receives about 100 KB/s at 15,000 trucks instead of several MB/s.
+// Throughput figures come from the ui server (/throughput.json), which
+// scrapes the brokers' /metrics.
 //
 // window.__lodestream exposes the page state for the browser test.
 
 // MapLibre 6 ESM has named exports only (no default).
 import * as maplibregl from './vendor/maplibre-gl/maplibre-gl.mjs';
 import mqtt from './vendor/mqtt/mqtt.esm.js';
+import {
+  decodePlates, decodeSnapshot, encodeSnapshot, fadeState, isStoppedFlag, parseRoute, pickFollow, routeAhead, GONE_AFTER_S,
+} from './fleet.js';
 
 const SECTORS = ['N', 'NE', 'E', 'SE', 'S', 'SW', 'W', 'NW'];
 const ITALY_BOUNDS = [[6.0, 36.3], [19.0, 47.2]];
@@ -36,6 +47,8 @@ function readConfig() {
     password: cfg.mqtt_password || undefined,
     prefix: cfg.topic_prefix || 'trucks/',
     statsTopic: cfg.stats_topic || 'fleet/stats/directions',
+    snapshotTopic: cfg.snapshot_topic || 'fleet/stats/snapshot',
+    platesTopic: cfg.plates_topic || 'fleet/stats/plates',
     followCount: Number(cfg.follow) || 15,
     follow,
     tiles: q.get('tiles') || cfg.tiles || null,
@@ -43,6 +56,8 @@ function readConfig() {
 }
 
 const cfg = readConfig();
+/** The MQTT.js client, once created (declared first: follow() uses it). */
+let client = null;
 
 // State read by the browser test (and handy in the devtools console).
 const L = (window.__lodestream = {
@@ -55,7 +70,19 @@ const L = (window.__lodestream = {
   badMsgs: 0,
   statsReceived: 0,
   lastStats: null,
+  pauseSnapshots: false,
   followed: [],
+  snapshots: 0, // all-trucks snapshots received
+  snapshotTrucks: 0, // trucks in the last snapshot (all drawn)
+  snapshotFaded: 0, // of which silent >= 30 s (drawn faded)
+  platesEpoch: null,
+  roads: null, // number of road features drawn, or an error text
+  routesDrawn: 0, // followed trucks with their route ahead on the map
+  bytes: 0, // MQTT bytes received by this tab
+  bytesPerSec: 0,
+  throughput: null, // last /throughput.json
+  silentFollowed: [], // followed plates silent >= 30 s (faded)
+  goneFollowed: [], // followed plates silent >= 2 min (marker removed)
   publishDenied: null, // null = not tried, true/false after tryPublish()
   publishResult: null,
   config: { ...cfg, password: cfg.password ? '***' : undefined },
@@ -77,7 +104,9 @@ const style = {
       data: '/static/data/italy-regions.geojson',
       attribution: 'openpolis/ISTAT CC-BY-4.0',
     },
+    roads: { type: 'geojson', data: { type: 'FeatureCollection', features: [] }, attribution: '© OpenStreetMap contributors (ODbL) / ISTAT' },
     all: { type: 'geojson', data: { type: 'FeatureCollection', features: [] } },
+    route: { type: 'geojson', data: { type: 'FeatureCollection', features: [] } },
     waypoint: { type: 'geojson', data: { type: 'FeatureCollection', features: [] } },
   },
   layers: [
@@ -103,6 +132,19 @@ const style = {
       source: 'countries',
       paint: { 'line-color': '#9c9484', 'line-width': 1 },
     },
+    {
+      // Roads under the trucks; property c: 0 motorway .. 5 other, 6 ferry.
+      id: 'roads',
+      type: 'line',
+      source: 'roads',
+      layout: { 'line-cap': 'round', 'line-join': 'round' },
+      paint: {
+        'line-color': ['match', ['get', 'c'], 0, '#d9a441', 1, '#e0b86a', 6, '#7fa6c4', '#c9c2b4'],
+        'line-width': ['interpolate', ['linear'], ['zoom'], 5, ['match', ['get', 'c'], 0, 1.4, 1, 1.1, 0.5], 12,
+          ['match', ['get', 'c'], 0, 5, 1, 4, 2.5]],
+        'line-dasharray': ['match', ['get', 'c'], 6, ['literal', [2, 2]], ['literal', [1, 0]]],
+      },
+    },
   ],
 };
 
@@ -118,14 +160,27 @@ if (cfg.tiles) {
 }
 style.layers.push(
   {
+    // Every truck, from the snapshot. a = seconds since its last record:
+    // faded from 30 s, gone at 2 min (the job drops it then too).
     id: 'all-trucks',
     type: 'circle',
     source: 'all',
-    layout: { visibility: 'none' },
+    filter: ['<', ['get', 'a'], GONE_AFTER_S],
     paint: {
       'circle-radius': ['interpolate', ['linear'], ['zoom'], 5, 1.6, 10, 4],
-      'circle-color': ['case', ['get', 'stopped'], '#8a8f96', '#d35400'],
-      'circle-opacity': 0.75,
+      'circle-color': ['case', ['get', 'st'], '#8a8f96', '#d35400'],
+      'circle-opacity': ['interpolate', ['linear'], ['get', 'a'], 29, 0.8, 30, 0.3, GONE_AFTER_S, 0.08],
+    },
+  },
+  {
+    id: 'route-line',
+    type: 'line',
+    source: 'route',
+    layout: { 'line-cap': 'round', 'line-join': 'round' },
+    paint: {
+      'line-color': ['case', ['get', 'sel'], '#e67e22', '#0b6bcb'],
+      'line-width': ['case', ['get', 'sel'], 4, 2],
+      'line-opacity': ['case', ['get', 'sel'], 0.95, 0.55],
     },
   },
   {
@@ -166,19 +221,37 @@ map.on('load', () => {
   // 'load' fires once the style and the first GeoJSON tiles are in.
   L.ready = true;
   document.body.dataset.mapReady = '1';
+  loadRoads();
 });
+
+/** Roads are fetched here (not by the source) so a missing file is reported, not silent. */
+async function loadRoads() {
+  try {
+    const r = await fetch('/data/roads.geojson');
+    if (!r.ok) throw new Error(`${r.status} ${(await r.text()).slice(0, 80)}`);
+    const gj = await r.json();
+    map.getSource('roads').setData(gj);
+    L.roads = Array.isArray(gj.features) ? gj.features.length : 0;
+  } catch (e) {
+    L.roads = `no roads: ${e && e.message ? e.message : e}`;
+    console.warn(L.roads);
+  }
+}
 map.on('error', (e) => console.warn('map error', e && e.error ? e.error.message : e));
 
 // ---------------------------------------------------------------- trucks
 
-/** plate -> latest position {lat, lon, next, speed, heading, state, ts} */
+/** plate -> latest position {lat, lon, next, speed, heading, state, ts} of a followed truck */
 const trucks = new Map();
+/** plate -> route the truck drives now ([[lon, lat], ..]), from trucks/<plate>/route */
+const routes = new Map();
+/** Latest snapshot and the plate directories by epoch (the last few). */
+let snap = null;
+const directories = new Map();
 /** plate -> followed marker state */
 const followed = new Map();
 let selected = null;
 let autoFollow = cfg.follow.length === 0;
-
-for (const plate of cfg.follow) follow(plate, false);
 
 function plateOf(topic, msg) {
   if (msg && typeof msg.plate === 'string' && msg.plate) return msg.plate.toUpperCase();
@@ -201,8 +274,9 @@ function follow(plate, fly) {
       ev.stopPropagation();
       select(plate);
     });
-    const f = { plate, el, marker: new maplibregl.Marker({ element: el, subpixelPositioning: true }), on: false, from: null, to: null, t0: 0, dur: 1 };
+    const f = { plate, el, marker: new maplibregl.Marker({ element: el, subpixelPositioning: true }), on: false, from: null, to: null, t0: 0, dur: 1, heardAt: Date.now(), fade: 'live' };
     followed.set(plate, f);
+    subscribeFollowed([plate]);
     const t = trucks.get(plate);
     if (t) place(f, t, true);
     renderFollowed();
@@ -212,6 +286,32 @@ function follow(plate, fly) {
     if (t) map.flyTo({ center: [t.lon, t.lat], zoom: Math.max(map.getZoom(), 9) });
   }
   L.followed = [...followed.keys()];
+}
+
+function unfollow(plate) {
+  const f = followed.get(plate);
+  if (!f) return;
+  f.marker.remove();
+  followed.delete(plate);
+  trucks.delete(plate);
+  routes.delete(plate);
+  if (client && client.connected) client.unsubscribe(followTopics([plate]));
+  if (selected === plate) select(null);
+  L.followed = [...followed.keys()];
+  followedDirty = true;
+}
+
+/** The live topics of followed trucks: position and route ahead. */
+function followTopics(plates) {
+  return plates.flatMap((p) => [`${cfg.prefix}${p}`, `${cfg.prefix}${p}/route`]);
+}
+
+function subscribeFollowed(plates) {
+  if (!client || !client.connected || !plates.length) return;
+  client.subscribe(followTopics(plates), { qos: 0 }, (err, granted) => {
+    const refused = (granted || []).filter((g) => g.qos >= 0x80);
+    if (err || refused.length) console.warn('follow subscription refused', err || refused);
+  });
 }
 
 /** Start a smooth move of a followed marker towards the truck's new position. */
@@ -230,6 +330,7 @@ function place(f, t, jump) {
     f.marker.setLngLat(f.to).addTo(map);
     f.on = true;
   }
+  f.heardAt = Date.now();
   f.el.classList.toggle('stopped', isStopped(t));
   if (typeof t.heading === 'number') f.el.querySelector('.arrow').style.transform = `rotate(${t.heading}deg)`;
 }
@@ -312,22 +413,111 @@ function onTruck(topic, payload) {
     state: m.state,
     ts: m.ts_ms || Date.now(),
   };
-  trucks.set(plate, t);
-  if (!prev) L.trucksSeen = trucks.size;
-  if (autoFollow && !followed.has(plate) && followed.size < cfg.followCount) follow(plate, false);
   const f = followed.get(plate);
-  if (f) {
-    place(f, t, false);
-    followedDirty = true;
+  if (!f) return; // only followed trucks are subscribed; a late message after unfollow
+  trucks.set(plate, t);
+  place(f, t, false);
+  followedDirty = true;
+}
+
+function onRoute(topic, payload) {
+  const plate = topic.slice(cfg.prefix.length, -'/route'.length).toUpperCase();
+  // An empty (retained) payload means the truck has no route now: it rests or waits for one.
+  if (payload.length === 0) {
+    routes.delete(plate);
+    routesDirty = true;
+    return;
   }
-  allDirty = true;
+  const r = parseRoute(payload);
+  if (!r || !followed.has(plate)) {
+    if (!r) L.badMsgs++;
+    return;
+  }
+  routes.set(plate, r.coords);
+  routesDirty = true;
+}
+
+/** The route ahead of every followed truck that has one; the selected one drawn bold. */
+let routesDirty = false;
+function pushRoutes() {
+  const src = map.getSource('route');
+  if (!src) return;
+  const features = [];
+  for (const [plate, coords] of routes) {
+    const f = followed.get(plate);
+    const t = trucks.get(plate);
+    if (!f || !f.on || !t) continue;
+    const pos = currentPos(f, performance.now());
+    const ahead = routeAhead(coords, pos[0], pos[1]);
+    if (ahead.length < 2) continue;
+    features.push({ type: 'Feature', properties: { plate, sel: plate === selected }, geometry: { type: 'LineString', coordinates: ahead } });
+  }
+  src.setData({ type: 'FeatureCollection', features });
+  L.routesDrawn = features.length;
+  routesDirty = false;
+}
+
+// ---------------------------------------------------------------- all trucks (snapshot)
+
+function onSnapshot(payload) {
+  const s = decodeSnapshot(payload);
+  if (!s) {
+    L.badMsgs++;
+    return;
+  }
+  // Two job instances may publish the same second twice: keep the newest.
+  if (L.pauseSnapshots || (snap && s.ts < snap.ts)) return;
+  snap = s;
+  L.snapshots++;
+  L.snapshotTrucks = s.count;
+  L.trucksSeen = s.count;
+  const features = new Array(s.count);
+  let faded = 0;
+  for (let i = 0; i < s.count; i++) {
+    if (s.age[i] >= 30) faded++;
+    features[i] = {
+      type: 'Feature',
+      id: i,
+      properties: { s: i, a: s.age[i], st: isStoppedFlag(s.flags[i]) },
+      geometry: { type: 'Point', coordinates: [s.lon[i], s.lat[i]] },
+    };
+  }
+  L.snapshotFaded = faded;
+  const src = map.getSource('all');
+  if (src && showAll) src.setData({ type: 'FeatureCollection', features });
+  autoFollowFromSnapshot();
+}
+
+function onPlates(payload) {
+  const d = decodePlates(payload);
+  if (!d) {
+    L.badMsgs++;
+    return;
+  }
+  directories.set(d.epoch, d.plates);
+  // Keep the last few epochs: a snapshot may still refer to the previous one.
+  for (const e of directories.keys()) if (directories.size > 3 && e !== d.epoch) directories.delete(e);
+  L.platesEpoch = d.epoch;
+  autoFollowFromSnapshot();
+}
+
+/** Plate of snapshot slot i, when the directory of the snapshot's epoch is known. */
+function plateOfSlot(i) {
+  const plates = snap && directories.get(snap.epoch);
+  return plates && i < plates.length ? plates[i] : null;
+}
+
+function autoFollowFromSnapshot() {
+  if (!autoFollow || !snap || followed.size >= cfg.followCount) return;
+  const plates = directories.get(snap.epoch);
+  if (!plates) return;
+  for (const p of pickFollow(plates, snap, cfg.followCount - followed.size, new Set(followed.keys()))) follow(p, false);
 }
 
 // ---------------------------------------------------------------- sidebar
 
 const $ = (id) => document.getElementById(id);
 let followedDirty = true;
-let allDirty = false;
 
 function renderFollowed() {
   const ul = $('followed');
@@ -339,7 +529,9 @@ function renderFollowed() {
     const name = document.createElement('span');
     name.textContent = plate;
     const info = document.createElement('span');
-    info.textContent = t ? (isStopped(t) ? 'stopped' : `${Math.round(t.speed || 0)} km/h`) : '—';
+    const fade = followed.get(plate).fade;
+    if (fade !== 'live') li.classList.add(fade);
+    info.textContent = fade !== 'live' && t ? fade : t ? (isStopped(t) ? 'stopped' : `${Math.round(t.speed || 0)} km/h`) : '—';
     li.append(name, info);
     li.addEventListener('click', () => {
       follow(plate, true);
@@ -430,45 +622,84 @@ function onStats(payload) {
   renderStats(s);
 }
 
-// Once a second: rates, ages, sidebar list and the all-trucks layer.
+/** Followed trucks silent for 30 s fade; after 2 min their marker goes (and an auto-followed one is replaced). */
+function fadeFollowed() {
+  const now = Date.now();
+  const silent = [];
+  const gone = [];
+  for (const f of [...followed.values()]) {
+    const state = fadeState((now - f.heardAt) / 1000);
+    if (state !== f.fade) {
+      f.fade = state;
+      f.el.classList.toggle('silent', state === 'silent');
+      if (state === 'gone' && f.on) {
+        f.marker.remove();
+        f.on = false;
+      }
+      followedDirty = true;
+    }
+    if (state === 'silent') silent.push(f.plate);
+    if (state === 'gone') gone.push(f.plate);
+  }
+  L.silentFollowed = silent;
+  L.goneFollowed = gone;
+  if (autoFollow) {
+    for (const p of gone) unfollow(p);
+    autoFollowFromSnapshot();
+  }
+}
+
+const fmt = (n, digits = 0) =>
+  typeof n === 'number' && Number.isFinite(n) ? n.toLocaleString('en-US', { maximumFractionDigits: digits }) : '–';
+
+async function pollThroughput() {
+  try {
+    const r = await fetch('/throughput.json', { cache: 'no-store' });
+    if (!r.ok) return;
+    const t = await r.json();
+    L.throughput = t;
+    $('tp-in').textContent = fmt(t.mqtt_in_per_s);
+    $('tp-out').textContent = fmt(t.mqtt_out_per_s);
+    $('tp-kw').textContent = fmt(t.kafka_written_per_s);
+    $('tp-kr').textContent = fmt(t.kafka_read_per_s);
+    $('tp-lag').textContent = fmt(t.consumer_lag);
+    $('tp-nodes').textContent = t.nodes ? `${t.nodes_up}/${t.nodes} nodes` : 'no broker metrics configured';
+  } catch (e) {
+    $('tp-nodes').textContent = 'ui server unreachable';
+  }
+}
+pollThroughput();
+setInterval(pollThroughput, 2000);
+
+// Once a second: rates, ages, fading, sidebar list and routes.
 let lastMsgs = 0;
+let lastBytes = 0;
 let lastTick = performance.now();
 setInterval(() => {
   // Timers fire late on a busy page: divide by the time that really passed.
   const now = performance.now();
   const secs = Math.max(0.001, (now - lastTick) / 1000);
   L.msgsPerSec = Math.round((L.msgs - lastMsgs) / secs);
+  L.bytesPerSec = Math.round((L.bytes - lastBytes) / secs);
   lastMsgs = L.msgs;
+  lastBytes = L.bytes;
   lastTick = now;
+  $('fig-kbps').textContent = fmt(L.bytesPerSec / 1024);
   $('fig-seen').textContent = L.trucksSeen.toLocaleString('en-US');
   $('fig-rate').textContent = L.msgsPerSec.toLocaleString('en-US');
   if (L.lastStats && typeof L.lastStats.ts_ms === 'number') {
     const age = Math.max(0, Math.round((Date.now() - L.lastStats.ts_ms) / 1000));
     $('stats-age').textContent = age <= 1 ? 'live' : `${age}s ago`;
   }
+  fadeFollowed();
   if (followedDirty) renderFollowed();
-  if (allDirty && showAll) pushAll();
+  if (routes.size || routesDirty) pushRoutes();
 }, 1000);
 
-let showAll = false;
-function pushAll() {
-  const src = map.getSource('all');
-  if (!src) return;
-  const features = [];
-  for (const [plate, t] of trucks) {
-    features.push({
-      type: 'Feature',
-      properties: { plate, stopped: isStopped(t) },
-      geometry: { type: 'Point', coordinates: [t.lon, t.lat] },
-    });
-  }
-  src.setData({ type: 'FeatureCollection', features });
-  allDirty = false;
-}
+let showAll = $('toggle-all').checked;
 $('toggle-all').addEventListener('change', (e) => {
   showAll = e.target.checked;
   if (map.getLayer('all-trucks')) map.setLayoutProperty('all-trucks', 'visibility', showAll ? 'visible' : 'none');
-  if (showAll) pushAll();
 });
 
 $('search').addEventListener('submit', (e) => {
@@ -485,11 +716,23 @@ $('search').addEventListener('submit', (e) => {
   $('search-input').value = '';
 });
 
-map.on('click', () => select(null));
+// A click on a dot follows that truck (when its plate is known); elsewhere it clears the selection.
+map.on('click', (e) => {
+  const hit = map.getLayer('all-trucks') ? map.queryRenderedFeatures(e.point, { layers: ['all-trucks'] }) : [];
+  const plate = hit.length ? plateOfSlot(hit[0].properties.s) : null;
+  if (!plate) {
+    select(null);
+    return;
+  }
+  autoFollow = false;
+  follow(plate, false);
+  select(plate);
+});
+map.on('mouseenter', 'all-trucks', () => (map.getCanvas().style.cursor = 'pointer'));
+map.on('mouseleave', 'all-trucks', () => (map.getCanvas().style.cursor = ''));
 
 // ---------------------------------------------------------------- MQTT
 
-let client = null;
 try {
   client = mqtt.connect(cfg.mqttUrl, {
     protocolVersion: 5,
@@ -511,8 +754,10 @@ if (client) {
     L.connected = true;
     L.connectError = null;
     setConn('connected', 'live');
+    // Not trucks/+: the whole fleet comes as one snapshot a second, and only
+    // the followed trucks live (see the top of this file).
     client.subscribe(
-      [`${cfg.prefix}+`, cfg.statsTopic],
+      [cfg.snapshotTopic, cfg.platesTopic, cfg.statsTopic, ...followTopics([...followed.keys()])],
       { qos: 0 },
       (err, granted) => {
         const refused = (granted || []).filter((g) => g.qos >= 0x80);
@@ -524,8 +769,15 @@ if (client) {
   });
   client.on('message', (topic, payload) => {
     L.msgs++;
-    if (topic === cfg.statsTopic) onStats(payload);
+    if (topic === cfg.snapshotTopic) onSnapshot(payload);
+    else if (topic === cfg.platesTopic) onPlates(payload);
+    else if (topic === cfg.statsTopic) onStats(payload);
+    else if (topic.startsWith(cfg.prefix) && topic.endsWith('/route')) onRoute(topic, payload);
     else if (topic.startsWith(cfg.prefix)) onTruck(topic, payload);
+  });
+  // Bytes this tab receives, about: PUBLISH payload + topic + headers, other packets a few bytes.
+  client.on('packetreceive', (p) => {
+    L.bytes += p.cmd === 'publish' && p.payload ? p.payload.length + p.topic.length + 6 : 4;
   });
   client.on('error', (err) => {
     // Auth failures arrive as CONNACK errors; socket failures as 'error' too.
@@ -575,6 +827,42 @@ L.markerOffsets = () => {
   return out;
 };
 
+/** Test hook: latest position of a followed truck. */
+L.position = (plate) => {
+  const t = trucks.get(String(plate).toUpperCase());
+  return t ? { lon: t.lon, lat: t.lat, next: t.next } : null;
+};
+
+/** Test hook: features of a layer drawn in the current view. */
+L.renderedCount = (layer) => (map.getLayer(layer) ? map.queryRenderedFeatures({ layers: [layer] }).length : -1);
+
+/** Test hook: pretend a followed truck has been silent for `secs` seconds, then apply the fade rules. */
+L.simulateSilence = (plate, secs) => {
+  const f = followed.get(String(plate).toUpperCase());
+  if (!f) return null;
+  f.heardAt = Date.now() - secs * 1000;
+  const wasAuto = autoFollow;
+  autoFollow = false; // keep the plate followed so its state can be read back
+  fadeFollowed();
+  autoFollow = wasAuto;
+  return { fade: f.fade, markerOnMap: f.on && f.el.isConnected, silentClass: f.el.classList.contains('silent') };
+};
+
+/**
+ * Test hook: show a hand-made snapshot (trucks: [{lon, lat, age, stopped}]) and stop
+ * live ones until resumeSnapshots(), so the fade rules of the all-trucks layer can be checked.
+ */
+L.injectSnapshot = (list) => {
+  L.pauseSnapshots = false;
+  snap = null;
+  const trucks = list.map((t) => ({ sector: 0, ...t }));
+  onSnapshot(encodeSnapshot({ epoch: 0, ts: Date.now(), trucks }));
+  L.pauseSnapshots = true;
+};
+L.resumeSnapshots = () => {
+  L.pauseSnapshots = false;
+};
+
 /** Test/debug hook: back to the whole of Italy. */
 L.showItaly = () => map.fitBounds(ITALY_BOUNDS, { padding: 10, animate: false });
 
@@ -618,3 +906,6 @@ L.tryPublish = (topic = `${cfg.prefix}UITEST01`, timeoutMs = 5000) =>
       }
     });
   });
+
+// ?follow=PLATES: follow these instead of picking from the snapshot (last: follow() needs the whole page set up).
+for (const plate of cfg.follow) follow(plate, false);

@@ -109,7 +109,23 @@ init() {
     echo "$want" > "$stamp"
     log "$n ready: $(du -sh "$dir" | cut -f1) in $dir"
   fi
+  roads "$n" "$input"
   echo "$n" > "$DATA/current"
+}
+
+# The roads the map draws under the trucks, from the same input (routing/make_roads_geojson.py);
+# $DATA/roads.geojson is what the ui container serves. Real Italy: only motorway to primary roads.
+roads() {
+  out="$DATA/$1/roads.geojson"
+  if [ ! -f "$out" ] || [ "$2" -nt "$out" ]; then
+    LOGFILE="$DATA/$1/prepare.log"
+    case "$DATASET" in
+      italy) step roads python3 /opt/routing/make_roads_geojson.py "$2" --out "$out" --tolerance-m 50 \
+               --classes motorway,motorway_link,trunk,trunk_link,primary,primary_link ;;
+      *) step roads python3 /opt/routing/make_roads_geojson.py "$2" --out "$out" ;;
+    esac
+  fi
+  cp "$out" "$DATA/roads.geojson.tmp" && mv "$DATA/roads.geojson.tmp" "$DATA/roads.geojson"
 }
 
 serve() {

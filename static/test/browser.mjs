@@ -12,6 +12,13 @@
 //                    --expect-broker.
 //   --out PATH       screenshot path (default ../target/ui-screenshot.png)
 //   --wait-ms N      extra time to let markers move before the screenshot
+//   --trucks N       fleet size: every truck must be on the map (>= 95%) and the
+//                    tab must receive at most 300 KB/s
+//   --route-as URL,USER,PASS  with --expect-broker: if no followed truck has a
+//                    route ahead within 10 s (truck-sim publishes them retained on
+//                    trucks/<plate>/route), publish one for the first followed truck
+//                    with this MQTT identity, in the documented format, and clear it after.
+//   --expect-throughput  the ui scrapes broker metrics: the panel's figures must be > 0
 // Env: CHROMIUM (default /usr/bin/chromium).
 // Ends with a "N passed, N failed" line; exit code 1 on any failure.
 
@@ -20,6 +27,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import puppeteer from 'puppeteer-core';
+import mqtt from 'mqtt';
 import { startFakeBroker } from './fake-broker.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -34,6 +42,9 @@ const fakePort = opt('--fake-broker', null);
 const expectBroker = flag('--expect-broker') || fakePort !== null;
 const out = resolve(opt('--out', join(here, '../../target/ui-screenshot.png')));
 const extraWait = Number(opt('--wait-ms', expectBroker ? '4000' : '0'));
+const fleetSize = Number(opt('--trucks', '0'));
+const routeAs = opt('--route-as', null);
+const expectThroughput = flag('--expect-throughput');
 
 let passed = 0;
 let failed = 0;
@@ -41,6 +52,108 @@ function check(name, ok, detail = '') {
   if (ok) passed++;
   else failed++;
   console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail ? ` — ${detail}` : ''}`);
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Issue 16: roads, all trucks from the snapshot, 15 followed live, route ahead, fading, throughput, bytes/s. */
+async function checkMapWorthWatching(page) {
+  const L = () => page.evaluate(() => ({ ...window.__lodestream, tryPublish: undefined }));
+  // Roads around a followed truck (it drives on one), whatever the dataset's extent.
+  await page.evaluate(() => window.__lodestream.focus(window.__lodestream.followed[0], 12));
+  await page.waitForFunction(() => typeof window.__lodestream.roads === 'number' && window.__lodestream.roads > 0, { timeout: 20_000 }).catch(() => {});
+  await sleep(1500);
+  const roads = await page.evaluate(() => [window.__lodestream.roads, window.__lodestream.renderedCount('roads')]);
+  await page.evaluate(() => window.__lodestream.showItaly());
+  if (process.env.LODESTREAM_UI_ROADS) {
+    check('roads layer drawn under the trucks (from the OSRM dataset)', roads[0] > 0 && roads[1] > 0, `${roads[0]} roads, ${roads[1]} drawn in view`);
+  } else {
+    console.log(`skip: roads check (no LODESTREAM_UI_ROADS; scripts/osrm-local prepare makes one); page says: ${roads[0]}`);
+  }
+
+  await page.waitForFunction(() => window.__lodestream.snapshots >= 2, { timeout: 20_000 }).catch(() => {});
+  let s = await L();
+  const dots = await page.evaluate(() => window.__lodestream.renderedCount('all-trucks'));
+  const enough = fleetSize ? s.snapshotTrucks >= fleetSize * 0.95 : s.snapshotTrucks > 0;
+  check('every truck on the map from the snapshot', enough && dots > 0, `${s.snapshotTrucks} in the snapshot${fleetSize ? ` of ${fleetSize}` : ''}, ${dots} dots drawn, ${s.snapshots} snapshots`);
+
+  await page.waitForFunction(
+    () => window.__lodestream.followed.length >= window.__lodestream.config.followCount,
+    { timeout: 20_000 },
+  ).catch(() => {});
+  s = await L();
+  const live = await page.evaluate(() => document.querySelectorAll('.truck').length);
+  check(`${s.config.followCount} followed trucks, live (own topics)`, s.followed.length === s.config.followCount && live >= s.config.followCount - 1,
+    `${s.followed.length} followed, ${live} markers`);
+
+  // Route ahead: truck-sim's retained trucks/<plate>/route, or one this test publishes.
+  await page.waitForFunction(() => window.__lodestream.routesDrawn > 0, { timeout: 10_000 }).catch(() => {});
+  let published = null;
+  if ((await L()).routesDrawn === 0 && routeAs) published = await publishRoute(page);
+  if (published) await page.waitForFunction(() => window.__lodestream.routesDrawn > 0, { timeout: 15_000 }).catch(() => {});
+  s = await L();
+  const routeDrawn = await page.evaluate(() => window.__lodestream.renderedCount('route-line'));
+  check('a followed truck shows its route ahead', s.routesDrawn > 0 && routeDrawn > 0,
+    `${s.routesDrawn} routes, ${routeDrawn} drawn${published ? ` (test route published for ${published.plate})` : ''}`);
+  if (published) await published.clear();
+
+  // Fading: followed trucks after 30 s / 2 min of silence ...
+  const plate = s.followed[s.followed.length - 1];
+  const f30 = await page.evaluate((p) => window.__lodestream.simulateSilence(p, 31), plate);
+  const f120 = await page.evaluate((p) => window.__lodestream.simulateSilence(p, 121), plate);
+  check('a followed truck silent 30 s fades, after 2 min its marker goes',
+    f30 && f30.fade === 'silent' && f30.silentClass && f30.markerOnMap && f120.fade === 'gone' && !f120.markerOnMap,
+    `${JSON.stringify(f30)} ${JSON.stringify(f120)}`);
+  // ... and the all-trucks layer: ages from the snapshot.
+  await page.evaluate(() => {
+    window.__lodestream.injectSnapshot([
+      { lon: 12.0, lat: 42.5, age: 0, stopped: false },
+      { lon: 12.6, lat: 42.0, age: 45, stopped: false },
+      { lon: 13.0, lat: 41.8, age: 130, stopped: true },
+    ]);
+  });
+  await sleep(1200);
+  const inj = await page.evaluate(() => [window.__lodestream.renderedCount('all-trucks'), window.__lodestream.snapshotFaded]);
+  await page.evaluate(() => window.__lodestream.resumeSnapshots());
+  check('snapshot dots: silent 30 s drawn faded, 2 min gone', inj[0] === 2 && inj[1] === 2, `${inj[0]} of 3 drawn, ${inj[1]} faded`);
+
+  if (expectThroughput) {
+    await page.waitForFunction(() => window.__lodestream.throughput && window.__lodestream.throughput.mqtt_in_per_s > 0, { timeout: 15_000 }).catch(() => {});
+    const t = (await L()).throughput || {};
+    const shown = await page.$$eval('[id^="tp-"]', (els) => els.map((e) => e.textContent));
+    check('throughput panel: MQTT in/out, Kafka records/s and lag shown, rates > 0',
+      t.mqtt_in_per_s > 0 && t.mqtt_out_per_s > 0 && t.kafka_written_per_s > 0 && t.kafka_read_per_s > 0 && t.consumer_lag >= 0
+        && shown.every((x) => x !== '–'), `${JSON.stringify(t)} shown ${shown.join(' | ')}`);
+  }
+  if (fleetSize) {
+    await sleep(3000);
+    const bps = (await L()).bytesPerSec;
+    check('one tab receives at most 300 KB/s', bps > 0 && bps <= 300 * 1024, `${(bps / 1024).toFixed(1)} KB/s (page counter)`);
+  }
+}
+
+/** Publishes a retained route for the first followed truck, as truck-sim documents it. */
+async function publishRoute(page) {
+  const [url, username, password] = routeAs.split(',');
+  const t = await page.evaluate(() => {
+    const p = window.__lodestream.followed[0];
+    return { plate: p, pos: window.__lodestream.position(p) };
+  });
+  if (!t.pos) return null;
+  const { lon, lat, next } = t.pos;
+  const n = next || { lon: lon + 0.01, lat: lat + 0.01 };
+  const coords = [[lon, lat], [n.lon, n.lat]];
+  for (let k = 1; k <= 10; k++) coords.push([n.lon + (n.lon - lon) * k, n.lat + (n.lat - lat) * k + 0.002 * k]);
+  const topic = `trucks/${t.plate}/route`;
+  const c = await mqtt.connectAsync(url, { protocolVersion: 5, username, password, reconnectPeriod: 0, connectTimeout: 10_000 });
+  await c.publishAsync(topic, JSON.stringify({ v: 1, plate: t.plate, ts_ms: Date.now(), coords }), { qos: 1, retain: true });
+  return {
+    plate: t.plate,
+    clear: async () => {
+      await c.publishAsync(topic, '', { qos: 1, retain: true });
+      await c.endAsync();
+    },
+  };
 }
 
 const fake = fakePort !== null ? await startFakeBroker({ port: Number(fakePort) }) : null;
@@ -129,7 +242,8 @@ try {
     check('broker refuses a publish from the read-only identity', pub.denied === true, pub.reason);
     // For the screenshot: all-trucks layer on, one truck selected (waypoint line).
     await page.evaluate(() => window.__lodestream.showItaly());
-    await page.click('#toggle-all');
+    // The all-trucks layer is on by default; make sure it is (an earlier run's state does not persist, but be explicit).
+    await page.$eval('#toggle-all', (e) => { if (!e.checked) e.click(); });
     const first = await page.$('.truck:not(.stopped)');
     if (first) await first.click();
     await page.evaluate(() => window.__lodestream.showItaly());
@@ -140,6 +254,7 @@ try {
     check('markers are drawn at their trucks\' positions', off.length > 0 && Math.max(...off) < 25, `max offset ${Math.max(...off).toFixed(1)} px over ${off.length}`);
     const wp = await page.evaluate(() => document.querySelectorAll('.truck.sel').length);
     check('clicking a truck selects it (waypoint line)', wp === 1);
+    await checkMapWorthWatching(page);
   } else {
     check('reports the connection failure', !st.connected && !!st.connectError, st.connectError || '');
     check('status pill shows the failure', pill.cls.includes('conn-failed'), pill.text);

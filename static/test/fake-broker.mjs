@@ -6,13 +6,17 @@
 // applies the same authorization the real broker will: the viewer identity may
 // subscribe but not publish (QoS 1 PUBLISH → PUBACK reason 0x87). It simulates
 // `trucks` trucks that report once per second, and publishes direction stats
-// on fleet/stats/directions like the `directions` job.
+// on fleet/stats/directions like the `directions` job, the binary all-trucks
+// snapshot and plate directory like the `fleet-snapshot` job (encoded by
+// static/fleet.js), and on a subscription to trucks/<plate>/route a route
+// ahead of that truck, as truck-sim does (retained).
 //
 // Only listens on 127.0.0.1. Usable standalone: node test/fake-broker.mjs [port] [trucks]
 
 import http from 'node:http';
 import mqttPacket from 'mqtt-packet';
 import { WebSocketServer } from 'ws';
+import { encodePlates, encodeSnapshot } from '../fleet.js';
 
 const SECTORS = ['N', 'NE', 'E', 'SE', 'S', 'SW', 'W', 'NW'];
 const NOT_AUTHORIZED = 0x87;
@@ -121,6 +125,15 @@ export function startFakeBroker({ port = 0, trucks = 2000, username = 'viewer', 
             messageId: p.messageId,
             granted: p.subscriptions.map(() => 0),
           });
+          for (const { topic } of p.subscriptions) {
+            const m = /^trucks\/([^/+#]+)\/route$/.exec(topic);
+            const t = m && fleet.find((x) => x.plate === m[1]);
+            if (t) send(c, { cmd: 'publish', topic, payload: JSON.stringify(routeOf(t)), qos: 0, retain: true });
+          }
+          break;
+        case 'unsubscribe':
+          c.filters = c.filters.filter((f) => !p.unsubscriptions.includes(f));
+          send(c, { cmd: 'unsuback', messageId: p.messageId, granted: p.unsubscriptions.map(() => 0) });
           break;
         case 'publish':
           // The viewer may not publish anything.
@@ -149,6 +162,19 @@ export function startFakeBroker({ port = 0, trucks = 2000, username = 'viewer', 
 
   // Each truck reports once per second; spread over 10 slices of 100 ms.
   let slice = 0;
+  let seconds = 0;
+  // 20 km ahead along the heading, bending a little: what truck-sim's route message looks like.
+  const routeOf = (t) => {
+    const coords = [[t.lon, t.lat]];
+    let [lon, lat, h] = [t.lon, t.lat, t.heading];
+    for (let k = 0; k < 20; k++) {
+      lat += 0.009 * Math.cos((h * Math.PI) / 180);
+      lon += (0.009 * Math.sin((h * Math.PI) / 180)) / Math.cos((lat * Math.PI) / 180);
+      h += 4;
+      coords.push([lon, lat]);
+    }
+    return { v: 1, plate: t.plate, ts_ms: Date.now(), coords };
+  };
   const tick = setInterval(() => {
     const now = Date.now();
     for (let i = slice; i < fleet.length; i += 10) {
@@ -178,6 +204,10 @@ export function startFakeBroker({ port = 0, trucks = 2000, username = 'viewer', 
         else counts[SECTORS[Math.floor(((t.heading + 22.5) % 360) / 45)]]++;
       }
       deliver('fleet/stats/directions', JSON.stringify({ v: 1, ts_ms: now, counts, trucks: fleet.length }));
+      const sector = (t) => Math.floor(((t.heading + 22.5) % 360) / 45);
+      const snapTrucks = fleet.map((t) => ({ lon: t.lon, lat: t.lat, age: 0, stopped: t.resting, sector: sector(t) }));
+      deliver('fleet/stats/snapshot', Buffer.from(encodeSnapshot({ epoch: 1, ts: now, trucks: snapTrucks })));
+      if (seconds++ % 5 === 0) deliver('fleet/stats/plates', Buffer.from(encodePlates(1, fleet.map((t) => t.plate))));
     }
   }, 100);
 

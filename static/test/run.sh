@@ -22,6 +22,9 @@ for a in "$@"; do
   prev=$a
 done
 export LODESTREAM_UI_MQTT_URL="${LODESTREAM_UI_MQTT_URL:-ws://127.0.0.1:18999/mqtt}"
+# Roads layer: the file scripts/osrm-local prepare made, unless the caller chose one.
+roads="$root/.cache/osrm/data/${OSRM_DATASET:-italy-synth}/roads.geojson"
+if [ -z "${LODESTREAM_UI_ROADS:-}" ] && [ -f "$roads" ]; then export LODESTREAM_UI_ROADS="$roads"; fi
 "$root/target/debug/ui" --listen "127.0.0.1:$port" --static-dir "$static" &
 ui_pid=$!
 trap 'kill $ui_pid 2>/dev/null || true' EXIT INT TERM

@@ -66,8 +66,13 @@ fn main() -> anyhow::Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis() as i64;
             let plate = &plates[i as usize];
+            // Spread over Italy's box so a map draws a fleet, not one point.
+            let (lat, lon) = (
+                37.0 + f64::from(i) * 0.371 % 9.0,
+                7.5 + f64::from(i) * 0.533 % 11.0,
+            );
             let value = format!(
-                r#"{{"v":1,"plate":"{plate}","lat":42.0,"lon":12.5,"next":{{"lat":42.01,"lon":12.51}},"speed_kmh":{},"heading_deg":{:.1},"ts":"","ts_ms":{now_ms},"state":"{}"}}"#,
+                r#"{{"v":1,"plate":"{plate}","lat":{lat:.5},"lon":{lon:.5},"next":{{"lat":42.01,"lon":12.51}},"speed_kmh":{},"heading_deg":{:.1},"ts":"","ts_ms":{now_ms},"state":"{}"}}"#,
                 if resting(i) { 0.0 } else { 72.5 },
                 heading(i),
                 if resting(i) { "resting" } else { "driving" }

@@ -129,6 +129,8 @@ pub struct Observation {
     /// When the record reached Kafka (record timestamp); decides staleness.
     pub seen_ms: i64,
     pub direction: Direction,
+    /// `(lat, lon)` when the message has both (the fleet snapshot needs it).
+    pub lat_lon: Option<(f64, f64)>,
 }
 
 /// Turns a record into `(truck id, observation)`. The id is the Kafka key
@@ -180,6 +182,7 @@ pub fn parse_position(
             ts_ms: msg.ts_ms,
             seen_ms: kafka_ts_ms.unwrap_or(msg.ts_ms),
             direction,
+            lat_lon: msg.lat.zip(msg.lon),
         },
     ))
 }
@@ -474,6 +477,7 @@ mod tests {
             ts_ms: ts,
             seen_ms: ts,
             direction: Direction::Moving(Sector::from_heading(deg).unwrap()),
+            lat_lon: None,
         }
     }
 
@@ -642,6 +646,7 @@ mod tests {
             ts_ms: 0,
             seen_ms: 600_000,
             direction: Direction::Stopped,
+            lat_lon: None,
         };
         assert_eq!(a.apply(0, "t", obs, 600_000), Applied::Inserted);
         assert_eq!(a.evict_stale(600_500), 0);
@@ -662,6 +667,7 @@ mod tests {
                 ts_ms: 1,
                 seen_ms: 1,
                 direction: Direction::Stopped,
+                lat_lon: None,
             },
             1,
         );

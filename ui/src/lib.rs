@@ -1,6 +1,9 @@
 //! Router of the `ui` binary, in a library so tests can drive it in-process.
 
-use std::path::Path;
+pub mod scrape;
+pub mod throughput;
+
+use std::path::{Path, PathBuf};
 
 use askama::Template;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -8,7 +11,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use tower_http::services::ServeDir;
+use tower_http::compression::CompressionLayer;
+use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
@@ -25,6 +29,10 @@ pub struct Config {
     pub mqtt_password: String,
     pub topic_prefix: String,
     pub stats_topic: String,
+    /// Binary all-trucks snapshot, once a second (`fleet-snapshot` job).
+    pub snapshot_topic: String,
+    /// Plate directory of the snapshot's slots.
+    pub plates_topic: String,
     pub follow: u32,
     pub tiles: Option<String>,
 }
@@ -55,16 +63,49 @@ struct Health {
     status: &'static str,
 }
 
+/// What the server adds to the static page, beyond its configuration.
+#[derive(Clone, Debug, Default)]
+pub struct Extras {
+    /// Roads GeoJSON drawn under the trucks (made at data-prepare time from
+    /// the road data OSRM routes on), served at `/data/roads.geojson`.
+    pub roads: Option<PathBuf>,
+    /// Latest broker throughput, served at `/throughput.json`.
+    pub throughput: scrape::Shared,
+}
+
 pub fn router(config: Config, static_dir: &Path) -> Router {
+    router_with(config, static_dir, Extras::default())
+}
+
+pub fn router_with(config: Config, static_dir: &Path, extras: Extras) -> Router {
     let cfg_index = config.clone();
-    Router::new()
+    let tp = extras.throughput.clone();
+    let mut r = Router::new()
         .route("/", get(move || index(cfg_index.clone())))
         .route("/healthz", get(|| async { Json(Health { status: "ok" }) }))
         .route(
             "/config.json",
             get(move || async move { Json(config.clone()) }),
         )
-        .nest_service("/static", ServeDir::new(static_dir))
+        .route(
+            "/throughput.json",
+            get(move || async move {
+                let t = tp.read().map(|t| t.clone()).unwrap_or_default();
+                Json(t)
+            }),
+        )
+        .nest_service("/static", ServeDir::new(static_dir));
+    r = match extras.roads {
+        Some(path) => r.route_service("/data/roads.geojson", ServeFile::new(path)),
+        // 404 with a reason: the page then draws no roads and says why.
+        None => r.route(
+            "/data/roads.geojson",
+            get(|| async { (StatusCode::NOT_FOUND, "no roads file configured (--roads)") }),
+        ),
+    };
+    r
+        // The roads GeoJSON is several MB of text: gzip shrinks it ~5x.
+        .layer(CompressionLayer::new())
         // Revalidate every asset (cheap 304s): app.js and the generated data
         // change between builds and have no hashed file names.
         .layer(SetResponseHeaderLayer::if_not_present(

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use ui::{router, Config};
+use ui::{router_with, Config, Extras};
 
 #[derive(Parser, Debug)]
 #[command(name = "ui", version, about = "Lodestream fleet demo web UI")]
@@ -45,6 +45,29 @@ struct Args {
         default_value = "fleet/stats/directions"
     )]
     stats_topic: String,
+    /// MQTT topic of the binary all-trucks snapshot.
+    #[arg(
+        long,
+        env = "LODESTREAM_UI_SNAPSHOT_TOPIC",
+        default_value = "fleet/stats/snapshot"
+    )]
+    snapshot_topic: String,
+    /// MQTT topic of the snapshot's plate directory.
+    #[arg(
+        long,
+        env = "LODESTREAM_UI_PLATES_TOPIC",
+        default_value = "fleet/stats/plates"
+    )]
+    plates_topic: String,
+    /// Roads GeoJSON to draw under the trucks (routing/make_roads_geojson.py).
+    #[arg(long, env = "LODESTREAM_UI_ROADS")]
+    roads: Option<PathBuf>,
+    /// Brokers' Prometheus endpoints for the throughput panel (comma-separated).
+    #[arg(long, env = "LODESTREAM_UI_METRICS_URLS", value_delimiter = ',')]
+    metrics_url: Vec<String>,
+    /// How often the brokers' metrics are scraped.
+    #[arg(long, env = "LODESTREAM_UI_SCRAPE_SECS", default_value_t = 2)]
+    scrape_secs: u64,
     /// How many trucks are followed with labelled markers.
     #[arg(long, env = "LODESTREAM_UI_FOLLOW", default_value_t = 15)]
     follow: u32,
@@ -69,6 +92,8 @@ async fn main() -> anyhow::Result<()> {
         mqtt_password: args.mqtt_password,
         topic_prefix: args.topic_prefix,
         stats_topic: args.stats_topic,
+        snapshot_topic: args.snapshot_topic,
+        plates_topic: args.plates_topic,
         follow: args.follow,
         tiles: args.tiles,
     };
@@ -83,7 +108,23 @@ async fn main() -> anyhow::Result<()> {
             "front-end not built: run `npm ci && npm run build && npm run regions` in static/"
         );
     }
-    let app = router(config, &args.static_dir);
+    if let Some(r) = args.roads.as_ref().filter(|r| !r.is_file()) {
+        tracing::warn!(roads = %r.display(), "roads file missing: the map shows no roads");
+    }
+    let extras = Extras {
+        roads: args.roads,
+        ..Extras::default()
+    };
+    let urls: Vec<String> = args
+        .metrics_url
+        .into_iter()
+        .filter(|u| !u.is_empty())
+        .collect();
+    if !urls.is_empty() {
+        let every = std::time::Duration::from_secs(args.scrape_secs.max(1));
+        tokio::spawn(ui::scrape::run(urls, every, extras.throughput.clone()));
+    }
+    let app = router_with(config, &args.static_dir, extras);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

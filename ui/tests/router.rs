@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use ui::{router, Config};
+use ui::Config;
 
 fn config() -> Config {
     Config {
@@ -16,6 +16,8 @@ fn config() -> Config {
         mqtt_password: "</script><script>alert(1)</script>".into(),
         topic_prefix: "trucks/".into(),
         stats_topic: "fleet/stats/directions".into(),
+        snapshot_topic: "fleet/stats/snapshot".into(),
+        plates_topic: "fleet/stats/plates".into(),
         follow: 15,
         tiles: None,
     }
@@ -26,7 +28,11 @@ fn static_dir() -> PathBuf {
 }
 
 async fn get(path: &str) -> (StatusCode, Option<String>, String) {
-    let resp = router(config(), &static_dir())
+    get_with(ui::Extras::default(), path).await
+}
+
+async fn get_with(extras: ui::Extras, path: &str) -> (StatusCode, Option<String>, String) {
+    let resp = ui::router_with(config(), &static_dir(), extras)
         .oneshot(Request::get(path).body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -90,4 +96,46 @@ async fn serves_static_modules_as_javascript() {
     } else {
         println!("static/vendor not built (npm run build): skipping the .mjs check");
     }
+}
+
+#[tokio::test]
+async fn throughput_json_serves_the_latest_scrape() {
+    let extras = ui::Extras::default();
+    if let Ok(mut t) = extras.throughput.write() {
+        t.mqtt_in_per_s = 15_000.0;
+        t.nodes = 2;
+        t.nodes_up = 2;
+    }
+    let (status, _, body) = get_with(extras, "/throughput.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["mqtt_in_per_s"], 15_000.0);
+    assert_eq!(v["nodes_up"], 2);
+    for k in [
+        "mqtt_out_per_s",
+        "kafka_written_per_s",
+        "kafka_read_per_s",
+        "consumer_lag",
+    ] {
+        assert!(v.get(k).is_some(), "{k} missing");
+    }
+}
+
+#[tokio::test]
+async fn roads_are_served_from_the_configured_file_and_404_without_one() {
+    let (status, _, body) = get("/data/roads.geojson").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("--roads"));
+    let dir = std::env::temp_dir().join(format!("ui-roads-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("roads.geojson");
+    std::fs::write(&file, r#"{"type":"FeatureCollection","features":[]}"#).unwrap();
+    let extras = ui::Extras {
+        roads: Some(file),
+        ..Default::default()
+    };
+    let (status, _, body) = get_with(extras, "/data/roads.geojson").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("FeatureCollection"));
+    std::fs::remove_dir_all(&dir).ok();
 }
