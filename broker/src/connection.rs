@@ -378,6 +378,8 @@ struct Opening {
     /// Keep alive in force (the server's when it overrode the client's).
     keep_alive: u16,
     will_delay: u32,
+    /// When a QoS 2 retransmission scan may decide (see `session::lifecycle`).
+    scan_settled_ms: Option<i64>,
 }
 
 /// A resumed session may be used by a different identity than the one that
@@ -661,6 +663,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 present,
                 keep_alive,
                 will_delay,
+                scan_settled_ms,
             },
         );
         // [MQTT-4.4.0-1] resend unacknowledged PUBLISH (DUP) and PUBREL in order.
@@ -707,7 +710,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             } else {
                 0
             },
-            scan_settled_ms,
+            scan_settled_ms: o.scan_settled_ms,
             held: Vec::new(),
             held_needs_sync: false,
             sync_wanted: false,

@@ -233,6 +233,7 @@ impl Metrics {
                 &r,
                 "lodestream_session_writes_abandoned_total",
                 "Background session-record writes given up after their last retry",
+            ),
             connections_max: gauge(
                 &r,
                 "lodestream_connections_max",

@@ -322,7 +322,7 @@ mod tests {
         let _handoff = s.wait_handoff("c", 2);
         s.apply("c", Some(rec(2, "me", true, false)));
         let mut last = rec(1, "dead", true, false);
-        last.offsets = vec![crate::session_record::OffsetRecord {
+        last.offsets = vec![crate::session::record::OffsetRecord {
             topic: "t".into(),
             partition: 0,
             offset: 42,

@@ -117,7 +117,7 @@ async fn broker(k: &Keys, topic: &str) -> common::Broker {
     c.auth.jwt.audience = vec!["lodestream".into()];
     c.auth.jwt.issuer = vec!["https://idp.test".into()];
     // The documented claim rules: a truck publishes under fleets/<fleet>/<sub>/.
-    c.acl.file = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/acl-jwt.toml").into();
+    c.acl.file = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/acl-jwt.toml").into());
     common::start_with(c).await
 }
 

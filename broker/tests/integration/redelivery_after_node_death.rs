@@ -10,7 +10,7 @@
 //! persist interval was re-read (1,498 duplicates in the paho run).
 
 use crate::common;
-use crate::common::{clients, raw};
+use crate::common::clients;
 
 use std::time::{Duration, Instant};
 

@@ -12,7 +12,7 @@
 //! once and delivered once.
 
 use crate::common;
-use crate::common::{clients, raw};
+use crate::common::clients;
 
 use std::collections::HashMap;
 use std::process::Command;

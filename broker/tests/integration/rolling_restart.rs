@@ -11,7 +11,7 @@
 //! behind a load balancer, and resume their sessions there.
 
 use crate::common;
-use crate::common::{clients, raw};
+use crate::common::clients;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

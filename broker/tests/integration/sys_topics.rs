@@ -336,7 +336,7 @@ allow = true
     .unwrap();
     let mut c = common::test_config(&[]);
     c.sys.interval_s = 1;
-    c.acl.file = rules.display().to_string();
+    c.acl.file = Some(rules.clone());
     let b = common::start_with(c).await;
     let mut m = connect(b.port()).await;
     assert_eq!(m.subscribe("$SYS/#").await, [SubscribeReasonCode::Failure]);

@@ -298,7 +298,11 @@ pub fn publisher(spec: PublisherSpec) -> tokio::task::JoinHandle<usize> {
         let feed = tokio::spawn(async move {
             let pause = Duration::from_millis(10 * 1000 / per_s.max(1));
             for i in 0..n {
-                if pc.publish(topic, qos, false, format!("{topic}/{i}")).await.is_err() {
+                if pc
+                    .publish(topic, qos, false, format!("{topic}/{i}"))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 if i % 10 == 9 {
