@@ -27,6 +27,9 @@ use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
     pub config: Config,
+    /// When this run of the node started (ms): records it wrote itself
+    /// since then came through its own producer.
+    pub started_ms: i64,
     pub mapping: Mapping,
     pub producer: Producer,
     /// Session records and heartbeats: a separate queue, so a flood of
@@ -158,6 +161,7 @@ impl Node {
         .context("reading the nodes topic")?;
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Node {
+            started_ms: now_ms(),
             subs: Arc::new(SubscriptionIndex::new(metrics.clone())),
             registry,
             store,

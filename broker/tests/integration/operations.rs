@@ -68,6 +68,8 @@ async fn sigterm_disconnects_clients_with_0x8b_and_exits() {
     let c = &first.node().config.kafka;
     let port = 27000 + (std::process::id() % 4000) as u16;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+        // $SYS off: its retained figures would land in the topic read below.
+        .env("LODESTREAM_SYS__INTERVAL_S", "0")
         .args([
             "--tcp",
             &format!("127.0.0.1:{port}"),
