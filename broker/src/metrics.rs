@@ -108,23 +108,36 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
+    let g = prometheus::IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn publish_latency_histogram(r: &Registry) -> Histogram {
+    let name = "lodestream_publish_to_kafka_seconds";
+    let h = Histogram::with_opts(
+        HistogramOpts::new(
+            name,
+            "Time from a QoS>0 PUBLISH received to Kafka's acknowledgement",
+        )
+        .buckets(vec![
+            0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
 impl Metrics {
     /// Registration only fails on a programming error (duplicate or invalid
     /// name, fixed at compile time), hence the panics: they fire in every test.
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let h = Histogram::with_opts(
-            HistogramOpts::new(
-                "lodestream_publish_to_kafka_seconds",
-                "Time from a QoS>0 PUBLISH received to Kafka's acknowledgement",
-            )
-            .buckets(vec![
-                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-            ]),
-        )
-        .unwrap_or_else(|e| panic!("histogram: {e}"));
-        r.register(Box::new(h.clone()))
-            .unwrap_or_else(|e| panic!("histogram: {e}"));
         Metrics {
             connections: gauge(&r, "lodestream_connections", "Open MQTT connections"),
             connections_total: counter(
@@ -171,7 +184,7 @@ impl Metrics {
                 "lodestream_kafka_produce_errors_total",
                 "Kafka writes that failed (the PUBLISH was not acknowledged as success)",
             ),
-            publish_to_kafka_seconds: h,
+            publish_to_kafka_seconds: publish_latency_histogram(&r),
             kafka_records_read: counter_vec(
                 &r,
                 "lodestream_kafka_records_read_total",
@@ -204,19 +217,12 @@ impl Metrics {
                 "lodestream_publish_throttled_total",
                 "Times a client hit mqtt.max_publish_rate and its socket was paused",
             ),
-            consumer_lag: {
-                let g = prometheus::IntGaugeVec::new(
-                    Opts::new(
-                        "lodestream_kafka_consumer_lag",
-                        "Records in Kafka not yet read for fan-out, by Kafka topic (sum over partitions)",
-                    ),
-                    &["topic"],
-                )
-                .unwrap_or_else(|e| panic!("consumer lag: {e}"));
-                r.register(Box::new(g.clone()))
-                    .unwrap_or_else(|e| panic!("consumer lag: {e}"));
-                g
-            },
+            consumer_lag: gauge_vec(
+                &r,
+                "lodestream_kafka_consumer_lag",
+                "Records in Kafka not yet read for fan-out, by Kafka topic (sum over partitions)",
+                &["topic"],
+            ),
             disconnects: counter_vec(
                 &r,
                 "lodestream_disconnects_total",
