@@ -43,11 +43,16 @@ pub struct RestoredFrom {
     pub handoff: bool,
     pub online: bool,
     pub disconnected_ms: Option<i64>,
+    /// Written offline by this very run of the claiming node: its writes
+    /// went through this node's own producer and were settled (acknowledged,
+    /// or failed and fenced by the idempotent producer) before that.
+    pub own_run: bool,
 }
 
 /// When every write the previous owner of a restored session may have sent
 /// has landed in Kafka or failed for good (ms since the epoch), or `None`
-/// when the state is the owner's hand-off (it settled its writes first).
+/// when the state is the owner's hand-off (it settled its writes first) or
+/// this run's own offline record (its connection settled them before).
 ///
 /// A write is sent before the owner loses the session and lands or fails
 /// within `delivery_timeout_ms` of being sent (Kafka's
@@ -63,7 +68,7 @@ pub fn settled_at_ms(
     delivery_timeout_ms: u32,
     node_timeout_ms: u64,
 ) -> Option<i64> {
-    if record.handoff {
+    if record.handoff || record.own_run {
         return None;
     }
     let last_send = match record.disconnected_ms {
@@ -191,6 +196,7 @@ mod tests {
             handoff: true,
             online: false,
             disconnected_ms: Some(5),
+            own_run: false,
         };
         assert_eq!(settled_at_ms(r, 1_000, T, NODE_TIMEOUT), None);
     }
@@ -201,6 +207,7 @@ mod tests {
             handoff: false,
             online: true,
             disconnected_ms: None,
+            own_run: false,
         };
         assert_eq!(settled_at_ms(r, 1_000, T, NODE_TIMEOUT), Some(31_000));
     }
@@ -211,8 +218,20 @@ mod tests {
             handoff: false,
             online: false,
             disconnected_ms: Some(1_000),
+            own_run: false,
         };
         // Owner declared dead node_timeout after its last heartbeat.
         assert_eq!(settled_at_ms(r, 500_000, T, NODE_TIMEOUT), Some(41_000));
+    }
+
+    #[test]
+    fn this_runs_own_offline_session_needs_no_wait() {
+        let r = RestoredFrom {
+            handoff: false,
+            online: false,
+            disconnected_ms: Some(1_000),
+            own_run: true,
+        };
+        assert_eq!(settled_at_ms(r, 500_000, T, NODE_TIMEOUT), None);
     }
 }

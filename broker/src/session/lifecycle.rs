@@ -124,19 +124,13 @@ pub async fn claim(
 /// Until when the previous owner of restored record `r` may still have
 /// writes landing in Kafka (none after a hand-off).
 fn scan_settled_at(node: &Node, r: &SessionRecord) -> Option<i64> {
-    // Left by a connection of this very run: its writes went through this
-    // node's producer and were settled (acknowledged or failed, and a failed
-    // one fenced by the idempotent producer) before the session went offline.
-    let own_run = r.node == node.config.node_id
-        && !r.online
-        && r.disconnected_ms.is_some_and(|at| at >= node.started_ms);
-    if own_run {
-        return None;
-    }
     let from = crate::kafka::qos2_scan::RestoredFrom {
         handoff: r.handoff,
         online: r.online,
         disconnected_ms: r.disconnected_ms,
+        own_run: r.node == node.config.node_id
+            && !r.online
+            && r.disconnected_ms.is_some_and(|at| at >= node.started_ms),
     };
     let k = &node.config.kafka;
     crate::kafka::qos2_scan::settled_at_ms(from, now_ms(), k.delivery_timeout_ms, k.node_timeout_ms)
