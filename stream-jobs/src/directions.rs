@@ -255,37 +255,49 @@ fn publish(
     payload: Vec<u8>,
     out: (Out, &Arc<JobMetrics>),
 ) {
-    let rec = FutureRecord::to(topic).key(key).payload(&payload);
     let (kind, metrics) = (out.0, out.1.clone());
+    send(producer, topic, key, payload, move |delivered| {
+        if !delivered {
+            metrics.publish_errors.inc();
+            return;
+        }
+        let label = match kind {
+            Out::Partials => "partials",
+            Out::Stats => {
+                metrics.snapshot_acked();
+                "stats"
+            }
+        };
+        metrics.records_out.with_label_values(&[label]).inc();
+    });
+}
+
+/// Sends one record without waiting; failures are logged, and `done` learns
+/// whether Kafka acknowledged it (the jobs' outputs are snapshots: the next
+/// one replaces a lost one, so nothing is retried).
+pub(crate) fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: Vec<u8>,
+    done: impl FnOnce(bool) + Send + 'static,
+) {
+    let rec = FutureRecord::to(topic).key(key).payload(&payload);
     match producer.send_result(rec) {
         Ok(delivery) => {
             let topic = topic.to_owned();
             tokio::spawn(async move {
                 match delivery.await {
-                    Ok(Err((err, _))) => {
-                        metrics.publish_errors.inc();
-                        warn!(%err, %topic, "publish failed")
-                    }
-                    Err(_) => {
-                        metrics.publish_errors.inc();
-                        warn!(%topic, "publish cancelled")
-                    }
-                    Ok(Ok(_)) => {
-                        let label = match kind {
-                            Out::Partials => "partials",
-                            Out::Stats => {
-                                metrics.snapshot_acked();
-                                "stats"
-                            }
-                        };
-                        metrics.records_out.with_label_values(&[label]).inc();
-                    }
+                    Ok(Err((err, _))) => warn!(%err, %topic, "publish failed"),
+                    Err(_) => warn!(%topic, "publish cancelled"),
+                    Ok(Ok(_)) => return done(true),
                 }
+                done(false)
             });
         }
         Err((err, _)) => {
-            metrics.publish_errors.inc();
-            warn!(%err, topic, "cannot enqueue record")
+            warn!(%err, topic, "cannot enqueue record");
+            done(false)
         }
     }
 }

@@ -18,14 +18,14 @@ use clap::Parser;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::agg::parse_position;
-use crate::directions::parse_kv;
+use crate::directions::{parse_kv, send};
 use crate::snapshot::{plate_of_key, Applied, FleetState};
 use crate::window::now_ms;
 
@@ -138,10 +138,10 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> anyhow::Res
                 fleet.expire(now);
                 let new_epoch = fleet.epoch() != last_epoch;
                 if new_epoch || ticks % args.plates_every.max(1) == 0 {
-                    publish(&producer, &args.stats_topic, &args.plates_key, fleet.encode_plates());
+                    send(&producer, &args.stats_topic, &args.plates_key, fleet.encode_plates(), |_| ());
                     last_epoch = fleet.epoch();
                 }
-                publish(&producer, &args.stats_topic, &args.snapshot_key, fleet.encode_snapshot(now));
+                send(&producer, &args.stats_topic, &args.snapshot_key, fleet.encode_snapshot(now), |_| ());
                 ticks = ticks.wrapping_add(1);
                 if last_meta.elapsed() > Duration::from_secs(30) {
                     // New partitions of the positions topic are picked up from their start.
@@ -274,24 +274,5 @@ fn add_new_partitions(consumer: &StreamConsumer, args: &Args, known: i32) -> i32
             warn!(%err, "cannot assign the new partitions");
             known
         }
-    }
-}
-
-/// Sends one snapshot record; a failure is logged and the next second's
-/// snapshot replaces it (nothing to retry).
-fn publish(producer: &FutureProducer, topic: &str, key: &str, payload: Vec<u8>) {
-    let rec = FutureRecord::to(topic).key(key).payload(&payload);
-    match producer.send_result(rec) {
-        Ok(delivery) => {
-            let topic = topic.to_owned();
-            tokio::spawn(async move {
-                match delivery.await {
-                    Ok(Err((err, _))) => warn!(%err, %topic, "publish failed"),
-                    Err(_) => warn!(%topic, "publish cancelled"),
-                    Ok(Ok(_)) => {}
-                }
-            });
-        }
-        Err((err, _)) => warn!(%err, topic, "cannot enqueue record"),
     }
 }
