@@ -827,6 +827,16 @@ L.markerOffsets = () => {
   return out;
 };
 
+/**
+ * Test hook: where each moving followed marker is drawn now ([lon, lat]).
+ * Read as coordinates, not pixels: MapLibre rounds marker positions to whole
+ * pixels, and a city truck covers a tenth of one in 120 ms at zoom 13.
+ */
+L.markerLngLats = () =>
+  [...followed.values()]
+    .filter((f) => f.on && !f.el.classList.contains('stopped'))
+    .map((f) => [f.plate, f.marker.getLngLat().toArray()]);
+
 /** Test hook: latest position of a followed truck. */
 L.position = (plate) => {
   const t = trucks.get(String(plate).toUpperCase());
