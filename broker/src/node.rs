@@ -386,7 +386,7 @@ impl Node {
             )
             .await?;
         let id = rec.client_id.clone();
-        self.store.apply(&id, Some(rec));
+        self.store.apply(&id, rec);
         Ok(())
     }
 
@@ -425,11 +425,7 @@ impl Node {
             let written = retry
                 .run(&rec.client_id, || async {
                     // A late retry must not land after a newer claim.
-                    if node
-                        .store
-                        .summary(&rec.client_id)
-                        .is_some_and(|r| r.epoch > rec.epoch)
-                    {
+                    if node.store.superseded(&rec.client_id, rec.epoch) {
                         tracing::info!(client_id = %rec.client_id, epoch = rec.epoch, "session claimed again meanwhile; older state not written");
                         return Ok(());
                     }
@@ -442,7 +438,9 @@ impl Node {
         });
     }
 
-    /// Deletes a session record, unless a newer claim exists.
+    /// Deletes a session record, unless a newer claim exists. The tombstone
+    /// carries the ended epoch, so records of the session still in flight
+    /// stay fenced after it (`session::ended`).
     pub async fn tombstone(&self, client_id: &str, epoch: u64) {
         // A claim another node wrote before now must be seen by the check
         // below; when the view cannot be made current, the check runs on
@@ -457,24 +455,22 @@ impl Node {
         {
             return;
         }
+        let header = (
+            crate::session::store::EPOCH_HEADER.to_string(),
+            epoch.to_string().into_bytes(),
+        );
         match self
             .control_producer
             .send_and_wait(
                 &self.config.kafka.sessions_topic,
                 client_id.as_bytes(),
                 None,
-                &[],
+                &[header],
             )
             .await
         {
             Ok(_) => {
-                if self
-                    .store
-                    .summary(client_id)
-                    .is_some_and(|r| r.epoch <= epoch)
-                {
-                    self.store.apply(client_id, None);
-                }
+                self.store.apply_end(client_id, Some(epoch));
             }
             Err(e) => tracing::warn!(client_id, error = %e, "deleting session record failed"),
         }

@@ -76,11 +76,13 @@ pub async fn claim(
         .claim(client_id, conn_id, ctrl_tx, clean_start)
         .await?;
     let prev = node.store.get(client_id);
-    let epoch = prev
-        .as_ref()
-        .map(|r| r.epoch)
-        .unwrap_or(0)
-        .max(existing.as_ref().map(|s| s.epoch).unwrap_or(0))
+    // Above every epoch seen for the client id, including an ended
+    // session's, so none of its records still in flight can win.
+    let epoch = node
+        .store
+        .last_epoch(client_id)
+        .max(prev.as_ref().map_or(0, |r| r.epoch))
+        .max(existing.as_ref().map_or(0, |s| s.epoch))
         + 1;
     // Known before anything is written, so records of older epochs still
     // in flight in the sessions topic cannot kick this connection.

@@ -5,6 +5,7 @@
 //! (`cluster`), and the claim at CONNECT (`lifecycle`).
 
 pub mod cluster;
+pub mod ended;
 pub mod high_watermarks;
 pub mod inbound_qos2;
 pub mod lifecycle;

@@ -16,7 +16,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{oneshot, Notify};
 
 use crate::kafka::Record;
+use crate::session::ended::EndedEpochs;
 use crate::session::record::SessionRecord;
+
+/// The header a tombstone of the sessions topic carries: the epoch of the
+/// session it ends (decimal), so the end is fenced like any other record.
+pub const EPOCH_HEADER: &str = "lodestream.epoch";
+
+/// How many ended sessions' epochs are remembered, and for how long (see
+/// `session::ended`): ten times the default producer delivery timeout.
+const ENDED_CAP: usize = 100_000;
+const ENDED_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What applying a record means for this node.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,7 +67,6 @@ struct Entry {
     raw: Box<[u8]>,
 }
 
-#[derive(Default)]
 pub struct SessionStore {
     node_id: String,
     records: RwLock<HashMap<Box<str>, Entry>>,
@@ -74,14 +83,42 @@ pub struct SessionStore {
     /// applied; `read_moved` wakes those waiting for it to reach a mark.
     read_to: Mutex<HashMap<i32, i64>>,
     read_moved: Notify,
+    /// Epochs of sessions whose record a tombstone deleted.
+    ended: Mutex<EndedEpochs>,
 }
 
 impl SessionStore {
     pub fn new(node_id: &str) -> SessionStore {
         SessionStore {
             node_id: node_id.to_string(),
-            ..SessionStore::default()
+            records: RwLock::default(),
+            node_names: Mutex::default(),
+            waiters: Mutex::default(),
+            late: Mutex::default(),
+            read_to: Mutex::default(),
+            read_moved: Notify::new(),
+            ended: Mutex::new(EndedEpochs::new(ENDED_CAP, ENDED_TTL)),
         }
+    }
+
+    /// The newest epoch this view knows for `client_id`: its record's, or
+    /// the one its last session ended at. A claim continues above it, so a
+    /// record of an ended session still in flight stays fenced.
+    pub fn last_epoch(&self, client_id: &str) -> u64 {
+        let current = self.summary(client_id).map_or(0, |s| s.epoch);
+        current.max(self.ended_epoch(client_id).unwrap_or(0))
+    }
+
+    /// True when state written under `epoch` must no longer be written: a
+    /// newer claim exists, or the session ended at that epoch or later.
+    pub fn superseded(&self, client_id: &str, epoch: u64) -> bool {
+        self.summary(client_id).is_some_and(|s| s.epoch > epoch)
+            || self.ended_epoch(client_id).is_some_and(|e| e >= epoch)
+    }
+
+    fn ended_epoch(&self, client_id: &str) -> Option<u64> {
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        ended.get(client_id, std::time::Instant::now())
     }
 
     pub fn get(&self, client_id: &str) -> Option<SessionRecord> {
@@ -192,19 +229,32 @@ impl SessionStore {
 
     /// Applies one record of the sessions topic (also used for our own
     /// writes once Kafka acknowledged them).
-    pub fn apply(&self, client_id: &str, rec: Option<SessionRecord>) -> Applied {
-        let raw = rec.as_ref().map(|r| r.encode().into_boxed_slice());
-        self.apply_encoded(client_id, rec.zip(raw))
+    pub fn apply(&self, client_id: &str, rec: SessionRecord) -> Applied {
+        let raw = rec.encode().into_boxed_slice();
+        self.apply_encoded(client_id, rec, raw)
     }
 
-    fn apply_encoded(&self, client_id: &str, rec: Option<(SessionRecord, Box<[u8]>)>) -> Applied {
-        let Some((rec, raw)) = rec else {
-            self.records
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(client_id);
-            return Applied::Stored;
+    /// Applies a tombstone: the session ended at `epoch` (None: a tombstone
+    /// written before tombstones carried their epoch, which ends whatever
+    /// is current). A tombstone of an older epoch than the current record
+    /// is fenced like any other stale record.
+    pub fn apply_end(&self, client_id: &str, epoch: Option<u64>) -> Applied {
+        let mut map = self.records.write().unwrap_or_else(|e| e.into_inner());
+        let current = map.get(client_id).map(|e| e.summary.epoch);
+        let ended = match (epoch, current) {
+            (Some(e), Some(c)) if e < c => return Applied::Ignored,
+            (e, c) => e.max(c),
         };
+        map.remove(client_id);
+        drop(map);
+        if let Some(ended) = ended {
+            let mut memory = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+            memory.record(client_id, ended, std::time::Instant::now());
+        }
+        Applied::Stored
+    }
+
+    fn apply_encoded(&self, client_id: &str, rec: SessionRecord, raw: Box<[u8]>) -> Applied {
         if rec.handoff {
             if let Some(tx) = self
                 .waiters
@@ -214,6 +264,10 @@ impl SessionStore {
             {
                 let _ = tx.send(rec.clone());
             }
+        }
+        if self.ended_epoch(client_id).is_some_and(|e| rec.epoch <= e) {
+            // In flight when the session ended: the end fences it.
+            return Applied::Ignored;
         }
         let node = self.intern(&rec.node);
         let mut map = self.records.write().unwrap_or_else(|e| e.into_inner());
@@ -267,10 +321,10 @@ impl SessionStore {
             return Applied::Ignored;
         };
         match &rec.value {
-            None => self.apply(key, None),
+            None => self.apply_end(key, tombstone_epoch(rec)),
             Some(v) => match SessionRecord::decode(v) {
                 Ok(r) if r.v <= crate::session::record::SCHEMA_VERSION => {
-                    self.apply_encoded(key, Some((r, v.to_vec().into_boxed_slice())))
+                    self.apply_encoded(key, r, v.to_vec().into_boxed_slice())
                 }
                 Ok(r) => {
                     tracing::warn!(
@@ -287,6 +341,12 @@ impl SessionStore {
             },
         }
     }
+}
+
+/// The epoch a tombstone of the sessions topic ends (its `EPOCH_HEADER`).
+fn tombstone_epoch(rec: &Record) -> Option<u64> {
+    let (_, v) = rec.headers.iter().find(|(k, _)| k == EPOCH_HEADER)?;
+    std::str::from_utf8(v.as_deref()?).ok()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -318,16 +378,16 @@ mod tests {
     #[test]
     fn owner_record_arriving_after_the_claim_is_kept_for_the_claimer() {
         let s = SessionStore::new("me");
-        s.apply("c", Some(rec(1, "dead", true, false)));
+        s.apply("c", rec(1, "dead", true, false));
         let _handoff = s.wait_handoff("c", 2);
-        s.apply("c", Some(rec(2, "me", true, false)));
+        s.apply("c", rec(2, "me", true, false));
         let mut last = rec(1, "dead", true, false);
         last.offsets = vec![crate::session::record::OffsetRecord {
             topic: "t".into(),
             partition: 0,
             offset: 42,
         }];
-        assert_eq!(s.apply("c", Some(last.clone())), Applied::Ignored);
+        assert_eq!(s.apply("c", last.clone()), Applied::Ignored);
         assert_eq!(s.get("c").map(|r| r.epoch), Some(2), "still fenced");
         s.cancel_handoff("c", 2);
         assert_eq!(s.take_late("c"), Some(last));
@@ -339,32 +399,79 @@ mod tests {
     fn older_epoch_is_fenced() {
         let s = SessionStore::new("a");
         assert_eq!(
-            s.apply("c", Some(rec(2, "b", true, false))),
+            s.apply("c", rec(2, "b", true, false)),
             Applied::ForeignClaim {
                 client_id: "c".into(),
                 epoch: 2
             }
         );
+        assert_eq!(s.apply("c", rec(1, "a", false, false)), Applied::Ignored);
+        assert_eq!(s.get("c").unwrap().node, "b");
+        assert_eq!(s.apply("c", rec(3, "a", true, false)), Applied::Stored);
+        s.apply_end("c", Some(3));
+        assert!(s.get("c").is_none());
+    }
+
+    /// [MQTT-3.1.2-6] A record of a session written before its end but read
+    /// after the tombstone does not bring the session back, and the next
+    /// claim continues above the ended epoch (it used to restart at 1).
+    #[test]
+    fn late_record_of_an_ended_session_is_fenced() {
+        let s = SessionStore::new("me");
+        s.apply("c", rec(4, "other", true, false));
+        assert_eq!(s.apply_end("c", Some(4)), Applied::Stored);
+        assert!(s.get("c").is_none());
         assert_eq!(
-            s.apply("c", Some(rec(1, "a", false, false))),
+            s.apply("c", rec(4, "other", false, false)),
             Applied::Ignored
         );
-        assert_eq!(s.get("c").unwrap().node, "b");
-        assert_eq!(
-            s.apply("c", Some(rec(3, "a", true, false))),
-            Applied::Stored
-        );
-        s.apply("c", None);
+        assert_eq!(s.apply("c", rec(3, "other", true, false)), Applied::Ignored);
+        assert!(s.get("c").is_none(), "the ended session stays ended");
+        assert_eq!(s.last_epoch("c"), 4, "a claim continues at 5");
+        assert!(s.superseded("c", 4), "no late write for the ended epoch");
+        assert_eq!(s.apply("c", rec(5, "me", true, false)), Applied::Stored);
+        assert!(!s.superseded("c", 5));
+    }
+
+    /// A tombstone is fenced by its epoch: one written for an older session
+    /// does not delete a newer claim's record. One without the epoch header
+    /// (written by an older broker) ends whatever is current.
+    #[test]
+    fn tombstone_of_an_older_epoch_is_fenced() {
+        let s = SessionStore::new("me");
+        s.apply("c", rec(7, "b", true, false));
+        assert_eq!(s.apply_end("c", Some(6)), Applied::Ignored);
+        assert_eq!(s.get("c").map(|r| r.epoch), Some(7));
+        assert_eq!(s.apply_end("c", None), Applied::Stored);
         assert!(s.get("c").is_none());
+        assert_eq!(s.last_epoch("c"), 7);
+    }
+
+    #[test]
+    fn tombstone_epoch_is_read_from_its_header() {
+        let mut r = Record {
+            topic: "s".into(),
+            partition: 0,
+            offset: 0,
+            key: Some(bytes::Bytes::from_static(b"c")),
+            value: None,
+            timestamp_ms: 0,
+            headers: vec![(EPOCH_HEADER.into(), Some(b"12".to_vec()))],
+        };
+        assert_eq!(tombstone_epoch(&r), Some(12));
+        r.headers = vec![(EPOCH_HEADER.into(), Some(b"x".to_vec()))];
+        assert_eq!(tombstone_epoch(&r), None);
+        r.headers.clear();
+        assert_eq!(tombstone_epoch(&r), None);
     }
 
     #[tokio::test]
     async fn handoff_reaches_the_claimer() {
         let s = SessionStore::new("b");
-        s.apply("c", Some(rec(5, "b", true, false)));
+        s.apply("c", rec(5, "b", true, false));
         let rx = s.wait_handoff("c", 5);
         assert_eq!(
-            s.apply("c", Some(rec(5, "a", false, true))),
+            s.apply("c", rec(5, "a", false, true)),
             Applied::Ignored,
             "claim stays current"
         );

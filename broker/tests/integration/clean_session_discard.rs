@@ -331,3 +331,74 @@ async fn v311_discard_with_20_parallel_clients() {
         assert_eq!(t.await.expect("client task"), clean(n));
     }
 }
+
+/// [MQTT-3.1.2-6] A session record still in flight when the session ended
+/// (written by another node's producer before the end, landing after its
+/// tombstone) does not bring the discarded session back: the tombstone
+/// carries the ended epoch, and the next claim continues above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_record_of_an_ended_session_does_not_revive_it() {
+    use lodestream_broker::session::record::{SessionRecord, SubRecord};
+    let (a, _b) = cluster().await;
+    let id = common::unique("late");
+    // A persistent session, then a clean one that ends it (epochs 1 and 2).
+    let (c, _) = V4::connect(a.port(), &id, false).await;
+    c.disconnect().await;
+    let (c, present) = V4::connect(a.port(), &id, true).await;
+    assert!(!present);
+    c.disconnect().await;
+    // The tombstone is written once the close is handled: wait for it.
+    let ended = Instant::now();
+    let tombstone = loop {
+        let recs = common::read_topic(&a.sessions_topic, usize::MAX, Duration::from_secs(2));
+        let t = recs
+            .into_iter()
+            .find(|r| r.key.as_deref() == Some(id.as_str()) && r.value.is_none());
+        if let Some(t) = t {
+            break t;
+        }
+        assert!(
+            ended.elapsed() < WAIT,
+            "the clean session's tombstone was written"
+        );
+    };
+    assert_eq!(
+        tombstone.headers.get("lodestream.epoch").map(Vec::as_slice),
+        Some(&b"2"[..]),
+        "the tombstone names the epoch it ends (docs/kafka-format.md)"
+    );
+    // The late record: the persistent session as another node last knew it.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let late = SessionRecord {
+        v: 1,
+        client_id: id.clone(),
+        epoch: 2,
+        node: "a-node-that-died".into(),
+        online: false,
+        handoff: false,
+        expiry_s: EXPIRY_S,
+        disconnected_ms: Some(now_ms),
+        subscriptions: vec![SubRecord {
+            filter: "late/#".into(),
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            id: None,
+        }],
+        will: None,
+        inbound_qos2: vec![],
+        qos2: None,
+        outbound: vec![],
+        offsets: vec![],
+    };
+    common::produce(&a.sessions_topic, &id, &late.encode(), &[]).await;
+    let (c, present) = V4::connect(a.port(), &id, false).await;
+    assert!(
+        !present,
+        "Session Present = 0: the ended session stays gone"
+    );
+    c.disconnect().await;
+}
