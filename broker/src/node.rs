@@ -123,7 +123,14 @@ impl Node {
         })??;
         let producer =
             Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
-        let control_producer = Producer::new(kcfg, &format!("{}-control", config.node_id))
+        // Session records, claims and tombstones: no linger. They are few
+        // and small, and their latency is the window a node's death
+        // re-delivers (issue #18) and part of every CONNACK.
+        let control_cfg = crate::config::KafkaConfig {
+            linger_ms: 0,
+            ..kcfg.clone()
+        };
+        let control_producer = Producer::new(&control_cfg, &format!("{}-control", config.node_id))
             .context("creating the Kafka producer")?;
         let retained = Arc::new(RetainedStore::new());
         let r2 = retained.clone();
