@@ -897,6 +897,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             match crate::kafka::catchup::run(
                 &node.config.kafka,
                 &node.config.node_id,
+                &node.mapping,
                 &node.subs,
                 job,
                 tx,

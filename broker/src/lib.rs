@@ -4,6 +4,7 @@
 pub mod config;
 pub mod connection;
 pub mod kafka;
+pub mod key_template;
 pub mod mapping;
 pub mod message;
 pub mod metrics;

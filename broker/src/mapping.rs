@@ -6,16 +6,27 @@
 //! that can hold a matching MQTT topic, which `kafka_topics_for_filter`
 //! computes conservatively (it may name a topic that turns out to hold no
 //! match, it never leaves one out).
+//!
+//! A rule may also give the record key: `trucks:trucks/{plate}:{plate}`
+//! keys a PUBLISH to `trucks/AB123CD` by `AB123CD` (see `key_template`).
+//! Without a template the key is the MQTT topic.
 
 use std::fmt;
 
 use lodestream_mqtt::topic::filters_may_overlap;
 use thiserror::Error;
 
+use crate::key_template::{self, KeyTemplate, TemplateError};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub kafka_topic: String,
+    /// The MQTT pattern as a filter (named levels read as `+`).
     pub pattern: String,
+    /// As written, with its `{name}` levels.
+    named_pattern: String,
+    pub key: Option<KeyTemplate>,
+    key_source: Option<String>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -28,39 +39,79 @@ pub enum MappingError {
     KafkaTopic { rule: String, topic: String },
     #[error("mapping rule {rule:?}: invalid MQTT pattern: {reason}")]
     Pattern { rule: String, reason: String },
+    #[error("mapping rule {rule:?}: invalid key template: {reason}")]
+    Key { rule: String, reason: TemplateError },
 }
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kafka_topic, self.pattern)
+        write!(f, "{}:{}", self.kafka_topic, self.named_pattern)?;
+        match &self.key_source {
+            Some(k) => write!(f, ":{k}"),
+            None => Ok(()),
+        }
     }
 }
 
 impl Rule {
-    /// Parses `kafkaTopic:mqttPattern`. The split is at the first `:`
-    /// because Kafka topic names cannot contain one while MQTT patterns can.
+    /// Parses `kafkaTopic:mqttPattern[:keyTemplate]`. The topic ends at the
+    /// first `:` because Kafka topic names cannot contain one while MQTT
+    /// patterns can. A key template is only looked for after a pattern with
+    /// `{name}` levels, at a later `:` whose right side has a placeholder.
     pub fn parse(s: &str) -> Result<Rule, MappingError> {
         let s = s.trim();
-        let (topic, pattern) = s
+        let (topic, rest) = s
             .split_once(':')
             .ok_or_else(|| MappingError::Syntax(s.to_string()))?;
-        let (topic, pattern) = (topic.trim(), pattern.trim());
+        let (topic, rest) = (topic.trim(), rest.trim());
         if !valid_kafka_topic(topic) {
             return Err(MappingError::KafkaTopic {
                 rule: s.to_string(),
                 topic: topic.to_string(),
             });
         }
-        lodestream_mqtt::topic::validate_topic_filter(pattern).map_err(|e| {
+        let (pattern, template) = split_template(rest);
+        let filter = key_template::as_filter(pattern).map_err(|e| MappingError::Pattern {
+            rule: s.to_string(),
+            reason: e.to_string(),
+        })?;
+        lodestream_mqtt::topic::validate_topic_filter(&filter).map_err(|e| {
             MappingError::Pattern {
                 rule: s.to_string(),
                 reason: e.to_string(),
             }
         })?;
+        let key = template
+            .map(|t| KeyTemplate::parse(pattern, t))
+            .transpose()
+            .map_err(|reason| MappingError::Key {
+                rule: s.to_string(),
+                reason,
+            })?;
         Ok(Rule {
             kafka_topic: topic.to_string(),
-            pattern: pattern.to_string(),
+            pattern: filter,
+            named_pattern: pattern.to_string(),
+            key,
+            key_source: template.map(str::to_string),
         })
+    }
+
+    /// The record key of a PUBLISH to `topic` under this rule.
+    pub fn key_for<'a>(&self, topic: &'a str) -> std::borrow::Cow<'a, str> {
+        match self.key.as_ref().and_then(|k| k.key_for(topic)) {
+            Some(k) => std::borrow::Cow::Owned(k),
+            None => std::borrow::Cow::Borrowed(topic),
+        }
+    }
+}
+
+/// `pattern[:template]`: the template is the part after the last `:` when
+/// it holds a `{` and the pattern before it has a `{name}` level.
+fn split_template(rest: &str) -> (&str, Option<&str>) {
+    match rest.rsplit_once(':') {
+        Some((p, t)) if t.contains('{') && p.contains('{') => (p.trim(), Some(t.trim())),
+        _ => (rest, None),
     }
 }
 
@@ -114,11 +165,42 @@ impl Mapping {
 
     /// The Kafka topic a PUBLISH to `mqtt_topic` is written to: first matching rule wins.
     pub fn kafka_topic_for(&self, mqtt_topic: &str) -> &str {
-        self.rules
+        self.destination(mqtt_topic).0
+    }
+
+    /// The Kafka topic and record key of a PUBLISH to `mqtt_topic`.
+    pub fn destination<'a>(&self, mqtt_topic: &'a str) -> (&str, std::borrow::Cow<'a, str>) {
+        match self
+            .rules
             .iter()
             .find(|r| lodestream_mqtt::topic::matches(&r.pattern, mqtt_topic))
-            .map(|r| r.kafka_topic.as_str())
-            .unwrap_or(&self.default_topic)
+        {
+            Some(r) => (&r.kafka_topic, r.key_for(mqtt_topic)),
+            None => (&self.default_topic, std::borrow::Cow::Borrowed(mqtt_topic)),
+        }
+    }
+
+    /// The MQTT topic a record key of `kafka_topic` stands for, when the
+    /// record carries no `mqtt.topic` header (another producer wrote it):
+    /// the first templated rule of that topic whose template the key fits
+    /// and that would write the topic back there; else the key itself.
+    pub fn topic_for_key<'a>(&self, kafka_topic: &str, key: &'a str) -> std::borrow::Cow<'a, str> {
+        let found = self
+            .rules
+            .iter()
+            .filter(|r| r.kafka_topic == kafka_topic)
+            .filter_map(|r| r.key.as_ref()?.topic_for(key))
+            .find(|t| self.kafka_topic_for(t) == kafka_topic);
+        match found {
+            Some(t) => std::borrow::Cow::Owned(t),
+            None => std::borrow::Cow::Borrowed(key),
+        }
+    }
+
+    /// True when some rule keys records by a template (records then carry
+    /// their MQTT topic in a header).
+    pub fn has_key_templates(&self) -> bool {
+        self.rules.iter().any(|r| r.key.is_some())
     }
 
     /// The Kafka topics a subscription to `filter` must read.
@@ -278,13 +360,50 @@ mod tests {
             Rule::parse("t:a/#/b"),
             Err(MappingError::Pattern { .. })
         ));
-        assert_eq!(
-            Rule::parse(" t : a/+ ").unwrap(),
-            Rule {
-                kafka_topic: "t".into(),
-                pattern: "a/+".into()
-            }
+        let r = Rule::parse(" t : a/+ ").unwrap();
+        assert_eq!((r.kafka_topic.as_str(), r.pattern.as_str()), ("t", "a/+"));
+        assert!(r.key.is_none());
+    }
+
+    /// Issue #15: `kafkaTopic:pattern:keyTemplate` keys records by entity,
+    /// and a bare key on that Kafka topic reads back as its MQTT topic.
+    #[test]
+    fn key_template_rules_write_and_read_by_key() {
+        let m = Mapping::new(
+            vec![
+                Rule::parse("trucks:trucks/{plate}:{plate}").unwrap(),
+                Rule::parse("trucks:trucks/#").unwrap(),
+            ],
+            "default",
         );
+        let (topic, key) = m.destination("trucks/AB123CD");
+        assert_eq!((topic, key.as_ref()), ("trucks", "AB123CD"));
+        let (topic, key) = m.destination("trucks/AB123CD/route");
+        assert_eq!((topic, key.as_ref()), ("trucks", "trucks/AB123CD/route"));
+        assert_eq!(m.topic_for_key("trucks", "AB123CD"), "trucks/AB123CD");
+        assert_eq!(
+            m.topic_for_key("trucks", "trucks/X/route"),
+            "trucks/X/route"
+        );
+        assert_eq!(m.topic_for_key("default", "AB123CD"), "AB123CD");
+        assert_eq!(m.kafka_topics_for_filter("trucks/+"), vec!["trucks"]);
+        assert_eq!(m.rules()[0].to_string(), "trucks:trucks/{plate}:{plate}");
+    }
+
+    /// A bad template stops the broker at start with the rule named; a
+    /// pattern with named levels and no template keeps key = topic.
+    #[test]
+    fn bad_key_templates_name_the_rule() {
+        let e = Rule::parse("trucks:trucks/{plate}:{plat}").unwrap_err();
+        assert!(
+            e.to_string().contains("trucks:trucks/{plate}:{plat}"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("{plat}"), "{e}");
+        assert!(Rule::parse("trucks:trucks/{plate}/#:{plate}").is_err());
+        let r = Rule::parse("t:a:b/{x}").unwrap();
+        assert_eq!((r.pattern.as_str(), r.key.is_none()), ("a:b/+", true));
+        assert!(Rule::parse("t:a/x{y}").is_err());
     }
 
     #[test]
@@ -355,7 +474,7 @@ mod tests {
                 t in any_topic(),
             ) {
                 let rules = patterns.iter().enumerate()
-                    .map(|(i, p)| Rule { kafka_topic: format!("k{i}"), pattern: p.clone() })
+                    .map(|(i, p)| Rule::parse(&format!("k{i}:{p}")).unwrap())
                     .collect();
                 let m = Mapping::new(rules, "default");
                 if lodestream_mqtt::topic::matches(&f, &t) {

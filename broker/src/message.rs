@@ -14,6 +14,8 @@
 //!   publisher's packet id and the session's QoS 2 sequence number (decimal),
 //!   which let a node recognise a retransmission after a crash
 //!   (`inbound_qos2.rs`)
+//! - `mqtt.topic`: the MQTT topic, on records whose key a mapping rule's
+//!   key template made (the key is then not the topic)
 //! - any header whose name does not start with `mqtt.` is an MQTT 5 user
 //!   property (so plain Kafka producers can set user properties); a user
 //!   property whose name starts with `mqtt.` is escaped as `mqtt.user.<name>`.
@@ -31,6 +33,7 @@ pub const H_CORRELATION: &str = "mqtt.correlation_data";
 pub const H_EXPIRY: &str = "mqtt.message_expiry";
 pub const H_PACKET_ID: &str = "mqtt.packet_id";
 pub const H_QOS2_SEQ: &str = "mqtt.qos2_seq";
+pub const H_TOPIC: &str = "mqtt.topic";
 const USER_ESCAPE: &str = "mqtt.user.";
 
 /// Identifies the write of one inbound QoS 2 flow.
@@ -174,22 +177,29 @@ impl Message {
         key: Option<&[u8]>,
         payload: Bytes,
         timestamp_ms: i64,
-        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)> + Clone,
+        topic_of_key: impl FnOnce(&str) -> std::borrow::Cow<'_, str>,
     ) -> Result<Message, NotAMessage> {
-        let key = key.ok_or(NotAMessage::NoKey)?;
-        let topic = std::str::from_utf8(key).map_err(|_| NotAMessage::KeyNotUtf8)?;
-        if let Err(reason) = lodestream_mqtt::topic::validate_topic_name(topic) {
-            return Err(NotAMessage::KeyNotTopicName {
-                key: topic.to_string(),
-                reason,
-            });
+        let named = headers
+            .clone()
+            .into_iter()
+            .find(|(n, _)| *n == H_TOPIC)
+            .and_then(|(_, v)| v);
+        let topic = match named {
+            // Written through a key template: the header holds the topic.
+            Some(t) => std::str::from_utf8(t)
+                .map_err(|_| NotAMessage::KeyNotUtf8)?
+                .to_string(),
+            None => {
+                let key = key.ok_or(NotAMessage::NoKey)?;
+                let key = std::str::from_utf8(key).map_err(|_| NotAMessage::KeyNotUtf8)?;
+                topic_of_key(key).into_owned()
+            }
+        };
+        if let Err(reason) = lodestream_mqtt::topic::validate_topic_name(&topic) {
+            return Err(NotAMessage::KeyNotTopicName { key: topic, reason });
         }
-        Ok(Message::with_headers(
-            topic.to_string(),
-            payload,
-            timestamp_ms,
-            headers,
-        ))
+        Ok(Message::with_headers(topic, payload, timestamp_ms, headers))
     }
 
     fn with_headers<'a>(
@@ -258,6 +268,7 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     fn sample() -> Message {
         Message {
@@ -292,6 +303,7 @@ mod tests {
             m.payload.clone(),
             m.timestamp_ms,
             h.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))),
+            |k| Cow::Borrowed(k),
         )
         .unwrap();
         assert_eq!(back, m);
@@ -308,6 +320,7 @@ mod tests {
                 ("bin", Some(&[0xff][..])),
                 ("mqtt.unknown", Some(&b"1"[..])),
             ],
+            |k| Cow::Borrowed(k),
         )
         .unwrap();
         assert_eq!(m.qos, QoS::AtMostOnce);
@@ -340,7 +353,9 @@ mod tests {
         let view = || h.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice())));
         let (client, flow) = Qos2Flow::from_headers(view()).unwrap();
         assert_eq!((client, flow.packet_id, flow.seq), ("pub-1", 42, 7));
-        let back = Message::try_from_record(Some(b"t"), Bytes::new(), 0, view()).unwrap();
+        let back =
+            Message::try_from_record(Some(b"t"), Bytes::new(), 0, view(), |k| Cow::Borrowed(k))
+                .unwrap();
         assert_eq!(
             back.properties.user_properties,
             sample().properties.user_properties
@@ -358,8 +373,11 @@ mod tests {
     /// message: it could not be sent as a PUBLISH topic [MQTT-3.3.2-2].
     #[test]
     fn record_key_must_be_a_valid_topic_name() {
-        let conv =
-            |key: Option<&[u8]>| Message::try_from_record(key, Bytes::new(), 0, std::iter::empty());
+        let conv = |key: Option<&[u8]>| {
+            Message::try_from_record(key, Bytes::new(), 0, std::iter::empty(), |k| {
+                Cow::Borrowed(k)
+            })
+        };
         assert!(conv(Some(b"cars/1")).is_ok());
         for bad in [&b"cars/+"[..], b"cars/#", b"", b"a\0b"] {
             assert!(
@@ -369,5 +387,26 @@ mod tests {
         }
         assert_eq!(conv(Some(&[0xff, 0xfe])), Err(NotAMessage::KeyNotUtf8));
         assert_eq!(conv(None), Err(NotAMessage::NoKey));
+    }
+
+    /// Issue #15: a record written through a key template carries its topic
+    /// in `mqtt.topic`, which wins over the key; one from another producer
+    /// (no header) gets its topic from the rule's template.
+    #[test]
+    fn topic_header_wins_over_the_key_and_a_bare_key_goes_through_the_template() {
+        fn plate(k: &str) -> Cow<'_, str> {
+            Cow::Owned(format!("trucks/{k}"))
+        }
+        let h = [(H_TOPIC, Some(&b"trucks/AB123CD"[..]))];
+        let m = Message::try_from_record(Some(b"AB123CD"), Bytes::new(), 0, h, plate).unwrap();
+        assert_eq!(m.topic, "trucks/AB123CD");
+        assert!(
+            m.properties.user_properties.is_empty(),
+            "mqtt.topic stays internal"
+        );
+        let m = Message::try_from_record(Some(b"XY"), Bytes::new(), 0, [], plate).unwrap();
+        assert_eq!(m.topic, "trucks/XY");
+        let bad = [(H_TOPIC, Some(&b"a/+"[..]))];
+        assert!(Message::try_from_record(Some(b"k"), Bytes::new(), 0, bad, plate).is_err());
     }
 }

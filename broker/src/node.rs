@@ -234,6 +234,7 @@ impl Node {
             let counter = self.metrics.kafka_records_read.with_label_values(&[&topic]);
             let reader_topic = topic.clone();
             let source_topic: Arc<str> = Arc::from(topic.as_str());
+            let mapping = self.mapping.clone();
             let (reader, _, starts) = TopicReader::start(
                 &self.config.kafka,
                 &self.config.node_id,
@@ -242,9 +243,9 @@ impl Node {
                 &self.metrics,
                 move |rec| {
                     counter.inc();
-                    // The record key is the MQTT topic; records without a
-                    // valid one cannot be delivered over MQTT.
-                    let msg = match rec.message() {
+                    // The record key (or `mqtt.topic`) gives the MQTT topic;
+                    // records without a valid one cannot be delivered.
+                    let msg = match rec.message(Some(&mapping)) {
                         Ok(m) => m,
                         Err(e) => {
                             tracing::debug!(topic = %reader_topic, offset = rec.offset, error = %e, "record skipped");
@@ -299,15 +300,31 @@ impl Node {
         msg: &Message,
         flow: Option<Qos2Flow>,
     ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
-        let topic = self.mapping.kafka_topic_for(&msg.topic);
+        let (topic, key) = self.mapping.destination(&msg.topic);
         let mut headers = msg.to_headers();
         if let Some(f) = flow {
             f.push_headers(&mut headers);
         }
         let mut out = Vec::with_capacity(2);
+        let keyed = if *key == *msg.topic {
+            None
+        } else {
+            // A key template made the key: the topic travels in a header.
+            let mut h = headers.clone();
+            h.push((
+                crate::message::H_TOPIC.into(),
+                msg.topic.as_bytes().to_vec(),
+            ));
+            Some(h)
+        };
         out.push(
             self.producer
-                .send(topic, msg.topic.as_bytes(), Some(&msg.payload), &headers)
+                .send(
+                    topic,
+                    key.as_bytes(),
+                    Some(&msg.payload),
+                    keyed.as_ref().unwrap_or(&headers),
+                )
                 .await?,
         );
         self.metrics

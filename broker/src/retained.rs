@@ -36,7 +36,7 @@ impl RetainedStore {
 
     /// Applies a record of the retained topic (key = MQTT topic).
     pub fn apply_record(&self, rec: Record) {
-        let msg = match rec.message() {
+        let msg = match rec.message(None) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(offset = rec.offset, error = %e, "retained record skipped");

@@ -37,6 +37,7 @@ pub struct CatchUp {
 pub async fn run(
     cfg: &KafkaConfig,
     node_id: &str,
+    mapping: &crate::mapping::Mapping,
     index: &SubscriptionIndex,
     job: CatchUp,
     tx: mpsc::Sender<Delivery>,
@@ -100,7 +101,7 @@ pub async fn run(
             pos.insert((topic.clone(), rec.partition), rec.offset + 1);
             // The same conversion as fan-out: a record fan-out would skip
             // (e.g. key `cars/+`) is skipped here too.
-            let msg = match rec.message() {
+            let msg = match rec.message(Some(mapping)) {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::debug!(topic = %topic, offset = rec.offset, error = %e, "record skipped");

@@ -14,6 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use crate::config::KafkaConfig;
+use crate::mapping::Mapping;
 use crate::message::{Message, NotAMessage};
 use crate::metrics::Metrics;
 use crate::retry::Retry;
@@ -32,12 +33,18 @@ pub struct Record {
 
 impl Record {
     /// The MQTT message this record carries (see `Message::try_from_record`).
-    pub fn message(&self) -> Result<Message, NotAMessage> {
+    /// `mapping` turns a key made by a rule's key template back into its
+    /// topic; without it (the retained topic) the key is the topic.
+    pub fn message(&self, mapping: Option<&Mapping>) -> Result<Message, NotAMessage> {
         Message::try_from_record(
             self.key.as_deref(),
             self.value.clone().unwrap_or_default(),
             self.timestamp_ms,
             self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+            |key| match mapping {
+                Some(m) => m.topic_for_key(&self.topic, key),
+                None => std::borrow::Cow::Borrowed(key),
+            },
         )
     }
 }

@@ -28,6 +28,7 @@ mod hostile_clients;
 mod interop_clients;
 mod jwt_auth;
 mod kafka_outage;
+mod key_templates;
 mod malformed_input;
 mod metrics_endpoint;
 mod operations;

@@ -106,6 +106,7 @@ pub async fn start(mappings: &[String]) -> Broker {
 
 #[derive(Debug, Clone)]
 pub struct KRecord {
+    pub partition: i32,
     pub key: Option<String>,
     pub value: Option<Vec<u8>>,
     pub headers: HashMap<String, Vec<u8>>,
@@ -141,6 +142,7 @@ pub fn read_topic_at(bootstrap: &str, topic: &str, want: usize, timeout: Duratio
     while out.len() < want && Instant::now() < deadline {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             out.push(KRecord {
+                partition: m.partition(),
                 key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                 value: m.payload().map(<[u8]>::to_vec),
                 headers: m
