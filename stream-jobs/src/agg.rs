@@ -149,12 +149,16 @@ pub fn parse_position(
             return Err(ParseError::Version(v));
         }
     }
-    let id = match key.and_then(|k| std::str::from_utf8(k).ok()) {
-        Some(k) if !k.is_empty() => k.to_owned(),
-        _ => match msg.plate.as_deref() {
-            Some(p) if !p.is_empty() => p.to_owned(),
-            _ => return Err(ParseError::NoIdentity),
-        },
+    // The payload's plate first: a truck is one truck whether its records
+    // are keyed by MQTT topic (`trucks/AB123CD`) or by plate (`AB123CD`,
+    // a key template, issue #15), also while both kinds are in the window.
+    let id = match (
+        msg.plate.as_deref(),
+        key.and_then(|k| std::str::from_utf8(k).ok()),
+    ) {
+        (Some(p), _) if !p.is_empty() => p.to_owned(),
+        (_, Some(k)) if !k.is_empty() => k.to_owned(),
+        _ => return Err(ParseError::NoIdentity),
     };
     let resting = msg.state.as_deref() == Some("resting");
     let slow = msg.speed_kmh.is_some_and(|s| s < STOP_SPEED_KMH);
@@ -536,7 +540,12 @@ mod tests {
         let json = br#"{"v":1,"plate":"AB123CD","lat":45.1,"lon":9.2,"next":{"lat":45.2,"lon":9.2},
             "speed_kmh":62.5,"heading_deg":135.0,"ts":"2025-11-24T10:00:00Z","ts_ms":1764000000000,"state":"driving"}"#;
         let (id, obs) = parse_position(Some(b"trucks/AB123CD"), json, Some(1764000000100)).unwrap();
-        assert_eq!(id, "trucks/AB123CD");
+        assert_eq!(
+            id, "AB123CD",
+            "the payload's plate, however the record is keyed"
+        );
+        let (by_plate, _) = parse_position(Some(b"AB123CD"), json, None).unwrap();
+        assert_eq!(by_plate, id);
         assert_eq!(obs.ts_ms, 1764000000000);
         assert_eq!(obs.seen_ms, 1764000000100);
         assert_eq!(obs.direction, Direction::Moving(Sector::SE));

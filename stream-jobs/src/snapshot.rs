@@ -217,11 +217,12 @@ fn flags(d: Direction) -> u8 {
     }
 }
 
-/// The plate of a position record key `trucks/<plate>`; `None` for deeper
-/// topics under the same prefix (e.g. `trucks/<plate>/route`), which carry
-/// no position.
+/// The plate of a position record key `trucks/<plate>`, or of a bare
+/// `<plate>` key; `None` for deeper topics under the same prefix (e.g.
+/// `trucks/<plate>/route`), which carry no position.
 pub fn plate_of_key<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
-    let rest = key.strip_prefix(prefix)?;
+    // A bare key is a plate: positions keyed by a key template (issue #15).
+    let rest = key.strip_prefix(prefix).unwrap_or(key);
     (!rest.is_empty() && !rest.contains('/')).then_some(rest)
 }
 
@@ -375,5 +376,7 @@ mod tests {
         assert_eq!(plate_of_key("trucks/AB123CD/route", "trucks/"), None);
         assert_eq!(plate_of_key("trucks/", "trucks/"), None);
         assert_eq!(plate_of_key("fleet/x", "trucks/"), None);
+        // Keyed by plate through a key template (issue #15).
+        assert_eq!(plate_of_key("AB123CD", "trucks/"), Some("AB123CD"));
     }
 }
