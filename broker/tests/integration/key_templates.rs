@@ -181,3 +181,45 @@ async fn records_of_one_truck_share_a_partition_in_order() {
         assert_eq!(seqs, (0..n).collect::<Vec<_>>(), "{plate} in publish order");
     }
 }
+
+/// A resumed session's catch-up turns a bare key into its topic too: a
+/// persistent subscriber away while another producer wrote `OFF1INE`
+/// receives `trucks/OFF1INE` when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_gives_a_plate_keyed_record_its_topic() {
+    let (b, kafka_topic) = plate_keyed().await;
+    let id = common::unique("away");
+    let connect = |clean: bool| {
+        let mut o = MqttOptions::new(id.clone(), "127.0.0.1", b.port());
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(clean);
+        AsyncClient::new(o, 100)
+    };
+    let (c, mut ev) = connect(false);
+    c.subscribe("trucks/+", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(20), ev.poll())
+            .await
+            .expect("SUBACK within 20 s")
+            .expect("connection up");
+        if let Event::Incoming(Packet::SubAck(_)) = e {
+            break;
+        }
+    }
+    c.disconnect().await.expect("disconnect");
+    while ev.poll().await.is_ok() {}
+    common::produce(&kafka_topic, "OFF1INE", b"while away", &[]).await;
+    let (_c, mut ev) = connect(false);
+    let got = loop {
+        let e = tokio::time::timeout(Duration::from_secs(20), ev.poll())
+            .await
+            .expect("the missed record within 20 s")
+            .expect("connection up");
+        if let Event::Incoming(Packet::Publish(p)) = e {
+            break (p.topic.clone(), p.payload.to_vec());
+        }
+    };
+    assert_eq!(got, ("trucks/OFF1INE".to_string(), b"while away".to_vec()));
+}
