@@ -28,8 +28,8 @@ use futures::StreamExt;
 use lodestream_mqtt::codec::{reason_allowed_in, DecodeError, Decoder};
 use lodestream_mqtt::topic::SharedFilter;
 use lodestream_mqtt::{
-    encode, Ack, ConnAck, Connect, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
-    Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    encode, Ack, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -42,7 +42,8 @@ use crate::node::{index_entries, now_ms, sub_key, Node};
 use crate::rate_limit::TokenBucket;
 use crate::session::lifecycle::Claimed;
 use crate::session::record::SessionRecord;
-use crate::session::registry::{Control, Released};
+use crate::session::registry::Control;
+use crate::session::release::{release, Leaving, SessionEnd};
 use crate::session::{Delivery, OutFlow, Session, Subscription};
 use crate::subscriptions::SubEntry;
 use crate::transport::Transport;
@@ -64,6 +65,19 @@ enum End {
 }
 
 impl End {
+    /// What the session's release needs to know of this end.
+    fn into_session_end(self) -> SessionEnd {
+        match self {
+            End::Client { keep_will: false } => SessionEnd::Disconnect,
+            End::Client { keep_will: true } => SessionEnd::DisconnectWithWill,
+            End::Io(_) => SessionEnd::NetworkLoss,
+            End::Server(ReasonCode::ServerShuttingDown, _) => SessionEnd::Shutdown,
+            End::Server(_, _) => SessionEnd::Closed,
+            End::TakenOver { clean_start, reply } => SessionEnd::TakenOver { clean_start, reply },
+            End::TakenOverRemote(epoch) => SessionEnd::TakenOverRemote { epoch },
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             End::Client { .. } => "client",
@@ -116,16 +130,6 @@ struct Syncing {
     outbound: usize,
 }
 
-/// Counts the connection in the node's gauges for as long as it lives.
-struct ConnGuard(Arc<Node>);
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.connections.dec();
-    }
-}
-
 /// Serves one client connection until it closes. Never panics on input.
 pub async fn serve<S>(
     node: Arc<Node>,
@@ -136,25 +140,22 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    node.open_connections.fetch_add(1, Ordering::Relaxed);
-    node.metrics.connection_opened();
-    node.metrics.connections_total.inc();
-    let _guard = ConnGuard(node.clone());
+    let _open = node.open_connection();
     let (rd, wr) = tokio::io::split(stream);
     let mut io = Io {
         rd,
         wr,
         rbuf: BytesMut::with_capacity(RBUF_IDLE),
         wbuf: BytesMut::new(),
-        decoder: Decoder::new(node.config.mqtt.max_packet_size),
+        decoder: Decoder::new(node.config().mqtt.max_packet_size),
         node: node.clone(),
     };
-    let timeout = Duration::from_secs(node.config.mqtt.connect_timeout_s);
+    let timeout = Duration::from_secs(node.config().mqtt.connect_timeout_s);
     let connect = match tokio::time::timeout(timeout, io.read_connect()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "connection closed before CONNECT completed");
-            node.metrics
+            node.metrics()
                 .connect_rejected
                 .with_label_values(&["invalid"])
                 .inc();
@@ -163,7 +164,7 @@ pub async fn serve<S>(
         }
         Err(_) => {
             tracing::debug!(%peer, "no CONNECT within {timeout:?}");
-            node.metrics
+            node.metrics()
                 .connect_rejected
                 .with_label_values(&["timeout"])
                 .inc();
@@ -206,12 +207,12 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
         match encode(p, v, &mut self.wbuf) {
             Ok(()) => {
                 self.node
-                    .metrics
+                    .metrics()
                     .packets_out
                     .with_label_values(&[p.kind()])
                     .inc();
                 self.node
-                    .metrics
+                    .metrics()
                     .bytes_out
                     .inc_by((self.wbuf.len() - before) as u64);
             }
@@ -224,7 +225,7 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
     /// Refuses the CONNECT with `reason` (counted under `label`).
     async fn refuse(&mut self, reason: ReasonCode, label: &str) {
         self.node
-            .metrics
+            .metrics()
             .connect_rejected
             .with_label_values(&[label])
             .inc();
@@ -241,7 +242,7 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
             }
             return Ok(());
         }
-        let t = Duration::from_secs(self.node.config.mqtt.write_timeout_s);
+        let t = Duration::from_secs(self.node.config().mqtt.write_timeout_s);
         match tokio::time::timeout(t, async {
             self.wr.write_all_buf(&mut self.wbuf).await?;
             self.wr.flush().await
@@ -271,7 +272,7 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
         match self.rd.read_buf(&mut self.rbuf).await {
             Ok(0) => Ok(false),
             Ok(n) => {
-                self.node.metrics.bytes_in.inc_by(n as u64);
+                self.node.metrics().bytes_in.inc_by(n as u64);
                 Ok(true)
             }
             Err(e) => Err(e.to_string()),
@@ -285,7 +286,7 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
             match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(Packet::Connect(c))) => {
                     self.node
-                        .metrics
+                        .metrics()
                         .packets_in
                         .with_label_values(&["connect"])
                         .inc();
@@ -402,9 +403,7 @@ fn drop_unauthorized_subscriptions(
         session.subscriptions.remove(&f);
         if !from_record {
             let (key, inner) = sub_key(&session.client_id, &f);
-            if node.subs.remove(inner, &key) {
-                node.metrics.subscriptions.dec();
-            }
+            node.unindex_subscription(inner, &key);
         }
     }
 }
@@ -512,7 +511,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         cert_identity: Option<String>,
     ) -> Option<Admitted> {
         let node = io.node.clone();
-        let limits = &node.config.mqtt;
+        let limits = &node.config().mqtt;
         let v5 = c.protocol.is_v5();
         if v5 && c.properties.authentication_method.is_some() {
             // Enhanced authentication is not offered [MQTT-4.12.0-1].
@@ -520,7 +519,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .await;
             return None;
         }
-        if node.open_connections.load(Ordering::Relaxed) > limits.max_connections {
+        if node.over_connection_limit() {
             io.refuse(ReasonCode::ServerBusy, "max_connections").await;
             return None;
         }
@@ -543,7 +542,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // Authenticate before touching the registry: a failed login must not
         // take over an existing session.
         let identity = match node
-            .auth
             .authenticate(
                 &client_id,
                 c.username.as_deref(),
@@ -555,7 +553,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         {
             Ok(id) => id,
             Err(reason) => {
-                node.metrics.auth_failures.inc();
+                node.metrics().auth_failures.inc();
                 tracing::info!(%peer, client_id = %client_id, ?transport, ?reason, "authentication failed");
                 io.refuse(reason, "auth").await;
                 return None;
@@ -585,7 +583,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         cert_identity: Option<String>,
     ) -> Option<Conn<S>> {
         let node = io.node.clone();
-        let limits = &node.config.mqtt;
+        let limits = &node.config().mqtt;
         let Admitted {
             identity,
             client_id,
@@ -609,11 +607,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 return None;
             }
         };
-        let (me, epoch) = (node.config.node_id.clone(), session.epoch);
         if present {
             drop_unauthorized_subscriptions(&node, &identity, &mut session, from_record);
         }
-        node.metrics.sessions.set(node.registry.len() as i64);
+        node.count_sessions();
         if session.mailbox.flags.overflowed.load(Ordering::Relaxed) {
             // Left set: the event loop closes this connection with 0x97, as
             // for any overflow of the session queue.
@@ -630,20 +627,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             connack_properties(&c, limits, assigned.then_some(&*client_id), expiry_s);
         // The claim in the sessions topic is the fencing point: only after
         // Kafka holds it does the client get CONNACK.
-        let claim = SessionRecord::from_session(&session, &me, epoch, true, now_ms());
-        match tokio::time::timeout(Duration::from_secs(10), node.persist(claim)).await {
-            Ok(Ok(())) => {}
-            outcome => {
-                tracing::warn!(client_id = %client_id, ?outcome, "cannot record session in Kafka; refusing CONNECT");
-                node.metrics
-                    .connect_rejected
-                    .with_label_values(&["kafka"])
-                    .inc();
-                io.send(&connack(false, ReasonCode::ServerUnavailable));
-                let _ = io.flush().await;
-                let _ = node.registry.release(&client_id, conn_id, false);
-                return None;
-            }
+        if let Err(e) = crate::session::lifecycle::record_claim(&node, &session).await {
+            tracing::warn!(client_id = %client_id, error = %e, "cannot record session in Kafka; refusing CONNECT");
+            node.metrics()
+                .connect_rejected
+                .with_label_values(&["kafka"])
+                .inc();
+            io.send(&connack(false, ReasonCode::ServerUnavailable));
+            let _ = io.flush().await;
+            crate::session::lifecycle::unclaim(&node, &client_id, conn_id);
+            return None;
         }
         io.send(&Packet::ConnAck(ConnAck {
             session_present: present,
@@ -682,7 +675,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// The connection's state once CONNACK is queued.
     fn new(io: Io<S>, c: &Connect, o: Opening) -> Conn<S> {
         let node = io.node.clone();
-        let limits = &node.config.mqtt;
+        let limits = &node.config().mqtt;
         let v5 = c.protocol.is_v5();
         let client_receive_max = if v5 {
             c.properties
@@ -754,34 +747,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         self.version.is_v5()
     }
 
-    /// After the session left fan-out: if nothing is waiting undelivered,
-    /// everything fan-out dispatched up to now was handled, so the session
-    /// can resume from fan-out's positions rather than re-scan from its last
-    /// delivery.
-    fn advance_offsets_if_drained(&mut self) {
-        if self.catchup.is_some() || !self.backlog.is_empty() || !self.session.inbox.is_empty() {
-            return;
-        }
-        let topics: Vec<&str> = self
-            .session
-            .subscriptions
-            .keys()
-            .flat_map(|f| {
-                self.node
-                    .mapping
-                    .kafka_topics_for_filter(sub_key(&self.session.client_id, f).1)
-            })
-            .collect();
-        for (k, v) in self.node.subs.positions_of(&topics) {
-            let e = self.session.offsets.entry(k).or_insert(v);
-            *e = (*e).max(v);
-        }
-    }
-
     fn record(&self, online: bool) -> SessionRecord {
         SessionRecord::from_session(
             &self.session,
-            &self.node.config.node_id,
+            &self.node.config().node_id,
             self.session.epoch,
             online,
             now_ms(),
@@ -890,25 +859,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             entries: entries.clone(),
             removed: self.catchup_removed.clone(),
         };
-        let (tx, rx) = mpsc::channel(node.config.mqtt.session_queue.max(1));
+        let (tx, rx) = mpsc::channel(node.config().mqtt.session_queue.max(1));
         self.catchup = Some(rx);
         tokio::spawn(async move {
             let started = Instant::now();
-            match crate::kafka::catchup::run(
-                &node.config.kafka,
-                &node.config.node_id,
-                &node.subs,
-                job,
-                tx,
-            )
-            .await
-            {
+            match node.catch_up(job, tx).await {
                 Ok(_) => tracing::debug!(elapsed = ?started.elapsed(), "session caught up"),
                 Err(e) => {
                     // Without a catch-up the session still gets live messages.
                     tracing::warn!(error = %e, "catch-up failed; subscribing live only");
                     for (f, k, e) in entries {
-                        let _ = node.subs.insert(&f, k, e);
+                        let _ = node.index_subscription(&f, k, e);
                     }
                 }
             }
@@ -927,8 +888,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 
     async fn run(mut self) {
-        let mut shutdown = self.node.shutdown.subscribe();
-        let recv_max = self.node.config.mqtt.receive_maximum as usize;
+        let mut shutdown = self.node.shutting_down();
+        let recv_max = self.node.config().mqtt.receive_maximum as usize;
         let mut persist_tick = tokio::time::interval(PERSIST_EVERY);
         persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Packets that arrived together with CONNECT are already buffered.
@@ -1050,7 +1011,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let msg = &d.msg;
         if msg.is_expired(now) {
             self.node
-                .metrics
+                .metrics()
                 .dropped_messages
                 .with_label_values(&["expired"])
                 .inc();
@@ -1061,7 +1022,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // retained deliveries all pass (offsets above still advance).
         if !self.node.acl().may_deliver(&self.identity, &msg.topic) {
             self.node
-                .metrics
+                .metrics()
                 .dropped_messages
                 .with_label_values(&["acl_filtered"])
                 .inc();
@@ -1113,7 +1074,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         };
         if let Some(reason) = dropped {
             self.node
-                .metrics
+                .metrics()
                 .dropped_messages
                 .with_label_values(&[reason])
                 .inc();
@@ -1139,7 +1100,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // offsets past it) must be in Kafka before the client can see it, so
         // a node that takes the session over resends it with the same id.
         self.emit(Packet::Publish(wire), d.qos == QoS::ExactlyOnce);
-        self.node.metrics.delivered.inc();
+        self.node.metrics().delivered.inc();
     }
 
     /// Decodes and handles every complete packet in the read buffer.
@@ -1161,7 +1122,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     if let Err(wait) = b.take(Instant::now()) {
                         self.prepaid = false;
                         self.throttled_until = Some(Instant::now() + wait);
-                        self.node.metrics.publish_throttled.inc();
+                        self.node.metrics().publish_throttled.inc();
                         return Ok(());
                     }
                 }
@@ -1181,7 +1142,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             };
             self.prepaid = false;
             self.node
-                .metrics
+                .metrics()
                 .packets_in
                 .with_label_values(&[p.kind()])
                 .inc();
@@ -1273,7 +1234,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                             "session expiry set on DISCONNECT after 0 at CONNECT".into(),
                         ));
                     }
-                    self.session.expiry_s = e.min(self.node.config.mqtt.max_session_expiry_s);
+                    self.session.expiry_s = e.min(self.node.config().mqtt.max_session_expiry_s);
                 }
                 Err(End::Client {
                     keep_will: d.reason == ReasonCode::DisconnectWithWillMessage,
@@ -1298,7 +1259,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let v5 = self.v5();
         if p.qos > QoS::AtMostOnce {
             let in_flight = self.acks.len() + self.session.inbound_qos2.received_len();
-            if v5 && in_flight >= self.node.config.mqtt.receive_maximum as usize {
+            if v5 && in_flight >= self.node.config().mqtt.receive_maximum as usize {
                 return Err(End::Server(
                     ReasonCode::ReceiveMaximumExceeded,
                     "more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum".into(),
@@ -1327,7 +1288,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             ));
         }
         if let Some(alias) = p.properties.topic_alias {
-            if alias == 0 || alias > self.node.config.mqtt.topic_alias_maximum {
+            if alias == 0 || alias > self.node.config().mqtt.topic_alias_maximum {
                 // [MQTT-3.3.2-9/10]
                 return Err(End::Server(
                     ReasonCode::TopicAliasInvalid,
@@ -1353,12 +1314,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 "empty topic".into(),
             ));
         }
-        if p.topic.split('/').count() > self.node.config.mqtt.max_topic_levels {
+        if p.topic.split('/').count() > self.node.config().mqtt.max_topic_levels {
             return Err(End::Server(
                 ReasonCode::TopicNameInvalid,
                 format!(
                     "more than {} topic levels",
-                    self.node.config.mqtt.max_topic_levels
+                    self.node.config().mqtt.max_topic_levels
                 ),
             ));
         }
@@ -1378,7 +1339,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             // Never written to Kafka. MQTT 5 says why; 3.1.1 cannot, so the
             // client gets the normal acknowledgement [MQTT-3.3.5-2].
             self.node
-                .metrics
+                .metrics()
                 .dropped_messages
                 .with_label_values(&["not_authorized"])
                 .inc();
@@ -1421,7 +1382,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.scans_left -= 1;
             if let Some(seq) = Box::pin(self.written_before(&p.topic, packet_id)).await? {
                 self.session.inbound_qos2.found_written(packet_id, seq);
-                self.node.metrics.qos2_duplicates_suppressed.inc();
+                self.node.metrics().qos2_duplicates_suppressed.inc();
                 let msg = Arc::new(Message {
                     properties: Properties::default(),
                     topic: p.topic.clone(),
@@ -1471,17 +1432,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     tokio::spawn(async move {
                         for f in futs {
                             if Producer::delivered(f).await.is_err() {
-                                node.metrics.kafka_produce_errors.inc();
+                                node.metrics().kafka_produce_errors.inc();
                                 return;
                             }
                         }
                         if msg.retain {
-                            node.retained.apply(msg);
+                            node.retained().apply(msg);
                         }
                     });
                 }
                 Err(e) => {
-                    self.node.metrics.kafka_produce_errors.inc();
+                    self.node.metrics().kafka_produce_errors.inc();
                     tracing::warn!(error = %e, "QoS 0 message not written to Kafka");
                 }
             }
@@ -1530,15 +1491,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let now = now_ms();
         let bound = self.session.inbound_qos2.bound(now);
         let req = crate::kafka::qos2_scan::ScanRequest {
-            topic: self.node.mapping.kafka_topic_for(topic),
+            topic: self.node.mapping().kafka_topic_for(topic),
             client_id: &self.session.client_id,
             packet_id,
             since_ms: bound.since_ms,
         };
         match crate::kafka::qos2_scan::find_writes(
-            &self.node.config.kafka,
-            &self.node.config.node_id,
-            &self.node.metrics,
+            &self.node.config().kafka,
+            &self.node.config().node_id,
+            self.node.metrics(),
             req,
         )
         .await
@@ -1577,11 +1538,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             Ok(()) => {
                 self.node
-                    .metrics
+                    .metrics()
                     .publish_to_kafka_seconds
                     .observe(done.started.elapsed().as_secs_f64());
                 if done.msg.retain {
-                    self.node.retained.apply(done.msg);
+                    self.node.retained().apply(done.msg);
                 }
                 if done.qos == QoS::AtLeastOnce {
                     self.emit(Packet::PubAck(Ack::new(id)), false);
@@ -1594,7 +1555,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             Err(e) => {
                 // A failed QoS 2 write stays unconfirmed in `inbound_qos2`:
                 // it may still have landed (a delivery timeout is ambiguous).
-                self.node.metrics.kafka_produce_errors.inc();
+                self.node.metrics().kafka_produce_errors.inc();
                 tracing::warn!(client_id = %self.session.client_id, error = %e, "Kafka write failed; PUBLISH not acknowledged as success");
                 if done.qos == QoS::ExactlyOnce && self.session.expiry_s > 0 {
                     // A failed write may still land (a timed-out request can
@@ -1632,7 +1593,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
         let identifier = s.properties.subscription_identifiers.first().copied();
-        let limits = &self.node.config.mqtt;
+        let limits = &self.node.config().mqtt;
         let mut reasons = Vec::with_capacity(s.filters.len());
         let now = now_ms();
         for (filter, opts) in s.filters {
@@ -1673,18 +1634,18 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 inner,
                 self.session.mailbox.clone(),
             );
-            if let Err(e) = self.node.subs.insert(inner, key, entry) {
+            if let Err(e) = self.node.index_subscription(inner, key, entry) {
                 tracing::debug!(filter = %filter, error = %e, "invalid filter");
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
             if !existed {
-                self.node.metrics.subscriptions.inc();
+                self.node.metrics().subscriptions.inc();
             }
             // Remember from where this subscription reads, so a resumed
             // session re-reads Kafka from here.
-            let topics = self.node.mapping.kafka_topics_for_filter(inner);
-            for (k, v) in self.node.subs.positions_of(&topics) {
+            let topics = self.node.mapping().kafka_topics_for_filter(inner);
+            for (k, v) in self.node.fan_out_positions(&topics) {
                 self.session.offsets.entry(k).or_insert(v);
             }
             self.session.subscriptions.insert(
@@ -1708,7 +1669,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     RetainHandling::DoNotSend => false,
                 };
             if send_retained {
-                for m in self.node.retained.matching(inner, now) {
+                for m in self.node.retained().matching(inner, now) {
                     self.backlog.push_back(Delivery {
                         source: None,
                         qos: m.qos.min(opts.qos),
@@ -1739,9 +1700,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         .push(filter.clone());
                 }
                 let (key, inner) = sub_key(&self.session.client_id, &filter);
-                if self.node.subs.remove(inner, &key) {
-                    self.node.metrics.subscriptions.dec();
-                }
+                self.node.unindex_subscription(inner, &key);
                 reasons.push(ReasonCode::Success);
             } else {
                 reasons.push(ReasonCode::NoSubscriptionExisted);
@@ -1774,7 +1733,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 "connection_closed"
             };
             self.node
-                .metrics
+                .metrics()
                 .dropped_messages
                 .with_label_values(&[reason])
                 .inc();
@@ -1838,7 +1797,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         self.session.inbound_qos2.written(done.packet_id);
                     }
                     if done.result.is_ok() && !done.duplicate && done.msg.retain {
-                        self.node.retained.apply(done.msg);
+                        self.node.retained().apply(done.msg);
                     }
                 }
                 _ => break,
@@ -1846,130 +1805,25 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
     }
 
-    /// Another node claimed the session with `epoch`: write the session's
-    /// final state as the hand-off for that claim. A session with expiry 0
-    /// ends here instead: no hand-off (the claimer does not resume it) and
-    /// no tombstone over its claim.
-    async fn hand_off_remote(mut self, epoch: u64, will: Option<LastWill>) {
-        let node = self.node.clone();
-        let client_id = self.session.client_id.clone();
-        node.drop_subscriptions(&self.session);
-        let ends = self.session.expiry_s == 0;
-        if !ends {
-            self.advance_offsets_if_drained();
-            let mut handoff = self.record(false);
-            handoff.epoch = epoch;
-            handoff.handoff = true;
-            if let Err(e) = node.persist(handoff).await {
-                tracing::warn!(client_id = %client_id, error = %e, "hand-off not written; the new owner resumes from the last persisted state");
-            }
-        }
-        if let Some(w) = will {
-            if self.will_delay == 0 || ends {
-                node.publish_will(&client_id, w).await;
-            }
-        }
-        let _ = node.registry.release(&client_id, self.conn_id, false);
-        node.metrics.sessions.set(node.registry.len() as i64);
-    }
-
-    /// Closes the connection and settles the session and the will.
+    /// Closes the connection, then releases the session (hand-off, park,
+    /// will, tombstone: `session::release`).
     async fn finish(mut self, end: End) {
         let node = self.node.clone();
-        node.metrics
+        node.metrics()
             .disconnects
             .with_label_values(&[end.label()])
             .inc();
-        let client_id = self.session.client_id.clone();
         self.close_socket(&end).await;
-
         self.settle_acks(&end).await;
         self.requeue_backlog();
-
-        let will_delay = self.will_delay;
-        let mut will: Option<LastWill> = self.session.will.take();
-        match end {
-            // [MQTT-3.14.4-3] normal DISCONNECT deletes the will.
-            End::Client { keep_will: false } => will = None,
-            End::TakenOver { clean_start, reply } => {
-                // The new connection opened before any will delay ran out; the
-                // will goes only if it has no delay or the session ends.
-                if let Some(w) = will.take() {
-                    if will_delay == 0 || clean_start {
-                        node.publish_will(&client_id, w).await;
-                    }
-                }
-                if reply.send(Some(self.session)).is_err() {
-                    tracing::debug!(client_id = %client_id, "take-over requester gone");
-                }
-                return;
-            }
-            End::TakenOverRemote(epoch) => {
-                self.hand_off_remote(epoch, will).await;
-                return;
-            }
-            _ => {}
-        }
-        // No more fan-out into the mailbox from here on.
-        node.drop_subscriptions(&self.session);
-        self.advance_offsets_if_drained();
-        let persistent = self.session.expiry_s > 0;
-        let epoch = self.session.epoch;
-        if persistent {
-            let mut rec = self.record(false);
-            // A delayed will stays in the record until it is published, so
-            // a survivor publishes it if this node dies during the delay.
-            rec.will = will
-                .as_ref()
-                .filter(|_| will_delay > 0)
-                .map(crate::session::record::will_to_record);
-            match tokio::time::timeout(Duration::from_secs(10), node.persist(rec.clone())).await {
-                Ok(Ok(())) => {}
-                _ => node.persist_later(rec),
-            }
-        }
-        match node.registry.release(&client_id, self.conn_id, persistent) {
-            Released::Parked(generation) => {
-                let delayed = match will {
-                    Some(w) if will_delay > 0 => Some((w, will_delay)),
-                    Some(w) => {
-                        node.publish_will(&client_id, w).await;
-                        None
-                    }
-                    None => None,
-                };
-                node.park_session(
-                    generation,
-                    client_id.clone(),
-                    epoch,
-                    self.session.expiry_s,
-                    delayed,
-                );
-            }
-            Released::Removed => {
-                node.tombstone(&client_id, epoch).await;
-                if let Some(w) = will {
-                    node.publish_will(&client_id, w).await;
-                }
-            }
-            Released::NotOwner => {
-                // Another connection of this node claimed the id while we
-                // were closing; it waits for our session on the control channel.
-                if let Some(w) = will {
-                    node.publish_will(&client_id, w).await;
-                }
-                if persistent {
-                    node.restore_subscriptions(&self.session);
-                }
-                let wait = tokio::time::timeout(Duration::from_secs(5), self.ctrl.recv()).await;
-                if let Ok(Some(Control::TakeOver { reply, .. })) = wait {
-                    let _ = reply.send(Some(self.session));
-                } else {
-                    node.drop_subscriptions(&self.session);
-                }
-            }
-        }
-        node.metrics.sessions.set(node.registry.len() as i64);
+        let leaving = Leaving {
+            session: self.session,
+            conn_id: self.conn_id,
+            will_delay: self.will_delay,
+            catching_up: self.catchup.is_some(),
+            ctrl: self.ctrl,
+        };
+        release(&node, leaving, end.into_session_end()).await;
     }
 }
 
