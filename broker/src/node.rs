@@ -1,7 +1,9 @@
 //! One broker node: the state every connection shares (Kafka producer,
 //! per-Kafka-topic readers, subscription index, retained store, session
-//! registry, metrics) and the operations that span connections (wills,
-//! session expiry, shutdown).
+//! registry, metrics), private behind methods, and the operations that span
+//! connections: the Kafka writes (messages, wills, session records and
+//! tombstones), Kafka readers on demand, shutdown. The session lifecycle
+//! that uses them is in `session::{lifecycle, release, cluster}`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
