@@ -140,7 +140,7 @@ async fn load(topic: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     let node = Node::start(c).await.context("starting the node")?;
     let elapsed = started.elapsed();
-    let n = node.store.len();
+    let n = node.known_sessions();
     // Let allocator and reader threads settle before reading RSS.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib();

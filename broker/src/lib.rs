@@ -1,6 +1,7 @@
 //! Lodestream broker: an MQTT 3.1.1/5.0 broker whose message store is Kafka.
 //! See ARCHITECTURE.md for the data path.
 
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod kafka;
@@ -72,7 +73,7 @@ pub async fn start(config: config::Validated) -> anyhow::Result<Running> {
         running.metrics = server::local_addr(&l);
         tokio::spawn(server::run_http(node.clone(), l));
     }
-    tracing::info!(node_id = %node.config.node_id, tcp = ?running.tcp, tls = ?running.tls, ws = ?running.ws, wss = ?running.wss, metrics = ?running.metrics, "broker started");
+    tracing::info!(node_id = %node.config().node_id, tcp = ?running.tcp, tls = ?running.tls, ws = ?running.ws, wss = ?running.wss, metrics = ?running.metrics, "broker started");
     Ok(running)
 }
 pub mod acl;

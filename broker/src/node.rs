@@ -1,12 +1,14 @@
 //! One broker node: the state every connection shares (Kafka producer,
 //! per-Kafka-topic readers, subscription index, retained store, session
-//! registry, metrics) and the operations that span connections (wills,
-//! session expiry, shutdown).
+//! registry, metrics), private behind methods, and the operations that span
+//! connections: the Kafka writes (messages, wills, session records and
+//! tombstones), Kafka readers on demand, shutdown. The session lifecycle
+//! that uses them is in `session::{lifecycle, release, cluster}`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use lodestream_mqtt::{LastWill, ReasonCode};
@@ -26,44 +28,49 @@ use crate::session::{Session, Source};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
-    pub config: Config,
+    config: Config,
     /// When this run of the node started (ms): records it wrote itself
     /// since then came through its own producer.
-    pub started_ms: i64,
-    pub mapping: Mapping,
-    pub producer: Producer,
+    started_ms: i64,
+    mapping: Mapping,
+    producer: Producer,
     /// Session records and heartbeats: a separate queue, so a flood of
     /// messages never delays a CONNECT's claim or a node's heartbeat.
-    pub control_producer: Producer,
-    pub subs: Arc<SubscriptionIndex>,
-    pub retained: Arc<RetainedStore>,
-    pub registry: Arc<Registry>,
-    pub auth: crate::auth::Authenticator,
+    control_producer: Producer,
+    subs: Arc<SubscriptionIndex>,
+    retained: Arc<RetainedStore>,
+    registry: Arc<Registry>,
+    auth: crate::auth::Authenticator,
     /// Swapped whole on reload (SIGHUP).
-    pub acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
+    acl: std::sync::RwLock<Arc<crate::acl::Acl>>,
     /// Present when a TLS or WSS listener is configured.
-    pub tls: Option<crate::transport::TlsAcceptor>,
-    pub liveness: Arc<crate::session::liveness::Liveness>,
+    tls: Option<crate::transport::TlsAcceptor>,
+    liveness: Arc<crate::session::liveness::Liveness>,
     _nodes_reader: TopicReader,
     /// Materialised sessions topic.
-    pub store: Arc<SessionStore>,
+    store: Arc<SessionStore>,
     _sessions_reader: TopicReader,
     sessions_marks: crate::session::high_watermarks::HighWatermarks,
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     readers: Mutex<HashMap<String, TopicReader>>,
     _retained_reader: TopicReader,
     conn_ids: AtomicU64,
-    pub open_connections: AtomicUsize,
+    open_connections: AtomicUsize,
     /// Flips to true when the node shuts down.
-    pub shutdown: watch::Sender<bool>,
+    shutdown_tx: watch::Sender<bool>,
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// Counts one open connection of a node for as long as it lives.
+pub struct OpenConnection(Arc<Node>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.connections.dec();
+    }
 }
+
+pub use crate::clock::now_ms;
 
 impl Node {
     /// Connects to Kafka, creates missing topics and loads the retained
@@ -91,24 +98,7 @@ impl Node {
             config.node_id = format!("node-{}", uuid::Uuid::new_v4().simple());
         }
         let kcfg = &config.kafka;
-        let mut topics: Vec<kafka::admin::TopicSpec> = mapping
-            .all_kafka_topics()
-            .into_iter()
-            .map(|t| kafka::admin::TopicSpec {
-                name: t.to_string(),
-                compacted: false,
-            })
-            .collect();
-        for name in [
-            &kcfg.retained_topic,
-            &kcfg.sessions_topic,
-            &kcfg.nodes_topic,
-        ] {
-            topics.push(kafka::admin::TopicSpec {
-                name: name.clone(),
-                compacted: true,
-            });
-        }
+        let topics = topic_specs(&mapping, kcfg);
         let metrics = Arc::new(Metrics::new());
         tokio::time::timeout(
             Duration::from_secs(60),
@@ -123,15 +113,7 @@ impl Node {
         })??;
         let producer =
             Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
-        // Session records, claims and tombstones: no linger. They are few
-        // and small, and their latency is the window a node's death
-        // re-delivers (issue #18) and part of every CONNACK.
-        let control_cfg = crate::config::KafkaConfig {
-            linger_ms: 0,
-            ..kcfg.clone()
-        };
-        let control_producer = Producer::new(&control_cfg, &format!("{}-control", config.node_id))
-            .context("creating the Kafka producer")?;
+        let control_producer = control_producer(kcfg, &config.node_id)?;
         let retained = Arc::new(RetainedStore::new());
         let r2 = retained.clone();
         let (retained_reader, caught_up, _) = kafka::TopicReader::start(
@@ -189,8 +171,151 @@ impl Node {
             control_producer,
             retained,
             metrics,
-            shutdown,
+            shutdown_tx: shutdown,
         }))
+    }
+
+    /// The validated configuration this node runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    /// This node's Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The MQTT topic -> Kafka topic rules.
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// This node's view of the retained messages.
+    pub fn retained(&self) -> &RetainedStore {
+        &self.retained
+    }
+
+    /// This node's view of the sessions topic (session lifecycle only).
+    pub(crate) fn sessions(&self) -> &SessionStore {
+        &self.store
+    }
+
+    /// How many sessions the sessions topic holds, as this node sees it.
+    pub fn known_sessions(&self) -> usize {
+        self.store.len()
+    }
+
+    /// The record of `client_id` in this node's view of the sessions topic.
+    pub fn stored_session(&self, client_id: &str) -> Option<SessionRecord> {
+        self.store.get(client_id)
+    }
+
+    /// Client id -> connection of this node (session lifecycle only).
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The TLS acceptor, when a TLS or WSS listener is configured.
+    pub fn tls(&self) -> Option<crate::transport::TlsAcceptor> {
+        self.tls.clone()
+    }
+
+    /// When this run of the node started (ms since the epoch): records it
+    /// wrote itself since then came through its own producer.
+    pub fn started_ms(&self) -> i64 {
+        self.started_ms
+    }
+
+    /// Changes to true when the node shuts down.
+    pub fn shutting_down(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
+    /// Checks a login (password, JWT or client certificate).
+    pub async fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        cert_identity: Option<&str>,
+        ip: std::net::IpAddr,
+    ) -> Result<crate::auth::Identity, ReasonCode> {
+        self.auth
+            .authenticate(client_id, username, password, cert_identity, ip)
+            .await
+    }
+
+    /// Counts a connection open until the returned guard drops.
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
+        self.open_connections.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connection_opened();
+        self.metrics.connections_total.inc();
+        OpenConnection(self.clone())
+    }
+
+    /// Kafka answers a metadata request (for `/ready`).
+    pub async fn kafka_reachable(&self) -> bool {
+        let producer = self.producer.clone();
+        let topic = self.mapping.default_topic().to_string();
+        tokio::task::spawn_blocking(move || producer.metadata_ok(&topic))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// More connections are open than `mqtt.max_connections` allows.
+    pub fn over_connection_limit(&self) -> bool {
+        self.open_connections.load(Ordering::Relaxed) > self.config.mqtt.max_connections
+    }
+
+    /// Sets the sessions gauge to the number of sessions this node holds.
+    pub fn count_sessions(&self) {
+        self.metrics.sessions.set(self.registry.len() as i64);
+    }
+
+    /// Adds (or replaces) a subscription in the fan-out index; the caller
+    /// counts it when new.
+    pub fn index_subscription(
+        &self,
+        inner: &str,
+        key: SubKey,
+        entry: crate::subscriptions::SubEntry,
+    ) -> Result<(), lodestream_mqtt::TopicError> {
+        self.subs.insert(inner, key, entry)
+    }
+
+    /// Removes a subscription from the fan-out index; counted when it was there.
+    pub fn unindex_subscription(&self, inner: &str, key: &SubKey) {
+        if self.subs.remove(inner, key) {
+            self.metrics.subscriptions.dec();
+        }
+    }
+
+    /// Where fan-out stands in the partitions of `topics`.
+    pub fn fan_out_positions(&self, topics: &[&str]) -> crate::session::Offsets {
+        self.subs.positions_of(topics)
+    }
+
+    /// Reads what a resumed session missed from Kafka into `tx`, then
+    /// registers its subscriptions with fan-out (`kafka/catchup.rs`).
+    pub async fn catch_up(
+        &self,
+        job: crate::kafka::catchup::CatchUp,
+        tx: tokio::sync::mpsc::Sender<crate::session::Delivery>,
+    ) -> anyhow::Result<()> {
+        crate::kafka::catchup::run(
+            &self.config.kafka,
+            &self.config.node_id,
+            &self.mapping,
+            &self.subs,
+            job,
+            tx,
+        )
+        .await
+        .map(|_| ())
     }
 
     pub fn acl(&self) -> Arc<crate::acl::Acl> {
@@ -350,7 +475,7 @@ impl Node {
 
     /// Publishes a Last Will now, retrying while Kafka is unavailable: a will
     /// is a message the client was promised.
-    pub async fn publish_will(self: &Arc<Self>, client_id: &str, will: LastWill) {
+    pub async fn publish_will(&self, client_id: &str, will: LastWill) {
         let msg = Arc::new(Message {
             topic: will.topic,
             payload: will.payload,
@@ -500,53 +625,6 @@ impl Node {
         }
     }
 
-    /// Starts the timers of a parked persistent session: its expiry, and a
-    /// delayed will [MQTT-3.1.2-8..10]. When they fire they act only if the
-    /// session was not resumed meanwhile (here or on another node: the
-    /// sessions topic then holds a newer epoch or an online record).
-    pub fn park_session(
-        self: &Arc<Self>,
-        generation: u64,
-        client_id: Arc<str>,
-        epoch: u64,
-        expiry_s: u32,
-        will: Option<(LastWill, u32)>,
-    ) {
-        let still_parked = move |node: &Node, id: &str| node.store.is_parked(id, epoch);
-        let node = self.clone();
-        let id = client_id.clone();
-        let will_on_expiry = will.clone().map(|(w, _)| w);
-        let expiry = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(expiry_s as u64)).await;
-            let mine = node.registry.expire(&id, generation);
-            if mine && still_parked(&node, &id) {
-                node.tombstone(&id, epoch).await;
-                node.metrics.sessions.set(node.registry.len() as i64);
-                // The session ended before the will delay: the will goes now.
-                if let Some(w) = will_on_expiry {
-                    node.publish_will(&id, w).await;
-                }
-            }
-        });
-        self.registry
-            .add_timer(&client_id, generation, expiry.abort_handle());
-        if let Some((w, delay)) = will {
-            if delay < expiry_s {
-                let node = self.clone();
-                let id = client_id.clone();
-                let t = tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(delay as u64)).await;
-                    if still_parked(&node, &id) {
-                        node.publish_will(&id, w).await;
-                        node.will_published(&id, epoch).await;
-                    }
-                });
-                self.registry
-                    .add_timer(&client_id, generation, t.abort_handle());
-            }
-        }
-    }
-
     /// Removes a published delayed will from the offline session's record
     /// (same epoch only), so nobody publishes it again.
     pub async fn will_published(&self, client_id: &str, epoch: u64) {
@@ -565,7 +643,7 @@ impl Node {
 
     /// Graceful shutdown: v5 clients get DISCONNECT 0x8B, then Kafka is flushed.
     pub async fn shutdown(&self, grace: Duration) {
-        let _ = self.shutdown.send(true);
+        let _ = self.shutdown_tx.send(true);
         for ctrl in self.registry.connected() {
             let _ = ctrl.try_send(Control::Close(ReasonCode::ServerShuttingDown));
         }
@@ -585,6 +663,60 @@ impl Node {
             control.flush(Duration::from_secs(1))
         })
         .await;
+    }
+}
+
+impl crate::session::cluster::Member for Node {
+    fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    fn kafka(&self) -> &crate::config::KafkaConfig {
+        &self.config.kafka
+    }
+
+    fn shutting_down(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
+    fn live_nodes(&self, timeout: Duration) -> Vec<String> {
+        self.liveness.live(timeout)
+    }
+
+    fn sessions(&self) -> &SessionStore {
+        &self.store
+    }
+
+    fn holds(&self, client_id: &str) -> bool {
+        self.registry.contains(client_id)
+    }
+
+    async fn write_heartbeat(&self, value: Vec<u8>) -> Result<(), kafka::ProduceError> {
+        self.control_producer
+            .send_and_wait(
+                &self.config.kafka.nodes_topic,
+                self.config.node_id.as_bytes(),
+                Some(&value),
+                &[],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    async fn persist(&self, rec: SessionRecord) -> Result<(), kafka::ProduceError> {
+        Node::persist(self, rec).await
+    }
+
+    async fn tombstone(&self, client_id: &str, epoch: u64) {
+        Node::tombstone(self, client_id, epoch).await
+    }
+
+    async fn publish_will(&self, client_id: &str, will: LastWill) {
+        Node::publish_will(self, client_id, will).await
+    }
+
+    async fn will_published(&self, client_id: &str, epoch: u64) {
+        Node::will_published(self, client_id, epoch).await
     }
 }
 
@@ -636,10 +768,49 @@ async fn load_sessions(
     Ok((store, sessions_reader, sessions_marks))
 }
 
+/// The Kafka topics a node writes: every mapped topic, and the compacted
+/// retained, sessions and nodes topics.
+fn topic_specs(
+    mapping: &Mapping,
+    kcfg: &crate::config::KafkaConfig,
+) -> Vec<kafka::admin::TopicSpec> {
+    let mut topics: Vec<kafka::admin::TopicSpec> = mapping
+        .all_kafka_topics()
+        .into_iter()
+        .map(|t| kafka::admin::TopicSpec {
+            name: t.to_string(),
+            compacted: false,
+        })
+        .collect();
+    for name in [
+        &kcfg.retained_topic,
+        &kcfg.sessions_topic,
+        &kcfg.nodes_topic,
+    ] {
+        topics.push(kafka::admin::TopicSpec {
+            name: name.clone(),
+            compacted: true,
+        });
+    }
+    topics
+}
+
+/// The producer of session records, claims and tombstones: no linger. They
+/// are few and small, and their latency is the window a node's death
+/// re-delivers (issue #18) and part of every CONNACK.
+fn control_producer(kcfg: &crate::config::KafkaConfig, node_id: &str) -> anyhow::Result<Producer> {
+    let control_cfg = crate::config::KafkaConfig {
+        linger_ms: 0,
+        ..kcfg.clone()
+    };
+    Producer::new(&control_cfg, &format!("{node_id}-control"))
+        .context("creating the Kafka control producer")
+}
+
 /// Every 10 s, sets `lodestream_kafka_consumer_lag{topic}`: how far this
 /// node's fan-out readers are behind the end of each Kafka topic.
 pub async fn report_consumer_lag(node: Arc<Node>) {
-    let mut shutdown = node.shutdown.subscribe();
+    let mut shutdown = node.shutting_down();
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {

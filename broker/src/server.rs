@@ -33,7 +33,7 @@ pub async fn bind_http(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// connection's own task, bounded by the CONNECT timeout, so a slow
 /// handshake never blocks the accept loop.
 pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Transport) {
-    let mut shutdown = node.shutdown.subscribe();
+    let mut shutdown = node.shutting_down();
     // Accept errors are logged at most every 10 s (with how many there were),
     // not at the 10 per second the back-off allows; the counter has them all.
     let mut failures_unlogged = 0u64;
@@ -57,7 +57,7 @@ pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Tra
                     failures_unlogged = 0;
                     last_log = Some(std::time::Instant::now());
                 }
-                node.metrics
+                node.metrics()
                     .connect_rejected
                     .with_label_values(&["accept_error"])
                     .inc();
@@ -68,8 +68,8 @@ pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Tra
 }
 
 async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, transport: Transport) {
-    let limit = Duration::from_secs(node.config.mqtt.connect_timeout_s);
-    let proxied = if node.config.listeners.proxy_protocol {
+    let limit = Duration::from_secs(node.config().mqtt.connect_timeout_s);
+    let proxied = if node.config().listeners.proxy_protocol {
         match tokio::time::timeout(limit, crate::transport::proxy::read_header(&mut stream)).await {
             // `None`: the balancer's own connection (health check) keeps its address.
             Ok(Ok(client)) => Ok(client.unwrap_or(peer)),
@@ -81,10 +81,10 @@ async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, tra
     };
     let peer = proxied.as_ref().copied().unwrap_or(peer);
     let cert_identity =
-        |pc: Option<PeerCert>| pc.and_then(|c| c.identity(node.config.auth.cert_identity));
+        |pc: Option<PeerCert>| pc.and_then(|c| c.identity(node.config().auth.cert_identity));
     let fail = |what: &str, e: String| {
         tracing::debug!(%peer, error = %e, "{what} failed");
-        node.metrics
+        node.metrics()
             .connect_rejected
             .with_label_values(&[what])
             .inc();
@@ -98,7 +98,7 @@ async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, tra
         // boxed so plain TCP connections do not pay for them.
         Transport::Tcp => connection::serve(node.clone(), stream, peer, transport, None).await,
         Transport::Ws => {
-            match tokio::time::timeout(limit, ws::accept(stream, &node.config.ws)).await {
+            match tokio::time::timeout(limit, ws::accept(stream, &node.config().ws)).await {
                 Ok(Ok(s)) => {
                     Box::pin(connection::serve(node.clone(), s, peer, transport, None)).await
                 }
@@ -107,7 +107,7 @@ async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, tra
             }
         }
         Transport::Tls | Transport::Wss => {
-            let Some(tls) = node.tls.clone() else { return };
+            let Some(tls) = node.tls() else { return };
             let (s, pc) = match tokio::time::timeout(limit, tls.accept(stream)).await {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => return fail("tls_handshake", e.to_string()),
@@ -117,7 +117,7 @@ async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, tra
             if transport == Transport::Tls {
                 return Box::pin(connection::serve(node.clone(), s, peer, transport, id)).await;
             }
-            match tokio::time::timeout(limit, ws::accept(s, &node.config.ws)).await {
+            match tokio::time::timeout(limit, ws::accept(s, &node.config().ws)).await {
                 Ok(Ok(s)) => {
                     Box::pin(connection::serve(node.clone(), s, peer, transport, id)).await
                 }
@@ -131,7 +131,7 @@ async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, tra
 /// A deliberately tiny HTTP/1.1 responder for `/metrics`, `/health` and
 /// `/ready`: three fixed GET routes do not justify a web framework here.
 pub async fn run_http(node: Arc<Node>, listener: TcpListener) {
-    let mut shutdown = node.shutdown.subscribe();
+    let mut shutdown = node.shutting_down();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -170,8 +170,12 @@ async fn http_one(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<()>
         .unwrap_or("");
     let (status, ctype, body) = match path {
         "/metrics" => {
-            node.metrics.refresh(node.retained.len());
-            ("200 OK", "text/plain; version=0.0.4", node.metrics.render())
+            node.metrics().refresh(node.retained().len());
+            (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                node.metrics().render(),
+            )
         }
         "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
         "/ready" => {
@@ -196,11 +200,7 @@ async fn http_one(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<()>
 }
 
 async fn kafka_reachable(node: &Arc<Node>) -> bool {
-    let producer = node.producer.clone();
-    let topic = node.mapping.default_topic().to_string();
-    tokio::task::spawn_blocking(move || producer.metadata_ok(&topic))
-        .await
-        .unwrap_or(false)
+    node.kafka_reachable().await
 }
 
 /// Local address helper for tests and logs.

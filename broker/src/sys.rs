@@ -239,13 +239,13 @@ pub fn peers(retained: &RetainedStore, own: &str, now: i64) -> Vec<(String, Figu
 
 /// Publishes the `$SYS` topics every `sys.interval_s` until shutdown.
 pub async fn run(node: Arc<Node>) {
-    let every = node.config.sys.interval_s;
+    let every = node.config().sys.interval_s;
     if every == 0 {
         return;
     }
     let started = Instant::now();
-    let own = node_level(&node.config.node_id);
-    let mut shutdown = node.shutdown.subscribe();
+    let own = node_level(&node.config().node_id);
+    let mut shutdown = node.shutting_down();
     let mut tick = tokio::time::interval(Duration::from_secs(every));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let expiry = u32::try_from(every.saturating_mul(3)).unwrap_or(u32::MAX);
@@ -254,15 +254,17 @@ pub async fn run(node: Arc<Node>) {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        node.metrics.refresh(node.retained.len());
-        let mine = Figures::read(&node.metrics);
+        node.metrics().refresh(node.retained().len());
+        let mine = Figures::read(node.metrics());
         let mut topics = node_topics(&own, &mine, started.elapsed());
-        let peers = peers(&node.retained, &own, now_ms());
+        let peers = peers(node.retained(), &own, now_ms());
         if peers.iter().all(|(id, _)| id.as_str() > own.as_str()) {
             let mut all: Vec<Figures> = peers.into_iter().map(|(_, f)| f).collect();
             all.push(mine);
             topics.extend(cluster_topics(&Figures::combine(&all), all.len()));
-            let gone = node.retained.expired(&format!("{ROOT}/nodes/#"), now_ms());
+            let gone = node
+                .retained()
+                .expired(&format!("{ROOT}/nodes/#"), now_ms());
             topics.extend(gone.into_iter().map(|t| (t, String::new())));
         }
         publish(&node, topics, expiry).await;
@@ -295,7 +297,7 @@ async fn publish(node: &Node, topics: Vec<(String, String)>, expiry_s: u32) {
             Err(e) => Err(e),
         };
         match sent {
-            Ok(()) => node.retained.apply(msg),
+            Ok(()) => node.retained().apply(msg),
             Err(e) => {
                 tracing::warn!(topic = %msg.topic, error = %e, "$SYS publication failed");
                 return;

@@ -12,13 +12,47 @@
 //! under the same id does the same once for the sessions its previous run
 //! left (their timers died with it). No store other than Kafka is involved.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::node::{now_ms, Node};
+use lodestream_mqtt::LastWill;
+use tokio::sync::watch;
+
+use crate::clock::now_ms;
+use crate::config::KafkaConfig;
+use crate::kafka::ProduceError;
 use crate::session::liveness::Heartbeat;
 use crate::session::record::SessionRecord;
-use crate::session::store::Summary;
+use crate::session::store::{SessionStore, Summary};
+
+/// What the cluster duties need of a node (`Node` implements it; this
+/// module does not know `Node`, so the dependency runs one way).
+pub trait Member: Send + Sync + 'static {
+    fn node_id(&self) -> &str;
+    fn kafka(&self) -> &KafkaConfig;
+    /// Changes to true when the node shuts down.
+    fn shutting_down(&self) -> watch::Receiver<bool>;
+    /// Ids of the nodes heard from within `timeout`.
+    fn live_nodes(&self, timeout: Duration) -> Vec<String>;
+    /// This node's view of the sessions topic.
+    fn sessions(&self) -> &SessionStore;
+    /// A connection or a parked session of this node holds `client_id`.
+    fn holds(&self, client_id: &str) -> bool;
+    /// Writes this node's heartbeat record to the nodes topic.
+    fn write_heartbeat(
+        &self,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Result<(), ProduceError>> + Send;
+    /// Writes a session record and waits for Kafka.
+    fn persist(&self, rec: SessionRecord) -> impl Future<Output = Result<(), ProduceError>> + Send;
+    /// Deletes a session record, unless a newer claim exists.
+    fn tombstone(&self, client_id: &str, epoch: u64) -> impl Future<Output = ()> + Send;
+    /// Publishes a Last Will, retrying while Kafka is unavailable.
+    fn publish_will(&self, client_id: &str, will: LastWill) -> impl Future<Output = ()> + Send;
+    /// Removes a published delayed will from the offline record.
+    fn will_published(&self, client_id: &str, epoch: u64) -> impl Future<Output = ()> + Send;
+}
 
 /// True when `me` is the node that adopts orphans: the smallest live id.
 pub fn responsible(me: &str, live: &[String]) -> bool {
@@ -43,51 +77,51 @@ pub fn left_by_previous_run(s: &Summary, me: &str, claimed: bool) -> bool {
 }
 
 /// Heartbeats and sweeps until the node shuts down.
-pub async fn run(node: Arc<Node>) {
-    let k = &node.config.kafka;
+pub async fn run<N: Member>(node: Arc<N>) {
+    let k = node.kafka();
     let every = Duration::from_millis(k.heartbeat_interval_ms.max(100));
     let timeout = Duration::from_millis(k.node_timeout_ms.max(k.heartbeat_interval_ms * 2));
     let started = Instant::now();
     let mut own_checked = false;
-    let mut shutdown = node.shutdown.subscribe();
+    let mut shutdown = node.shutting_down();
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => {
-                heartbeat(&node, false).await;
+                heartbeat(&*node, false).await;
                 return;
             }
         }
-        heartbeat(&node, true).await;
+        heartbeat(&*node, true).await;
         // Before a full timeout has passed we cannot tell dead from not-yet-heard.
         if started.elapsed() < timeout {
             continue;
         }
-        let mut live = node.liveness.live(timeout);
-        if !live.contains(&node.config.node_id) {
-            live.push(node.config.node_id.clone());
+        let me = node.node_id();
+        let mut live = node.live_nodes(timeout);
+        if !live.iter().any(|n| n == me) {
+            live.push(me.to_string());
         }
-        if !responsible(&node.config.node_id, &live) {
+        if !responsible(me, &live) {
             continue;
         }
         let now = now_ms();
-        let me = node.config.node_id.as_str();
         if !own_checked {
             own_checked = true;
             let left = node
-                .store
-                .select(|id, s| left_by_previous_run(s, me, node.registry.contains(id)));
+                .sessions()
+                .select(|id, s| left_by_previous_run(s, me, node.holds(id)));
             for r in left {
                 adopt(&node, r).await;
             }
         }
-        for r in node.store.select(|_, s| is_orphan(s, me, &live)) {
+        for r in node.sessions().select(|_, s| is_orphan(s, me, &live)) {
             adopt(&node, r).await;
         }
         // Offline sessions whose owner died before expiring them.
         let expired = node
-            .store
+            .sessions()
             .select(|_, s| s.expired(now) && !is_live(s, &live));
         for r in expired {
             node.tombstone(&r.client_id, r.epoch).await;
@@ -95,31 +129,22 @@ pub async fn run(node: Arc<Node>) {
     }
 }
 
-async fn heartbeat(node: &Node, alive: bool) {
+async fn heartbeat<N: Member>(node: &N, alive: bool) {
     let hb = Heartbeat {
         v: 1,
-        node: node.config.node_id.clone(),
+        node: node.node_id().to_string(),
         ts_ms: now_ms(),
         alive,
     };
     let value = serde_json::to_vec(&hb).unwrap_or_default();
-    if let Err(e) = node
-        .control_producer
-        .send_and_wait(
-            &node.config.kafka.nodes_topic,
-            hb.node.as_bytes(),
-            Some(&value),
-            &[],
-        )
-        .await
-    {
+    if let Err(e) = node.write_heartbeat(value).await {
         tracing::warn!(error = %e, "heartbeat not written");
     }
 }
 
 /// Takes over a dead node's session: offline under a new epoch (the will
 /// stays in the record until published), will when due, expiry timer.
-async fn adopt(node: &Arc<Node>, r: SessionRecord) {
+async fn adopt<N: Member>(node: &Arc<N>, r: SessionRecord) {
     let client_id = r.client_id.clone();
     let epoch = r.epoch + 1;
     let will = r.will.clone();
@@ -133,7 +158,7 @@ async fn adopt(node: &Arc<Node>, r: SessionRecord) {
     };
     let mut adopted = r;
     adopted.epoch = epoch;
-    adopted.node = node.config.node_id.clone();
+    adopted.node = node.node_id().to_string();
     adopted.online = false;
     adopted.handoff = false;
     adopted.disconnected_ms = Some(since);
@@ -148,7 +173,7 @@ async fn adopt(node: &Arc<Node>, r: SessionRecord) {
     });
     let node = node.clone();
     tokio::spawn(async move {
-        let still_parked = |node: &Node| node.store.is_parked(&client_id, epoch);
+        let still_parked = |node: &N| node.sessions().is_parked(&client_id, epoch);
         let until = |s: u32| {
             let due = since + s as i64 * 1000;
             Duration::from_millis((due - now_ms()).max(0) as u64)

@@ -72,28 +72,28 @@ pub async fn claim(
     node.sessions_current().await?;
     let (ctrl_tx, ctrl) = mpsc::channel(4);
     let existing = node
-        .registry
+        .registry()
         .claim(client_id, conn_id, ctrl_tx, clean_start)
         .await?;
-    let prev = node.store.get(client_id);
+    let prev = node.sessions().get(client_id);
     // Above every epoch seen for the client id, including an ended
     // session's, so none of its records still in flight can win.
     let epoch = node
-        .store
+        .sessions()
         .last_epoch(client_id)
         .max(prev.as_ref().map_or(0, |r| r.epoch))
         .max(existing.as_ref().map_or(0, |s| s.epoch))
         + 1;
     // Known before anything is written, so records of older epochs still
     // in flight in the sessions topic cannot kick this connection.
-    node.registry.set_epoch(client_id, conn_id, epoch);
+    node.registry().set_epoch(client_id, conn_id, epoch);
     let from_record = existing.is_none() && !clean_start;
     let source = match (&existing, prev.filter(|r| !r.expired(now_ms()))) {
         (None, Some(r)) => Some(take_over_remote(node, client_id, conn_id, epoch, r).await?),
         _ => None,
     };
     let scan_settled_ms = source.as_ref().and_then(|r| scan_settled_at(node, r));
-    let queue = node.config.mqtt.session_queue;
+    let queue = node.config().mqtt.session_queue;
     // A session with expiry 0 (3.1.1 clean session) ended with its
     // connection and is never resumed [MQTT-3.1.2-6].
     let (mut session, present) = match existing {
@@ -123,6 +123,23 @@ pub async fn claim(
     })
 }
 
+/// Writes the claim of `session` (online, its epoch, the settings from
+/// CONNECT) and waits for Kafka, at most 10 s: the fencing point, only
+/// after which the client gets CONNACK.
+pub async fn record_claim(node: &Node, session: &Session) -> Result<(), String> {
+    let claim = SessionRecord::from_session(session, node.node_id(), session.epoch, true, now_ms());
+    match tokio::time::timeout(Duration::from_secs(10), node.persist(claim)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer from Kafka within 10 s".to_string()),
+    }
+}
+
+/// Gives the client id back after a claim that was not completed.
+pub fn unclaim(node: &Node, client_id: &Arc<str>, conn_id: u64) {
+    let _ = node.registry().release(client_id, conn_id, false);
+}
+
 /// Until when the previous owner of restored record `r` may still have
 /// writes landing in Kafka (none after a hand-off).
 fn scan_settled_at(node: &Node, r: &SessionRecord) -> Option<i64> {
@@ -130,11 +147,11 @@ fn scan_settled_at(node: &Node, r: &SessionRecord) -> Option<i64> {
         handoff: r.handoff,
         online: r.online,
         disconnected_ms: r.disconnected_ms,
-        own_run: r.node == node.config.node_id
+        own_run: r.node == node.config().node_id
             && !r.online
-            && r.disconnected_ms.is_some_and(|at| at >= node.started_ms),
+            && r.disconnected_ms.is_some_and(|at| at >= node.started_ms()),
     };
-    let k = &node.config.kafka;
+    let k = &node.config().kafka;
     crate::kafka::qos2_scan::settled_at_ms(from, now_ms(), k.delivery_timeout_ms, k.node_timeout_ms)
 }
 
@@ -150,11 +167,11 @@ async fn take_over_remote(
     epoch: u64,
     r: SessionRecord,
 ) -> Result<SessionRecord, ClaimError> {
-    let me = &node.config.node_id;
+    let me = &node.config().node_id;
     if !r.online || r.node == *me || r.expiry_s == 0 {
         return Ok(r);
     }
-    let handoff = node.store.wait_handoff(client_id, epoch);
+    let handoff = node.sessions().wait_handoff(client_id, epoch);
     let mut claim = SessionRecord::from_session(
         &Session::new(client_id.clone(), 1),
         me,
@@ -164,21 +181,21 @@ async fn take_over_remote(
     );
     claim.expiry_s = r.expiry_s;
     if let Err(e) = node.persist(claim).await {
-        node.store.cancel_handoff(client_id, epoch);
-        let _ = node.registry.release(client_id, conn_id, false);
+        node.sessions().cancel_handoff(client_id, epoch);
+        let _ = node.registry().release(client_id, conn_id, false);
         return Err(e.into());
     }
     match tokio::time::timeout(HANDOFF_WAIT, handoff).await {
         Ok(Ok(h)) => {
-            let _ = node.store.take_late(client_id);
+            let _ = node.sessions().take_late(client_id);
             Ok(h)
         }
         _ => {
-            node.store.cancel_handoff(client_id, epoch);
+            node.sessions().cancel_handoff(client_id, epoch);
             tracing::info!(client_id = %client_id, owner = %r.node, "no hand-off from previous owner; resuming from its last persisted state");
             // Its last writes may have reached this view only after the
             // claim: they are newer than `r`.
-            Ok(node.store.take_late(client_id).unwrap_or(r))
+            Ok(node.sessions().take_late(client_id).unwrap_or(r))
         }
     }
 }

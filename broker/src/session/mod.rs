@@ -2,7 +2,8 @@
 //! the sessions topic (`record`), every node's view of that topic
 //! (`store`), which client ids this node holds (`registry`), and the nodes'
 //! liveness (`liveness`) with the adoption of a dead node's sessions
-//! (`cluster`), and the claim at CONNECT (`lifecycle`).
+//! (`cluster`), the claim at CONNECT (`lifecycle`) and the release when
+//! a connection ends (`release`).
 
 pub mod cluster;
 pub mod ended;
@@ -13,6 +14,7 @@ pub mod liveness;
 pub mod mailbox;
 pub mod record;
 pub mod registry;
+pub mod release;
 pub mod state;
 pub mod store;
 

@@ -111,7 +111,7 @@ async fn retransmission_after_crash_is_not_written_twice() {
     common::produce(&b.sessions_topic, &client, &rec.encode(), &[]).await;
     // Wait until the node has read the record.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while b.node().store.get(&client).is_none() {
+    while b.node().stored_session(&client).is_none() {
         assert!(
             Instant::now() < deadline,
             "node never read the session record"

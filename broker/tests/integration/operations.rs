@@ -65,7 +65,7 @@ async fn publish_rate_limit_slows_without_dropping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_disconnects_clients_with_0x8b_and_exits() {
     let first = common::start(&[]).await;
-    let c = &first.node().config.kafka;
+    let c = &first.node().config().kafka;
     let port = 27000 + (std::process::id() % 4000) as u16;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
         // $SYS off: its retained figures would land in the topic read below.

@@ -181,7 +181,7 @@ async fn every_sys_figure_matches_the_metrics_endpoint() {
     let mut c = common::test_config(&[format!("{t}:cars/#")]);
     c.sys.interval_s = 3;
     let b = common::start_with(c).await;
-    let node = lodestream_broker::sys::node_level(&b.node().config.node_id);
+    let node = lodestream_broker::sys::node_level(&b.node().config().node_id);
 
     let mut everything = connect(b.port()).await;
     everything.subscribe("#").await;
@@ -277,8 +277,8 @@ async fn cluster_totals_add_up_the_nodes() {
     c2.sys.interval_s = 1;
     let b = common::start_with(c2).await;
     let (ida, idb) = (
-        lodestream_broker::sys::node_level(&a.node().config.node_id),
-        lodestream_broker::sys::node_level(&b.node().config.node_id),
+        lodestream_broker::sys::node_level(&a.node().config().node_id),
+        lodestream_broker::sys::node_level(&b.node().config().node_id),
     );
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -393,7 +393,7 @@ async fn a_departed_nodes_figures_expire_and_are_deleted() {
     let prefix = format!("$SYS/broker/nodes/{gone}/");
     assert!(a
         .node()
-        .retained
+        .retained()
         .matching(&format!("{prefix}#"), i64::MAX)
         .is_empty());
     let recs = common::read_topic(&a.retained_topic, 10_000, Duration::from_secs(5));

@@ -92,11 +92,11 @@ pub async fn start_with(c: Config) -> Broker {
 
 /// A second node sharing the first one's Kafka topics (a cluster of two).
 pub async fn start_peer(first: &Broker) -> Broker {
-    let mut c = test_config(&first.node().config.kafka.mappings);
+    let mut c = test_config(&first.node().config().kafka.mappings);
     c.kafka.default_topic = first.default_topic.clone();
     c.kafka.retained_topic = first.retained_topic.clone();
     c.kafka.sessions_topic = first.sessions_topic.clone();
-    c.kafka.nodes_topic = first.node().config.kafka.nodes_topic.clone();
+    c.kafka.nodes_topic = first.node().config().kafka.nodes_topic.clone();
     start_with(c).await
 }
 
@@ -221,7 +221,7 @@ pub fn spawn_node(port: u16, first: &Broker, node_id: &str) -> Proc {
 
 /// `spawn_node` with extra environment (`LODESTREAM_*` settings) on top.
 pub fn spawn_node_env(port: u16, first: &Broker, node_id: &str, env: &[(&str, String)]) -> Proc {
-    let c = &first.node().config.kafka;
+    let c = &first.node().config().kafka;
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
         .args([
             "--tcp",

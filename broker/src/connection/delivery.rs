@@ -1,0 +1,185 @@
+//! Kafka -> client: catch-up of a resumed session, the backlog, the
+//! outbound window and one delivery's PUBLISH.
+
+use super::*;
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    /// Re-reads what a resumed session missed from Kafka, from its stored
+    /// offsets, then hands it to fan-out (see `kafka/catchup.rs`).
+    pub(super) async fn start_catch_up(&mut self) {
+        let node = self.node.clone();
+        let entries = index_entries(&self.session);
+        let mut plain = Vec::new();
+        for (inner, key, entry) in &entries {
+            if let Err(e) = node.ensure_readers(inner).await {
+                tracing::warn!(filter = %inner, error = %e, "cannot read Kafka for resumed subscription");
+            }
+            if key.share_group.is_none() {
+                plain.push((inner.clone(), entry.options.clone(), entry.identifier));
+            }
+        }
+        let job = crate::kafka::catchup::CatchUp {
+            client_id: self.session.client_id.clone(),
+            from: self.session.offsets.clone(),
+            subscriptions: plain,
+            entries: entries.clone(),
+            removed: self.catchup_removed.clone(),
+        };
+        let (tx, rx) = mpsc::channel(node.config().mqtt.session_queue.max(1));
+        self.catchup = Some(rx);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match node.catch_up(job, tx).await {
+                Ok(_) => tracing::debug!(elapsed = ?started.elapsed(), "session caught up"),
+                Err(e) => {
+                    // Without a catch-up the session still gets live messages.
+                    tracing::warn!(error = %e, "catch-up failed; subscribing live only");
+                    for (f, k, e) in entries {
+                        let _ = node.index_subscription(&f, k, e);
+                    }
+                }
+            }
+        });
+    }
+
+    pub(super) fn window_open(&self) -> bool {
+        self.session.outbound.len() < self.client_receive_max && self.unsaved_ok()
+    }
+
+    /// Under `mqtt.max_unsaved_deliveries` (or it does not apply).
+    pub(super) fn unsaved_ok(&self) -> bool {
+        self.unsaved_max == 0
+            || self.session.expiry_s == 0
+            || self.unsaved + self.landed_outbound < self.unsaved_max
+    }
+
+    /// Sends queued deliveries while the outbound window has room; also pulls
+    /// whatever is already waiting in the mailbox, to batch writes.
+    pub(super) fn drain_backlog(&mut self) {
+        loop {
+            if !self.window_open() || self.held_len() >= HELD_MAX {
+                return;
+            }
+            let d = match self.backlog.pop_front() {
+                Some(d) => d,
+                None if self.catchup.is_some() => return,
+                None => match self.session.inbox.try_recv() {
+                    Ok(d) => d,
+                    Err(_) => return,
+                },
+            };
+            self.deliver(d);
+            if self.io.wbuf.len() > 64 * 1024 {
+                return;
+            }
+        }
+    }
+
+    /// Sends one message to the client.
+    pub(super) fn deliver(&mut self, d: Delivery) {
+        if let Some(src) = &d.source {
+            let next = self
+                .session
+                .offsets
+                .entry((src.topic.clone(), src.partition))
+                .or_insert(0);
+            *next = (*next).max(src.offset + 1);
+            self.dirty = true;
+            self.unsaved += 1;
+        }
+        let now = now_ms();
+        let msg = &d.msg;
+        if msg.is_expired(now) {
+            self.node
+                .metrics()
+                .dropped_messages
+                .with_label_values(&["expired"])
+                .inc();
+            return;
+        }
+        // A deny rule with `overlap = "filter"` granted an overlapping
+        // filter: its topics are withheld here, where live, catch-up and
+        // retained deliveries all pass (offsets above still advance).
+        if !self.node.acl().may_deliver(&self.identity, &msg.topic) {
+            self.node
+                .metrics()
+                .dropped_messages
+                .with_label_values(&["acl_filtered"])
+                .inc();
+            return;
+        }
+        let mut properties = if self.v5() {
+            Properties {
+                message_expiry_interval: msg.remaining_expiry(now),
+                subscription_identifiers: d.subscription_ids.clone(),
+                ..msg.properties.clone()
+            }
+        } else {
+            Properties::default()
+        };
+        let packet_id = if d.qos > QoS::AtMostOnce {
+            match self.session.outbound.next_packet_id() {
+                Some(id) => Some(id),
+                None => {
+                    self.backlog.push_front(d);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let full = Publish {
+            dup: false,
+            qos: d.qos,
+            retain: d.retain,
+            topic: msg.topic.clone(),
+            packet_id,
+            payload: msg.payload.clone(),
+            properties: properties.clone(),
+        };
+        // Checked before the flow starts, so a discarded message never holds a packet id.
+        let dropped = match lodestream_mqtt::encoded_len(
+            &Packet::Publish(full.clone()),
+            self.version,
+        ) {
+            // [MQTT-3.1.2-25] never send more than the client accepts: discard.
+            Ok(size) if size > self.client_max_packet => Some("too_large_for_client"),
+            Ok(_) => None,
+            // Readers only pass on records that make a valid PUBLISH
+            // (`Message::try_from_record`); this is the last guard.
+            Err(e) => {
+                tracing::error!(topic = %msg.topic, error = %e, "delivery cannot be encoded; discarded");
+                Some("unencodable")
+            }
+        };
+        if let Some(reason) = dropped {
+            self.node
+                .metrics()
+                .dropped_messages
+                .with_label_values(&[reason])
+                .inc();
+            return;
+        }
+        let mut wire = full.clone();
+        if self.client_alias_max > 0 {
+            if let Some(a) = self.aliases_out.get(&msg.topic) {
+                properties.topic_alias = Some(*a);
+                wire.topic = String::new();
+            } else if self.aliases_out.len() < self.client_alias_max as usize {
+                let a = self.aliases_out.len() as u16 + 1;
+                self.aliases_out.insert(msg.topic.clone(), a);
+                properties.topic_alias = Some(a);
+            }
+            wire.properties = properties;
+        }
+        if let Some(id) = packet_id {
+            // Stored without alias: aliases do not survive a reconnect.
+            self.session.outbound.start(id, full);
+        }
+        // [MQTT-4.3.3] exactly once to a QoS 2 subscriber: the flow (and the
+        // offsets past it) must be in Kafka before the client can see it, so
+        // a node that takes the session over resends it with the same id.
+        self.emit(Packet::Publish(wire), d.qos == QoS::ExactlyOnce);
+        self.node.metrics().delivered.inc();
+    }
+}

@@ -1,0 +1,529 @@
+//! One MQTT connection, from the first byte to the close: reads CONNECT,
+//! claims the session, then runs one event loop over the socket, the
+//! session's mailbox, Kafka acknowledgements and control messages.
+//!
+//! Transport-agnostic: TCP, TLS and WebSocket all arrive as a byte stream.
+//!
+//! Here: `serve`, `Conn` and its event loop with the packet dispatch. The
+//! flows live beside it: `io` (socket, buffers, codec), `accept` (CONNECT to
+//! CONNACK), `publish` (client -> Kafka), `subscribe`, `delivery` (Kafka ->
+//! client), `sync` (session writes and held packets), `close` (the end,
+//! then `session::release`).
+//!
+//! Bounded behaviour:
+//! - read buffer: one packet of at most `max_packet_size` (bigger ones are
+//!   refused from their fixed header, reason 0x95);
+//! - inbound QoS 1/2 awaiting Kafka: at most `receive_maximum`; the socket is
+//!   not read past that (TCP back-pressure) and a v5 client exceeding it is
+//!   disconnected with 0x93 [MQTT-3.3.4-9];
+//! - outbound QoS 1/2 in flight: the client's Receive Maximum (v5) or
+//!   `max_inflight_out`; the rest waits in the session's bounded mailbox;
+//! - a write blocked for `write_timeout_s` closes the connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use lodestream_mqtt::codec::{reason_allowed_in, DecodeError, Decoder};
+use lodestream_mqtt::topic::SharedFilter;
+use lodestream_mqtt::{
+    encode, Ack, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+
+use crate::acl::Action;
+use crate::auth::Identity;
+use crate::kafka::{ProduceError, Producer};
+use crate::message::{Message, Qos2Flow};
+use crate::node::{index_entries, now_ms, sub_key, Node};
+use crate::rate_limit::TokenBucket;
+use crate::session::lifecycle::Claimed;
+use crate::session::record::SessionRecord;
+use crate::session::registry::Control;
+use crate::session::release::{release, Leaving, SessionEnd};
+use crate::session::{Delivery, OutFlow, Session, Subscription};
+use crate::subscriptions::SubEntry;
+use crate::transport::Transport;
+
+mod accept;
+mod close;
+mod delivery;
+mod io;
+mod publish;
+mod subscribe;
+mod sync;
+
+use io::*;
+
+/// Why a connection ends.
+enum End {
+    /// Client sent DISCONNECT; `keep_will` for v5 reason 0x04.
+    Client { keep_will: bool },
+    /// Network closed or failed.
+    Io(String),
+    /// We close it, telling a v5 client why.
+    Server(ReasonCode, String),
+    TakenOver {
+        clean_start: bool,
+        reply: tokio::sync::oneshot::Sender<Option<Box<Session>>>,
+    },
+    /// Another node claimed the session with this epoch.
+    TakenOverRemote(u64),
+}
+
+impl End {
+    /// What the session's release needs to know of this end.
+    fn into_session_end(self) -> SessionEnd {
+        match self {
+            End::Client { keep_will: false } => SessionEnd::Disconnect,
+            End::Client { keep_will: true } => SessionEnd::DisconnectWithWill,
+            End::Io(_) => SessionEnd::NetworkLoss,
+            End::Server(ReasonCode::ServerShuttingDown, _) => SessionEnd::Shutdown,
+            End::Server(_, _) => SessionEnd::Closed,
+            End::TakenOver { clean_start, reply } => SessionEnd::TakenOver { clean_start, reply },
+            End::TakenOverRemote(epoch) => SessionEnd::TakenOverRemote { epoch },
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            End::Client { .. } => "client",
+            End::Io(_) => "network",
+            End::Server(ReasonCode::KeepAliveTimeout, _) => "keep_alive",
+            End::Server(ReasonCode::ServerShuttingDown, _) => "shutdown",
+            End::Server(ReasonCode::QuotaExceeded, _) => "quota",
+            End::Server(_, _) => "protocol",
+            End::TakenOver { .. } | End::TakenOverRemote(_) => "taken_over",
+        }
+    }
+}
+
+/// How often a connected persistent session's progress is written to Kafka.
+const PERSIST_EVERY: Duration = Duration::from_secs(5);
+
+/// A persistent session's progress is also written once this many of its
+/// deliveries were acknowledged (PUBACK/PUBCOMP) since the last write, so a
+/// node's death re-delivers about this many plus what was in flight, not 5 s
+/// worth. At most one extra session record per 16 acknowledged deliveries
+/// (6 %); fewer when Kafka is slower than the client, as writes never
+/// overlap (numbers in docs/benchmarks.md).
+const PERSIST_AFTER_ACKS: usize = 16;
+
+type AckFuture = Pin<Box<dyn Future<Output = AckDone> + Send>>;
+
+/// A QoS 1/2 PUBLISH whose Kafka write finished.
+struct AckDone {
+    packet_id: u16,
+    qos: QoS,
+    result: Result<(), ProduceError>,
+    msg: Arc<Message>,
+    started: Instant,
+    /// A retransmission found already written in Kafka: acknowledge only.
+    duplicate: bool,
+}
+
+/// At most this many packets wait for a session write (QoS 0 deliveries
+/// pause meanwhile; QoS 1/2 are bounded by the window anyway).
+const HELD_MAX: usize = 256;
+
+/// A session write in flight and the packets that may go out once it is
+/// acknowledged by Kafka.
+struct Syncing {
+    write: Pin<Box<dyn Future<Output = ()> + Send>>,
+    packets: Vec<Packet>,
+    /// Deliveries this write covers once it lands.
+    covers: usize,
+    /// Unacknowledged deliveries it records (resent after a crash).
+    outbound: usize,
+}
+
+/// Serves one client connection until it closes. Never panics on input.
+pub async fn serve<S>(
+    node: Arc<Node>,
+    stream: S,
+    peer: SocketAddr,
+    transport: Transport,
+    cert_identity: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let _open = node.open_connection();
+    let (rd, wr) = tokio::io::split(stream);
+    let mut io = Io {
+        rd,
+        wr,
+        rbuf: BytesMut::with_capacity(RBUF_IDLE),
+        wbuf: BytesMut::new(),
+        decoder: Decoder::new(node.config().mqtt.max_packet_size),
+        node: node.clone(),
+    };
+    let timeout = Duration::from_secs(node.config().mqtt.connect_timeout_s);
+    let connect = match tokio::time::timeout(timeout, io.read_connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection closed before CONNECT completed");
+            node.metrics()
+                .connect_rejected
+                .with_label_values(&["invalid"])
+                .inc();
+            let _ = io.flush().await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT within {timeout:?}");
+            node.metrics()
+                .connect_rejected
+                .with_label_values(&["timeout"])
+                .inc();
+            return;
+        }
+    };
+    // Rare, deep paths (CONNECT with its Kafka claim, the close, SUBSCRIBE
+    // starting Kafka readers) are boxed: inline they set the size of every
+    // connection's task for its whole life.
+    let accept = Box::pin(Conn::accept(io, *connect, peer, transport, cert_identity));
+    if let Some(conn) = accept.await {
+        conn.run().await;
+    }
+}
+
+fn ack_with(packet_id: u16, reason: ReasonCode, why: Option<String>) -> Ack {
+    Ack {
+        packet_id,
+        reason,
+        properties: Properties {
+            reason_string: why,
+            ..Properties::default()
+        },
+    }
+}
+
+struct Conn<S> {
+    io: Io<S>,
+    identity: Identity,
+    node: Arc<Node>,
+    peer: SocketAddr,
+    conn_id: u64,
+    version: ProtocolVersion,
+    session: Box<Session>,
+    ctrl: mpsc::Receiver<Control>,
+    keep_alive: Option<Duration>,
+    last_recv: Instant,
+    acks: FuturesOrdered<AckFuture>,
+    /// QoS 2 ids whose Kafka write is still in progress.
+    pending_qos2: HashSet<u16>,
+    /// Retransmitted QoS 2 ids the restored state does not know that may
+    /// still be checked against Kafka (`kafka/qos2_scan.rs`): a resumed
+    /// session's client resends at most Receive Maximum of them.
+    scans_left: usize,
+    /// Until when the previous owner's last writes may still land in Kafka
+    /// (ms): no QoS 2 scan decides before (`qos2_scan::settled_at_ms`).
+    scan_settled_ms: Option<i64>,
+    /// Packets that may go out only after the session state that promises
+    /// them is in Kafka (QoS 2 exactly-once across a node crash), and
+    /// anything emitted after them, in order.
+    held: Vec<Packet>,
+    held_needs_sync: bool,
+    /// A session write is wanted (periodic progress, subscriptions).
+    sync_wanted: bool,
+    syncing: Option<Syncing>,
+    /// Inbound topic aliases [MQTT-3.3.2-7]: per connection.
+    aliases_in: HashMap<u16, String>,
+    aliases_out: HashMap<String, u16>,
+    client_alias_max: u16,
+    client_receive_max: usize,
+    client_max_packet: usize,
+    /// Deliveries taken from the mailbox (or retained) waiting for window.
+    backlog: VecDeque<Delivery>,
+    will_delay: u32,
+    /// Deliveries of a resumed session's catch-up read; drained before the
+    /// mailbox, which fan-out only fills once the catch-up has finished.
+    catchup: Option<mpsc::Receiver<Delivery>>,
+    catchup_removed: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Session state changed since it was last written to Kafka.
+    dirty: bool,
+    /// Deliveries acknowledged by the client since the last session write.
+    acked_since_sync: usize,
+    /// Deliveries no landed session write covers, and their bound
+    /// (`mqtt.max_unsaved_deliveries`, 0 = none).
+    unsaved: usize,
+    unsaved_max: usize,
+    /// Unacknowledged deliveries in the last landed write: a node taking
+    /// the session over resends them, so they count against the bound.
+    landed_outbound: usize,
+    /// `mqtt.max_publish_rate`, and until when reading is paused by it.
+    bucket: Option<TokenBucket>,
+    throttled_until: Option<Instant>,
+    /// A token was taken for the PUBLISH at the head of the read buffer.
+    prepaid: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    fn v5(&self) -> bool {
+        self.version.is_v5()
+    }
+
+    async fn run(mut self) {
+        let mut shutdown = self.node.shutting_down();
+        let recv_max = self.node.config().mqtt.receive_maximum as usize;
+        let mut persist_tick = tokio::time::interval(PERSIST_EVERY);
+        persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Packets that arrived together with CONNECT are already buffered.
+        let mut early_end = self.on_bytes().await.err();
+        let end = loop {
+            if let Some(end) = early_end.take() {
+                break end;
+            }
+            if let Err(e) = self.io.flush().await {
+                break End::Io(e);
+            }
+            let ka_deadline = self
+                .keep_alive
+                .map(|ka| tokio::time::Instant::from_std(self.last_recv + ka));
+            let can_deliver =
+                self.backlog.is_empty() && self.window_open() && self.held_len() < HELD_MAX;
+            let live = can_deliver && self.catchup.is_none();
+            let step = tokio::select! {
+                biased;
+                c = self.ctrl.recv() => match c {
+                    Some(Control::TakeOver { clean_start, reply }) => Err(End::TakenOver { clean_start, reply }),
+                    Some(Control::Close(r)) => Err(End::Server(r, "server closing".into())),
+                    // A claim not newer than ours is a stale record read late.
+                    Some(Control::TakenOverRemote { epoch }) if epoch <= self.session.epoch => Ok(()),
+                    Some(Control::TakenOverRemote { epoch }) => Err(End::TakenOverRemote(epoch)),
+                    None => Ok(()),
+                },
+                _ = shutdown.changed() => Err(End::Server(ReasonCode::ServerShuttingDown, "server shutting down".into())),
+                Some(done) = self.acks.next(), if !self.acks.is_empty() => self.on_kafka_ack(done),
+                _ = sync_done(&mut self.syncing), if self.syncing.is_some() => {
+                    self.on_synced();
+                    Ok(())
+                },
+                _ = sleep_until(self.throttled_until.map(tokio::time::Instant::from_std)), if self.throttled_until.is_some() => {
+                    self.throttled_until = None;
+                    // Packets already buffered while paused.
+                    self.on_bytes().await
+                },
+                r = self.io.fill(), if self.acks.len() < recv_max && self.throttled_until.is_none() => match r {
+                    Ok(true) => self.on_bytes().await,
+                    Ok(false) => Err(End::Io("closed by peer".into())),
+                    Err(e) => Err(End::Io(e)),
+                },
+                d = recv_opt(&mut self.catchup), if can_deliver && self.catchup.is_some() => {
+                    match d {
+                        Some(d) => self.backlog.push_back(d),
+                        None => self.catchup = None,
+                    }
+                    Ok(())
+                },
+                d = self.session.inbox.recv(), if live => {
+                    if let Some(d) = d {
+                        self.backlog.push_back(d);
+                    }
+                    Ok(())
+                },
+                _ = persist_tick.tick(), if self.session.expiry_s > 0 => {
+                    // Bounds what a node crash can make a session re-read.
+                    if self.dirty {
+                        self.persist_soon();
+                    }
+                    Ok(())
+                },
+                _ = sleep_until(ka_deadline), if ka_deadline.is_some() => {
+                    // [MQTT-3.1.2-22/24] 1.5 x keep alive without a packet.
+                    Err(End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout".into()))
+                }
+            };
+            if let Err(end) = step {
+                break end;
+            }
+            self.drain_backlog();
+            self.start_sync();
+            if self.session.take_overflow() {
+                break End::Server(
+                    ReasonCode::QuotaExceeded,
+                    "session queue full: client is not reading fast enough".into(),
+                );
+            }
+        };
+        Box::pin(self.finish(end)).await;
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    async fn on_bytes(&mut self) -> Result<(), End> {
+        loop {
+            if self.throttled_until.is_some() {
+                return Ok(());
+            }
+            // The rate limit is checked before a PUBLISH is decoded (its type
+            // is the first byte's high nibble), so an over-rate PUBLISH stays
+            // in the buffer until a token is free.
+            const PUBLISH: u8 = 3;
+            if let (Some(b), Some(first), false) =
+                (&mut self.bucket, self.io.rbuf.first(), self.prepaid)
+            {
+                if first >> 4 == PUBLISH {
+                    // Paid once even if the packet is still incomplete.
+                    self.prepaid = true;
+                    if let Err(wait) = b.take(Instant::now()) {
+                        self.prepaid = false;
+                        self.throttled_until = Some(Instant::now() + wait);
+                        self.node.metrics().publish_throttled.inc();
+                        return Ok(());
+                    }
+                }
+            }
+            let p = match self.io.decoder.decode(&mut self.io.rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let r = e.reason_code();
+                    let r = if reason_allowed_in("disconnect", r) {
+                        r
+                    } else {
+                        ReasonCode::ProtocolError
+                    };
+                    return Err(End::Server(r, e.to_string()));
+                }
+            };
+            self.prepaid = false;
+            self.node
+                .metrics()
+                .packets_in
+                .with_label_values(&[p.kind()])
+                .inc();
+            // Keep alive counts complete packets, not bytes: a client
+            // trickling a never-ending packet is not alive [MQTT-3.1.2-22].
+            self.last_recv = Instant::now();
+            self.on_packet(p).await?;
+        }
+    }
+
+    async fn on_packet(&mut self, p: Packet) -> Result<(), End> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(a) => {
+                if self.session.outbound.puback(a.packet_id) {
+                    self.acked_since_sync += 1;
+                } else {
+                    tracing::debug!(client_id = %self.session.client_id, id = a.packet_id, "PUBACK for unknown packet id");
+                }
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                match self
+                    .session
+                    .outbound
+                    .pubrec(a.packet_id, a.reason.is_error())
+                {
+                    // Stored before PUBREL: a new owner must resend PUBREL,
+                    // not the PUBLISH the client has already released.
+                    Some(true) => self.emit(Packet::PubRel(Ack::new(a.packet_id)), true),
+                    Some(false) => {}
+                    None if self.v5() => self.emit(
+                        Packet::PubRel(ack_with(
+                            a.packet_id,
+                            ReasonCode::PacketIdentifierNotFound,
+                            None,
+                        )),
+                        false,
+                    ),
+                    None => self.emit(Packet::PubRel(Ack::new(a.packet_id)), false),
+                }
+                Ok(())
+            }
+            Packet::PubComp(a) => {
+                if self.session.outbound.pubcomp(a.packet_id) {
+                    self.acked_since_sync += 1;
+                }
+                Ok(())
+            }
+            Packet::PubRel(a) => {
+                let id = a.packet_id;
+                if self.session.inbound_qos2.release(id) {
+                    // The completed flow is stored before PUBCOMP frees the id
+                    // for reuse: see `inbound_qos2.rs`.
+                    self.dirty = true;
+                    self.emit(Packet::PubComp(Ack::new(id)), true);
+                } else if self.pending_qos2.contains(&id) {
+                    // PUBREL before our PUBREC: the PUBCOMP follows the Kafka ack.
+                    return Err(End::Server(
+                        ReasonCode::ProtocolError,
+                        "PUBREL before PUBREC".into(),
+                    ));
+                } else if self.v5() {
+                    self.emit(
+                        Packet::PubComp(ack_with(id, ReasonCode::PacketIdentifierNotFound, None)),
+                        false,
+                    );
+                } else {
+                    // [MQTT-4.3.3-11] (3.1.1) answer PUBCOMP even if already completed.
+                    self.emit(Packet::PubComp(Ack::new(id)), false);
+                }
+                Ok(())
+            }
+            Packet::Subscribe(s) => Box::pin(self.on_subscribe(s)).await,
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.io.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry_interval {
+                    // [MQTT-3.14.2-2] 0 at CONNECT cannot become non-zero.
+                    if self.session.expiry_s == 0 && e != 0 {
+                        return Err(End::Server(
+                            ReasonCode::ProtocolError,
+                            "session expiry set on DISCONNECT after 0 at CONNECT".into(),
+                        ));
+                    }
+                    self.session.expiry_s = e.min(self.node.config().mqtt.max_session_expiry_s);
+                }
+                Err(End::Client {
+                    keep_will: d.reason == ReasonCode::DisconnectWithWillMessage,
+                })
+            }
+            Packet::Auth(_) => Err(End::Server(
+                ReasonCode::ProtocolError,
+                "AUTH without enhanced authentication".into(),
+            )),
+            other => Err(End::Server(
+                ReasonCode::ProtocolError,
+                format!("a client may not send {}", other.kind()),
+            )),
+        }
+    }
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sync_done(s: &mut Option<Syncing>) {
+    match s {
+        Some(s) => s.write.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

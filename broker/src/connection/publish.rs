@@ -1,0 +1,353 @@
+//! Client -> Kafka: a PUBLISH's topic alias, authorization, QoS 2
+//! de-duplication, the Kafka write and its acknowledgement.
+
+use super::*;
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    pub(super) async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        self.resolve_topic(&mut p)?;
+        if !self.authorize_publish(&p) {
+            return Ok(());
+        }
+        let v5 = self.v5();
+        if p.qos > QoS::AtMostOnce {
+            let in_flight = self.acks.len() + self.session.inbound_qos2.received_len();
+            if v5 && in_flight >= self.node.config().mqtt.receive_maximum as usize {
+                return Err(End::Server(
+                    ReasonCode::ReceiveMaximumExceeded,
+                    "more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum".into(),
+                ));
+            }
+        }
+        let flow = if p.qos == QoS::ExactlyOnce {
+            match self.qos2_first_transmission(&p).await? {
+                Some(flow) => Some(flow),
+                None => return Ok(()),
+            }
+        } else {
+            None
+        };
+        self.write_to_kafka(p, flow).await;
+        Ok(())
+    }
+
+    /// Topic alias resolution [MQTT-3.3.2-7..10] and topic checks.
+    pub(super) fn resolve_topic(&mut self, p: &mut Publish) -> Result<(), End> {
+        if !p.properties.subscription_identifiers.is_empty() {
+            // [MQTT-3.3.4-6]
+            return Err(End::Server(
+                ReasonCode::ProtocolError,
+                "PUBLISH from a client carries a subscription identifier".into(),
+            ));
+        }
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > self.node.config().mqtt.topic_alias_maximum {
+                // [MQTT-3.3.2-9/10]
+                return Err(End::Server(
+                    ReasonCode::TopicAliasInvalid,
+                    format!("topic alias {alias}"),
+                ));
+            }
+            if p.topic.is_empty() {
+                match self.aliases_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        return Err(End::Server(
+                            ReasonCode::ProtocolError,
+                            format!("unknown topic alias {alias}"),
+                        ))
+                    }
+                }
+            } else {
+                self.aliases_in.insert(alias, p.topic.clone());
+            }
+        } else if p.topic.is_empty() {
+            return Err(End::Server(
+                ReasonCode::TopicNameInvalid,
+                "empty topic".into(),
+            ));
+        }
+        if p.topic.split('/').count() > self.node.config().mqtt.max_topic_levels {
+            return Err(End::Server(
+                ReasonCode::TopicNameInvalid,
+                format!(
+                    "more than {} topic levels",
+                    self.node.config().mqtt.max_topic_levels
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Authorization: false when the PUBLISH is refused (acknowledged as
+    /// the protocol version allows, never written to Kafka).
+    pub(super) fn authorize_publish(&mut self, p: &Publish) -> bool {
+        let v5 = self.v5();
+        let packet_id = p.packet_id.unwrap_or(0);
+        if !self
+            .node
+            .acl()
+            .check(&self.identity, Action::Publish, &p.topic)
+        {
+            // Never written to Kafka. MQTT 5 says why; 3.1.1 cannot, so the
+            // client gets the normal acknowledgement [MQTT-3.3.5-2].
+            self.node
+                .metrics()
+                .dropped_messages
+                .with_label_values(&["not_authorized"])
+                .inc();
+            let reason = if v5 {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::Success
+            };
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
+                    self.emit(Packet::PubAck(ack_with(packet_id, reason, None)), false)
+                }
+                QoS::ExactlyOnce => {
+                    if !v5 {
+                        // Completes with PUBREL/PUBCOMP like any QoS 2 flow.
+                        self.session.inbound_qos2.received_unwritten(packet_id);
+                    }
+                    self.emit(Packet::PubRec(ack_with(packet_id, reason, None)), false);
+                }
+            }
+            return false;
+        }
+        true
+    }
+
+    /// QoS 2 de-duplication: the flow to write for a first transmission;
+    /// `None` for a retransmission, acknowledged without a second write.
+    pub(super) async fn qos2_first_transmission(
+        &mut self,
+        p: &Publish,
+    ) -> Result<Option<Qos2Flow>, End> {
+        let packet_id = p.packet_id.unwrap_or(0);
+        // [MQTT-4.3.3-9/10] a known id is a retransmission: never written twice.
+        if self.pending_qos2.contains(&packet_id) {
+            return Ok(None);
+        }
+        if self.session.inbound_qos2.is_received(packet_id) {
+            self.emit(Packet::PubRec(Ack::new(packet_id)), false);
+            return Ok(None);
+        }
+        if p.dup && self.scans_left > 0 && self.session.expiry_s > 0 {
+            self.scans_left -= 1;
+            if let Some(seq) = Box::pin(self.written_before(&p.topic, packet_id)).await? {
+                self.session.inbound_qos2.found_written(packet_id, seq);
+                self.node.metrics().qos2_duplicates_suppressed.inc();
+                let msg = Arc::new(Message {
+                    properties: Properties::default(),
+                    topic: p.topic.clone(),
+                    payload: p.payload.clone(),
+                    qos: p.qos,
+                    retain: false,
+                    publisher: None,
+                    timestamp_ms: now_ms(),
+                });
+                // Queued behind earlier acknowledgements [MQTT-4.6.0-2].
+                self.acks.push_back(Box::pin(std::future::ready(AckDone {
+                    packet_id,
+                    qos: QoS::ExactlyOnce,
+                    result: Ok(()),
+                    msg,
+                    started: Instant::now(),
+                    duplicate: true,
+                })));
+                return Ok(None);
+            }
+        }
+        let seq = self.session.inbound_qos2.begin(packet_id, p.dup, now_ms());
+        self.dirty = true;
+        Ok(Some(Qos2Flow { packet_id, seq }))
+    }
+
+    /// The Kafka write; QoS 1/2 acknowledgements wait for Kafka in order.
+    pub(super) async fn write_to_kafka(&mut self, p: Publish, flow: Option<Qos2Flow>) {
+        let packet_id = p.packet_id.unwrap_or(0);
+        let msg = Arc::new(Message {
+            properties: Message::forwardable_properties(&p.properties),
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            publisher: Some(self.session.client_id.to_string()),
+            timestamp_ms: now_ms(),
+        });
+        let started = Instant::now();
+        let sent = self.node.send(&msg, flow).await;
+        let qos = p.qos;
+        if qos == QoS::AtMostOnce {
+            match sent {
+                Ok(futs) => {
+                    let node = self.node.clone();
+                    // Nobody waits for a QoS 0 write, but its outcome is still counted.
+                    tokio::spawn(async move {
+                        for f in futs {
+                            if Producer::delivered(f).await.is_err() {
+                                node.metrics().kafka_produce_errors.inc();
+                                return;
+                            }
+                        }
+                        if msg.retain {
+                            node.retained().apply(msg);
+                        }
+                    });
+                }
+                Err(e) => {
+                    self.node.metrics().kafka_produce_errors.inc();
+                    tracing::warn!(error = %e, "QoS 0 message not written to Kafka");
+                }
+            }
+            return;
+        }
+        if qos == QoS::ExactlyOnce {
+            self.pending_qos2.insert(packet_id);
+        }
+        self.acks.push_back(Box::pin(async move {
+            let result = match sent {
+                Ok(futs) => {
+                    let mut r = Ok(());
+                    for f in futs {
+                        if let Err(e) = Producer::delivered(f).await {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            AckDone {
+                packet_id,
+                qos,
+                result,
+                msg,
+                started,
+                duplicate: false,
+            }
+        }));
+    }
+
+    /// For a retransmitted QoS 2 PUBLISH of an id the restored session does
+    /// not know: the sequence number of its first transmission if the
+    /// previous owner wrote it to Kafka without recording that.
+    pub(super) async fn written_before(
+        &mut self,
+        topic: &str,
+        packet_id: u16,
+    ) -> Result<Option<u64>, End> {
+        if let Some(wait) = self
+            .scan_settled_ms
+            .map(|at| at - now_ms())
+            .filter(|w| *w > 0)
+        {
+            tracing::debug!(client_id = %self.session.client_id, wait_ms = wait, "QoS 2 scan waits for the previous owner's last writes");
+            tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
+        }
+        let now = now_ms();
+        let bound = self.session.inbound_qos2.bound(now);
+        let req = crate::kafka::qos2_scan::ScanRequest {
+            topic: self.node.mapping().kafka_topic_for(topic),
+            client_id: &self.session.client_id,
+            packet_id,
+            since_ms: bound.since_ms,
+        };
+        match crate::kafka::qos2_scan::find_writes(
+            &self.node.config().kafka,
+            &self.node.config().node_id,
+            self.node.metrics(),
+            req,
+        )
+        .await
+        {
+            Ok(seqs) => Ok(seqs
+                .into_iter()
+                .filter(|s| {
+                    self.session
+                        .inbound_qos2
+                        .is_unrecorded_write(packet_id, *s, now)
+                })
+                .max()),
+            Err(e) => {
+                // Unverifiable: writing could duplicate, acknowledging could
+                // lose. The client retransmits after reconnecting.
+                tracing::warn!(client_id = %self.session.client_id, error = %e, "cannot check a QoS 2 retransmission against Kafka");
+                Err(End::Server(
+                    ReasonCode::UnspecifiedError,
+                    "cannot check a QoS 2 retransmission against Kafka".into(),
+                ))
+            }
+        }
+    }
+
+    /// Kafka answered for a QoS 1/2 PUBLISH: acknowledge it now, in the order
+    /// received [MQTT-4.6.0-2] (FuturesOrdered keeps that order).
+    pub(super) fn on_kafka_ack(&mut self, done: AckDone) -> Result<(), End> {
+        let id = done.packet_id;
+        if done.qos == QoS::ExactlyOnce {
+            self.pending_qos2.remove(&id);
+        }
+        match done.result {
+            Ok(()) if done.duplicate => {
+                self.emit(Packet::PubRec(Ack::new(id)), false);
+                Ok(())
+            }
+            Ok(()) => {
+                self.node
+                    .metrics()
+                    .publish_to_kafka_seconds
+                    .observe(done.started.elapsed().as_secs_f64());
+                if done.msg.retain {
+                    self.node.retained().apply(done.msg);
+                }
+                if done.qos == QoS::AtLeastOnce {
+                    self.emit(Packet::PubAck(Ack::new(id)), false);
+                } else {
+                    self.session.inbound_qos2.written(id);
+                    self.emit(Packet::PubRec(Ack::new(id)), false);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // A failed QoS 2 write stays unconfirmed in `inbound_qos2`:
+                // it may still have landed (a delivery timeout is ambiguous).
+                self.node.metrics().kafka_produce_errors.inc();
+                tracing::warn!(client_id = %self.session.client_id, error = %e, "Kafka write failed; PUBLISH not acknowledged as success");
+                if done.qos == QoS::ExactlyOnce && self.session.expiry_s > 0 {
+                    // A failed write may still land (a timed-out request can
+                    // reach Kafka late). An error PUBREC would end the flow and
+                    // a resend would be a new message; closing makes the
+                    // client retransmit with DUP after reconnecting, and the
+                    // Kafka scan then tells whether the first one landed.
+                    return Err(End::Server(
+                        ReasonCode::UnspecifiedError,
+                        format!("Kafka write failed: {e}"),
+                    ));
+                }
+                if self.v5() {
+                    let a = ack_with(
+                        id,
+                        ReasonCode::UnspecifiedError,
+                        Some(format!("Kafka write failed: {e}")),
+                    );
+                    self.emit(
+                        if done.qos == QoS::AtLeastOnce {
+                            Packet::PubAck(a)
+                        } else {
+                            Packet::PubRec(a)
+                        },
+                        false,
+                    );
+                    Ok(())
+                } else {
+                    // 3.1.1 has no negative ack: close so the client retransmits.
+                    Err(End::Io(format!("Kafka write failed: {e}")))
+                }
+            }
+        }
+    }
+}
