@@ -62,7 +62,8 @@ def check_browser(check, url, out, trucks, route_as):
     shots = Path(os.environ.get("SCREENSHOT_DIR", out))
     shots.mkdir(parents=True, exist_ok=True)
     country, truck = out / "screenshot.png", out / "screenshot-truck.png"
-    rc = run_node(["test/screenshots.mjs", url, str(country), str(truck)], out / "screenshots.log")
+    zoom = os.environ.get("SCREENSHOT_TRUCK_ZOOM", "14")
+    rc = run_node(["test/screenshots.mjs", url, str(country), str(truck), "--truck-zoom", zoom], out / "screenshots.log")
     ok = rc == 0 and country.stat().st_size > 0 and truck.stat().st_size > 0 if rc == 0 else False
     if ok and shots != out:
         shutil.copy(country, shots / "screenshot.png")
