@@ -72,6 +72,9 @@ async function checkMapWorthWatching(page) {
   }
 
   await page.waitForFunction(() => window.__lodestream.snapshots >= 2, { timeout: 20_000 }).catch(() => {});
+  // The view just changed (showItaly): the dots are counted from a frame drawn at the new zoom,
+  // which under software GL and load can take a few seconds to come.
+  await page.waitForFunction(() => window.__lodestream.renderedCount('all-trucks') > 0, { timeout: 15_000 }).catch(() => {});
   let s = await L();
   const dots = await page.evaluate(() => window.__lodestream.renderedCount('all-trucks'));
   const enough = fleetSize ? s.snapshotTrucks >= fleetSize * 0.95 : s.snapshotTrucks > 0;
