@@ -16,6 +16,7 @@ Ends with "N passed, N failed"; exit 1 on any failure.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -85,6 +86,16 @@ def wait_for(what, fn, timeout, interval=1.0):
 
 # ---------------------------------------------------------------- ports --
 
+def holder(port):
+    """", held by PROGRAM (pid N)" for a listening TCP port, from ss; "" when ss cannot tell."""
+    try:
+        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    procs = sorted(set(re.findall(r'\("([^"]+)",pid=(\d+)', out)))
+    return ", held by " + ", ".join(f"{name} (pid {pid})" for name, pid in procs) if procs else ""
+
+
 def cmd_ports():
     taken = []
     for name, spec in sorted(config()["services"].items()):
@@ -95,9 +106,11 @@ def cmd_ports():
                 try:
                     s.bind((addr, int(p["published"])))
                 except OSError as e:
-                    taken.append(f"{addr}:{p['published']} ({name}): {e.strerror}")
+                    taken.append(f"{addr}:{p['published']} ({name}): {e.strerror}{holder(int(p['published']))}")
     for t in taken:
         print(f"port taken: {t}", file=sys.stderr)
+    if taken:
+        print("(free them, or wait for whatever holds them, then run again)", file=sys.stderr)
     return 1 if taken else 0
 
 
@@ -174,7 +187,8 @@ def main_run():
     check_viewer_refused(check, HOST, mqtt_port, users.get("viewer", ""))
     check_prometheus(check, wait_for, f"http://{HOST}:{published_port(cfg, 'prometheus', 9090)}")
     check_grafana(check, f"http://{HOST}:{published_port(cfg, 'grafana', 3000)}")
-    check_browser(check, f"http://{HOST}:{published_port(cfg, 'ui', 8080)}/", OUT)
+    route_as = f"ws://{HOST}:{published_port(cfg, 'lb', 1893)}/mqtt,trucksim,{users.get('trucksim', '')}"
+    check_browser(check, f"http://{HOST}:{published_port(cfg, 'ui', 8080)}/", OUT, TRUCKS, route_as)
     check_takeover(check, compose, HOST, mqtt_port, users.get("trucksim", ""), metrics_ports, TRUCKS,
                    TAKEOVER_LIMIT_S)
     print(f"compose check: {results['passed']} passed, {results['failed']} failed", flush=True)

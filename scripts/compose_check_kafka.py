@@ -20,22 +20,33 @@ def read_trucks_topic(compose):
     return records
 
 
+def is_position(key):
+    """trucks/<plate>: a position. truck-sim also publishes each truck's route ahead, retained,
+    on trucks/<plate>/route, which the brokers' mapping (trucks/#) puts into the same topic."""
+    return key.startswith("trucks/") and key.count("/") == 1
+
+
 def check_kafka_keys(compose, check, trucks):
-    """Positions arrive keyed per truck: key trucks/<plate>, one partition per key, plate in the payload."""
+    """Positions arrive keyed per truck: key trucks/<plate>, one partition per key, plate in the
+    payload; the routes (trucks/<plate>/route) likewise name their truck."""
     records = read_trucks_topic(compose)
-    partitions, bad = {}, []
+    partitions, bad, routes = {}, [], 0
     for key, _ts, part, _off, value in records:
         partitions.setdefault(key, set()).add(part)
+        route = key.startswith("trucks/") and key.endswith("/route") and key.count("/") == 2
+        if route and value == "":
+            continue    # a retained route cleared
         try:
             plate = json.loads(value)["plate"]
         except (ValueError, KeyError, TypeError):
             plate = None
-        if not key.startswith("trucks/") or key != f"trucks/{plate}":
+        routes += route
+        if key != (f"trucks/{plate}/route" if route else f"trucks/{plate}"):
             bad.append(key)
-    keys = [k for k in partitions if k.startswith("trucks/")]
+    keys = [k for k in partitions if is_position(k)]
     split = [k for k, p in partitions.items() if len(p) > 1]
-    check("truck positions arrive in Kafka `trucks`", len(records) > 0 and len(keys) >= trucks,
-          f"{len(records)} records, {len(keys)} trucks (fleet {trucks})")
-    check("each record is keyed by its truck (key trucks/<plate> = payload's plate)", records and not bad,
-          f"{len(bad)} records otherwise: {bad[:3]}")
+    check("truck positions arrive in Kafka `trucks`", len(keys) >= trucks,
+          f"{len(records)} records, {len(keys)} trucks (fleet {trucks}), {routes} of them routes")
+    check("each record is keyed by its truck (trucks/<plate>, trucks/<plate>/route; the payload's plate)",
+          records and not bad, f"{len(bad)} records otherwise: {bad[:3]}")
     check("each truck's records stay in one partition (ordered per truck)", keys and not split, f"{split[:3]}")

@@ -2,6 +2,7 @@
 balancer, the viewer's refused publish, and the take-over after `docker kill` of a broker."""
 
 import json
+import struct
 import subprocess
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from compose_check_kafka import read_trucks_topic
+from compose_check_kafka import is_position, read_trucks_topic
 
 PROBES = 8
 PROBE_RATE_HZ = 20
@@ -23,34 +24,51 @@ def client(client_id, user=None, password=None):
     return c
 
 
+def snapshot_count(payload):
+    """Trucks in a fleet/stats/snapshot v1 payload (format: stream-jobs/src/snapshot.rs), or None."""
+    header, record = 52, 6
+    if len(payload) < header or payload[0] != 1:
+        return None
+    count = struct.unpack_from("<I", payload, 8)[0]
+    return count if len(payload) == header + count * record else None
+
+
 def check_directions(check, host, port, trucks):
-    """fleet/stats/directions, as an anonymous subscriber through the balancer."""
-    got = []
+    """fleet/stats/directions and the map's fleet/stats/snapshot, as an anonymous subscriber
+    through the balancer (both come from Kafka `fleet-stats`, written by the two stream jobs)."""
+    got = {}
     done = threading.Event()
     c = client("ci-directions")
     c.on_connect = lambda cl, *_: cl.subscribe("fleet/stats/#", qos=0)
 
     def on_message(_c, _u, msg):
-        got.append((msg.topic, msg.payload))
-        done.set()
+        got.setdefault(msg.topic, msg.payload)
+        if {"fleet/stats/directions", "fleet/stats/snapshot"} <= got.keys():
+            done.set()
     c.on_message = on_message
     c.connect(host, port, keepalive=30)
     c.loop_start()
     done.wait(60)
     c.loop_stop()
     c.disconnect()
-    if not got:
-        check("direction counts arrive over MQTT through the balancer", False, "nothing in 60 s")
-        return
-    topic, payload = got[0]
-    try:
-        stats = json.loads(payload)
-        counted = stats["trucks"]
-        ok = topic == "fleet/stats/directions" and counted > 0 and sum(stats["counts"].values()) == counted
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        ok, counted = False, f"bad payload ({e})"
-    check("direction counts arrive over MQTT through the balancer", ok,
-          f"{topic}: {counted} trucks counted (fleet {trucks})")
+    payload = got.get("fleet/stats/directions")
+    if payload is None:
+        check("direction counts arrive over MQTT through the balancer", False,
+              f"nothing on fleet/stats/directions in 60 s (topics seen: {sorted(got)})")
+    else:
+        try:
+            stats = json.loads(payload)
+            counted = stats["trucks"]
+            ok = counted > 0 and sum(stats["counts"].values()) == counted
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            ok, counted = False, f"bad payload ({e})"
+        check("direction counts arrive over MQTT through the balancer", ok,
+              f"fleet/stats/directions: {counted} trucks counted (fleet {trucks})")
+    snap = got.get("fleet/stats/snapshot")
+    count = snapshot_count(snap) if snap is not None else None
+    check("the fleet snapshot (fleet-snapshot service) arrives over MQTT through the balancer",
+          count is not None and count > 0,
+          "nothing in 60 s" if snap is None else f"{count} trucks in a {len(snap)}-byte snapshot (fleet {trucks})")
 
 
 def check_viewer_refused(check, host, port, password):
@@ -130,7 +148,7 @@ def served_again(records, t_kill_ms, limit_s):
     """Per truck that published in the 5 s before the kill: seconds until its first record after it."""
     before, after = set(), {}
     for key, ts, _p, _o, _v in records:
-        if "CI-PROBE" in key:
+        if "CI-PROBE" in key or not is_position(key):
             continue
         if t_kill_ms - 5000 <= ts < t_kill_ms:
             before.add(key)

@@ -37,16 +37,23 @@ def check_grafana(check, base):
           f"{len(dashboards)} dashboards: {', '.join(d['title'] for d in dashboards)}")
 
 
-def run_node(args, log):
+def run_node(args, log, env=None):
     with open(log, "w") as f:
         return subprocess.run(["node", *args], cwd=ROOT / "static", stdout=f, stderr=subprocess.STDOUT,
-                              timeout=600).returncode
+                              timeout=600, env={**os.environ, **(env or {})}).returncode
 
 
-def check_browser(check, url, out):
-    """The page served by the ui container, driving MQTT over the balancer's WebSocket port."""
+def check_browser(check, url, out, trucks, route_as):
+    """The page served by the ui container, driving MQTT over the balancer's WebSocket port:
+    live trucks (at least 95% of the fleet, at most 300 KB/s into the tab), followed trucks,
+    direction counts, the throughput panel (the ui scrapes the brokers), a refused publish.
+    route_as: "ws-url,user,password" of the trucksim identity, for a followed truck's route
+    when none has one published yet (static/test/browser.mjs --route-as)."""
     log = out / "browser-test.log"
-    rc = run_node(["test/browser.mjs", url, "--expect-broker", "--out", str(out / "compose-ui.png")], log)
+    args = ["test/browser.mjs", url, "--expect-broker", "--expect-throughput", "--trucks", str(trucks),
+            "--route-as", route_as, "--out", str(out / "compose-ui.png")]
+    # The ui container serves roads (LODESTREAM_UI_ROADS in docker-compose.yml): check them.
+    rc = run_node(args, log, {"LODESTREAM_UI_ROADS": "/osrm/roads.geojson"})
     lines = log.read_text().splitlines()
     summary = next((ln for ln in reversed(lines) if ln.endswith(" failed")), "no summary")
     fails = [ln for ln in lines if ln.startswith("FAIL")]
@@ -55,7 +62,8 @@ def check_browser(check, url, out):
     shots = Path(os.environ.get("SCREENSHOT_DIR", out))
     shots.mkdir(parents=True, exist_ok=True)
     country, truck = out / "screenshot.png", out / "screenshot-truck.png"
-    rc = run_node(["test/screenshots.mjs", url, str(country), str(truck)], out / "screenshots.log")
+    zoom = os.environ.get("SCREENSHOT_TRUCK_ZOOM", "14")
+    rc = run_node(["test/screenshots.mjs", url, str(country), str(truck), "--truck-zoom", zoom], out / "screenshots.log")
     ok = rc == 0 and country.stat().st_size > 0 and truck.stat().st_size > 0 if rc == 0 else False
     if ok and shots != out:
         shutil.copy(country, shots / "screenshot.png")

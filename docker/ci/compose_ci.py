@@ -35,7 +35,7 @@ PREBUILT_STAGES = {
     "builder": ["COPY out/ /out/"],
     "static": ["COPY static/ /static/"],
 }
-BINARIES = ["broker", "truck-sim", "directions", "ui"]
+BINARIES = ["broker", "truck-sim", "directions", "fleet-snapshot", "ui"]
 # Left out of the front-end copy: what the real `static` stage deletes or never copies.
 STATIC_EXCLUDE = {"node_modules", ".venv", "test"}
 # Services without a build section -> the stand-in (docker/ci/standins/NAME.Dockerfile).

@@ -72,6 +72,9 @@ async function checkMapWorthWatching(page) {
   }
 
   await page.waitForFunction(() => window.__lodestream.snapshots >= 2, { timeout: 20_000 }).catch(() => {});
+  // The view just changed (showItaly): the dots are counted from a frame drawn at the new zoom,
+  // which under software GL and load can take a few seconds to come.
+  await page.waitForFunction(() => window.__lodestream.renderedCount('all-trucks') > 0, { timeout: 15_000 }).catch(() => {});
   let s = await L();
   const dots = await page.evaluate(() => window.__lodestream.renderedCount('all-trucks'));
   const enough = fleetSize ? s.snapshotTrucks >= fleetSize * 0.95 : s.snapshotTrucks > 0;
@@ -225,16 +228,38 @@ try {
     check('followed trucks', s2.followed.length > 0, s2.followed.join(','));
     const markers = await page.$$eval('.truck', (els) => els.length);
     check('truck markers on the map', markers > 0, `${markers} markers`);
-    // Smooth movement: a followed marker's drawn position changes between
-    // two animation frames that fall between MQTT updates (trucks publish
-    // every 0.5–2 s, so 300 ms without any change means no glide).
+    // Smooth movement: between two consecutive animation frames a followed
+    // marker moves, and is drawn where its truck's last report is not (on its
+    // way there). A marker that jumped to each report would always sit on the
+    // latest one; one that is not animated would not move between frames.
+    // Frames, not a fixed time: software GL under load draws only a few a
+    // second, and then a new report arrives between almost any two frames.
     await page.evaluate(() => window.__lodestream.focus(window.__lodestream.followed[0], 13));
     await new Promise((r) => setTimeout(r, 800));
-    const p1 = new Map(await page.evaluate(() => window.__lodestream.markerLngLats()));
-    await new Promise((r) => setTimeout(r, 300));
-    const p2 = await page.evaluate(() => window.__lodestream.markerLngLats());
-    const moved = p2.filter(([plate, q]) => p1.has(plate) && (p1.get(plate)[0] !== q[0] || p1.get(plate)[1] !== q[1])).length;
-    check('followed markers glide between updates', moved > 0, `${moved}/${p1.size} moved in 300 ms`);
+    const glide = await page.evaluate(async () => {
+      const L = window.__lodestream;
+      const frame = () => new Promise((r) => requestAnimationFrame(() => r()));
+      const same = (a, b) => a[0] === b[0] && a[1] === b[1];
+      let best = { moved: 0, of: 0, pairs: 0, frameMs: 0 };
+      const t0 = performance.now();
+      for (let n = 1; n <= 10 && performance.now() - t0 < 10_000; n++) {
+        await frame();
+        const a = new Map(L.markerLngLats());
+        const ta = performance.now();
+        await frame();
+        const frameMs = Math.round(performance.now() - ta);
+        const b = L.markerLngLats();
+        const moved = b.filter(([p, q]) => {
+          const r = L.position(p);
+          return a.has(p) && !same(a.get(p), q) && r && !same([r.lon, r.lat], q);
+        }).length;
+        best = { moved, of: b.length, pairs: n, frameMs };
+        if (moved > 0) break;
+      }
+      return best;
+    });
+    check('followed markers glide between updates', glide.moved > 0,
+      `${glide.moved}/${glide.of} moved between two frames and sit between reports (${glide.pairs} pair(s), ${glide.frameMs} ms a frame)`);
     const pub = await page.evaluate(() => window.__lodestream.tryPublish());
     check('broker refuses a publish from the read-only identity', pub.denied === true, pub.reason);
     // For the screenshot: all-trucks layer on, one truck selected (waypoint line).
