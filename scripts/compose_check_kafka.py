@@ -7,33 +7,54 @@ TRUCKS_TOPIC = "trucks"
 
 
 def read_trucks_topic(compose):
-    """Every record of Kafka `trucks`: (key, timestamp ms, partition, offset, value)."""
+    """Every record of Kafka `trucks`: (MQTT topic, timestamp ms, partition, offset, value, key).
+    The brokers key positions by plate (rule `trucks:trucks/{plate}:{plate}`) with the MQTT topic
+    in the `mqtt.topic` header; other records (the routes) are keyed by their MQTT topic."""
     res = compose("--profile", "tools", "run", "--rm", "--no-deps", "-T", "kcat",
-                  "-C", "-t", TRUCKS_TOPIC, "-o", "beginning", "-e", "-q", "-f", r"%k\t%T\t%p\t%o\t%s\n")
+                  "-C", "-t", TRUCKS_TOPIC, "-o", "beginning", "-e", "-q",
+                  "-f", r"%k\t%T\t%p\t%o\t%h\t%s\n")
     if res.returncode != 0:
         raise SystemExit(f"kcat failed: {res.stderr[-2000:]}")
+    return parse_records(res.stdout)
+
+
+def parse_records(text):
+    """kcat lines `key TAB ts TAB partition TAB offset TAB headers TAB value` (headers as
+    `name=value,...`) as read_trucks_topic returns them."""
     records = []
-    for line in res.stdout.splitlines():
-        parts = line.split("\t", 4)
-        if len(parts) == 5:
-            records.append((parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4]))
+    for line in text.splitlines():
+        parts = line.split("\t", 5)
+        if len(parts) != 6:
+            continue
+        key, ts, part, off, headers, value = parts
+        named = dict(h.split("=", 1) for h in headers.split(",") if "=" in h)
+        records.append((named.get("mqtt.topic", key), int(ts), int(part), int(off), value, key))
     return records
 
 
-def is_position(key):
+def is_position(topic):
     """trucks/<plate>: a position. truck-sim also publishes each truck's route ahead, retained,
     on trucks/<plate>/route, which the brokers' mapping (trucks/#) puts into the same topic."""
-    return key.startswith("trucks/") and key.count("/") == 1
+    return topic.startswith("trucks/") and topic.count("/") == 1
+
+
+def expected_key(topic, plate, route):
+    """The record key the brokers' rules give: the bare plate for a position, the MQTT topic
+    (trucks/<plate>/route) for a route; None when the topic does not name the payload's plate."""
+    if route:
+        return topic if topic == f"trucks/{plate}/route" else None
+    return plate if topic == f"trucks/{plate}" else None
 
 
 def check_kafka_keys(compose, check, trucks):
-    """Positions arrive keyed per truck: key trucks/<plate>, one partition per key, plate in the
-    payload; the routes (trucks/<plate>/route) likewise name their truck."""
+    """Positions arrive keyed per truck: key <plate> (a key template), the MQTT topic
+    trucks/<plate> in the mqtt.topic header, one partition per key, plate in the payload; the
+    routes (trucks/<plate>/route) keep their topic as key."""
     records = read_trucks_topic(compose)
     partitions, bad, routes = {}, [], 0
-    for key, _ts, part, _off, value in records:
-        partitions.setdefault(key, set()).add(part)
-        route = key.startswith("trucks/") and key.endswith("/route") and key.count("/") == 2
+    for topic, _ts, part, _off, value, key in records:
+        partitions.setdefault(topic, set()).add(part)
+        route = topic.startswith("trucks/") and topic.endswith("/route") and topic.count("/") == 2
         if route and value == "":
             continue    # a retained route cleared
         try:
@@ -41,12 +62,13 @@ def check_kafka_keys(compose, check, trucks):
         except (ValueError, KeyError, TypeError):
             plate = None
         routes += route
-        if key != (f"trucks/{plate}/route" if route else f"trucks/{plate}"):
-            bad.append(key)
+        if key != expected_key(topic, plate, route):
+            bad.append(f"{key} ({topic})")
     keys = [k for k in partitions if is_position(k)]
     split = [k for k, p in partitions.items() if len(p) > 1]
     check("truck positions arrive in Kafka `trucks`", len(keys) >= trucks,
           f"{len(records)} records, {len(keys)} trucks (fleet {trucks}), {routes} of them routes")
-    check("each record is keyed by its truck (trucks/<plate>, trucks/<plate>/route; the payload's plate)",
+    check("each record is keyed by its truck (positions by plate with mqtt.topic trucks/<plate>, "
+          "routes by trucks/<plate>/route; the payload's plate)",
           records and not bad, f"{len(bad)} records otherwise: {bad[:3]}")
     check("each truck's records stay in one partition (ordered per truck)", keys and not split, f"{split[:3]}")

@@ -147,7 +147,7 @@ def publish_probes(probes, seconds, start_seq):
 def served_again(records, t_kill_ms, limit_s):
     """Per truck that published in the 5 s before the kill: seconds until its first record after it."""
     before, after = set(), {}
-    for key, ts, _p, _o, _v in records:
+    for key, ts, _p, _o, _v, _k in records:
         if "CI-PROBE" in key or not is_position(key):
             continue
         if t_kill_ms - 5000 <= ts < t_kill_ms:
@@ -183,7 +183,7 @@ def check_takeover(check, compose, host, port, password, metrics_ports, trucks, 
     check(f"broker-{survivor + 1} serves the whole fleet", survivor_conns >= trucks,
           f"{survivor_conns:.0f} connections, fleet {trucks}")
     in_kafka = {}
-    for key, _ts, _p, _o, value in records:
+    for key, _ts, _p, _o, value, _k in records:
         if "CI-PROBE" in key:
             try:
                 in_kafka.setdefault(key, set()).add(json.loads(value)["seq"])
