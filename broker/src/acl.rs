@@ -5,7 +5,7 @@
 //! ```toml
 //! [[rule]]
 //! who = "user:trucksim"        # user:NAME | cert:ID | anonymous | authenticated | *
-//! action = "publish"           # publish | subscribe | all
+//! action = "publish"           # publish | subscribe | replay | all
 //! topics = ["trucks/#"]        # MQTT filters; %u = username, %c = client id,
 //!                              # %{claim:NAME} = claim NAME of the login JWT
 //! allow = true                 # required: true allows, false denies
@@ -33,7 +33,14 @@
 //!   granted, never delivers a topic the rule denies: live messages, what a
 //!   resumed session catches up on from Kafka and retained messages are all
 //!   checked at delivery (`Acl::may_deliver`), like Mosquitto's `acl_file`;
-//! - shared subscriptions `$share/group/filter` are checked on `filter`.
+//! - shared subscriptions `$share/group/filter` are checked on `filter`;
+//! - replay (history from Kafka on SUBSCRIBE, `replay.rs`): a replaying
+//!   SUBSCRIBE needs `subscribe` on its filter *and* `replay` on it, each
+//!   decided by its own first matching rule (`all` rules apply to both);
+//!   `replay` rules match filters as subscribe rules do (an allow must
+//!   cover the filter, a deny refuses every overlapping one), so a deny
+//!   refuses history (SUBACK 0x87) while the live subscription stays
+//!   allowed. With a rules file and no rule for `replay`, replay is denied.
 //!
 //! `match = "literal"` compares the rule's topics as plain strings, without
 //! wildcards (EMQX's `{eq, ...}`, Mosquitto's `subscribeLiteral`): a literal
@@ -72,6 +79,8 @@ use crate::mapping::covers;
 pub enum Action {
     Publish,
     Subscribe,
+    /// A SUBSCRIBE asking for history from Kafka (checked on the filter).
+    Replay,
 }
 
 #[derive(Debug, Error)]
@@ -127,6 +136,7 @@ impl Who {
 enum RuleAction {
     Publish,
     Subscribe,
+    Replay,
     All,
 }
 
@@ -163,6 +173,7 @@ impl Rule {
             (RuleAction::All, _)
                 | (RuleAction::Publish, Action::Publish)
                 | (RuleAction::Subscribe, Action::Subscribe)
+                | (RuleAction::Replay, Action::Replay)
         );
         action_applies && self.who.applies(who)
     }
@@ -174,16 +185,16 @@ impl Rule {
             let Some(pattern) = substitute(pattern, who) else {
                 return false;
             };
-            match (self.matching, action, self.allow, self.overlap) {
+            // A replay is matched as the subscription it asks history for.
+            let filter_action = matches!(action, Action::Subscribe | Action::Replay);
+            match (self.matching, filter_action, self.allow, self.overlap) {
                 (Match::Literal, _, _, _) => pattern == target,
-                (Match::Pattern, Action::Publish, _, _) => matches(&pattern, target),
-                (Match::Pattern, Action::Subscribe, true, _) => covers(&pattern, target),
-                (Match::Pattern, Action::Subscribe, false, Overlap::Refuse) => {
+                (Match::Pattern, false, _, _) => matches(&pattern, target),
+                (Match::Pattern, true, true, _) => covers(&pattern, target),
+                (Match::Pattern, true, false, Overlap::Refuse) => {
                     filters_may_overlap(&pattern, target)
                 }
-                (Match::Pattern, Action::Subscribe, false, Overlap::Filter) => {
-                    covers(&pattern, target)
-                }
+                (Match::Pattern, true, false, Overlap::Filter) => covers(&pattern, target),
             }
         })
     }
@@ -262,7 +273,7 @@ impl Acl {
         let shared;
         let target = match action {
             Action::Publish => topic_or_filter,
-            Action::Subscribe if is_shared(topic_or_filter) => {
+            Action::Subscribe | Action::Replay if is_shared(topic_or_filter) => {
                 match SharedFilter::parse(topic_or_filter) {
                     Some(s) => {
                         shared = s;
@@ -271,7 +282,7 @@ impl Acl {
                     None => return false,
                 }
             }
-            Action::Subscribe => topic_or_filter,
+            Action::Subscribe | Action::Replay => topic_or_filter,
         };
         for rule in rules {
             if rule.applies(who, action) && rule.hits(who, action, target) {
@@ -375,7 +386,11 @@ fn rule_options(
     };
     let overlap = match r.overlap.as_ref().map(|o| o.get_ref().as_str()) {
         None | Some("refuse") => Overlap::Refuse,
-        Some("filter") if !r.allow && action != RuleAction::Publish => Overlap::Filter,
+        // Withholding at delivery is a subscription's business; a replay
+        // deny refuses (its history would pass the same delivery check).
+        Some("filter") if !r.allow && matches!(action, RuleAction::Subscribe | RuleAction::All) => {
+            Overlap::Filter
+        }
         Some(s) => {
             return Err((
                 r.overlap.as_ref().map(|o| o.span()).unwrap_or_default(),
@@ -437,11 +452,14 @@ fn parse_with(text: &str, path: Option<String>) -> Result<Acl, AclError> {
         let action = match r.action.get_ref().as_str() {
             "publish" => RuleAction::Publish,
             "subscribe" => RuleAction::Subscribe,
+            "replay" => RuleAction::Replay,
             "all" => RuleAction::All,
             s => {
                 return Err(err(
                     r.action.span(),
-                    format!("action = {s:?}: expected \"publish\", \"subscribe\" or \"all\""),
+                    format!(
+                        "action = {s:?}: expected \"publish\", \"subscribe\", \"replay\" or \"all\""
+                    ),
                 ))
             }
         };
@@ -838,6 +856,65 @@ mod tests {
         assert!(acl.check(&a, Action::Subscribe, "$share/g/trucks/+/gps"));
         assert!(!acl.check(&a, Action::Subscribe, "$share/g/cars/#"));
         assert!(!acl.check(&a, Action::Subscribe, "$share/g"));
+    }
+
+    #[test]
+    fn replay_needs_its_own_rule_and_a_deny_refuses_history_only() {
+        let acl = Acl::parse(
+            r##"
+            [[rule]]
+            who = "*"
+            action = "replay"
+            topics = ["trucks/secret/#"]
+            allow = false
+
+            [[rule]]
+            who = "*"
+            action = "replay"
+            topics = ["trucks/#"]
+            allow = true
+
+            [[rule]]
+            who = "*"
+            action = "subscribe"
+            topics = ["trucks/#", "cars/#"]
+            allow = true
+
+            [[rule]]
+            who = "user:ops"
+            action = "all"
+            topics = ["ops/#"]
+            allow = true
+            "##,
+        )
+        .unwrap();
+        let a = anon();
+        assert!(acl.check(&a, Action::Replay, "trucks/1/+"));
+        // A deny overlapping the filter refuses the replay, not the subscription.
+        assert!(!acl.check(&a, Action::Replay, "trucks/#"));
+        assert!(acl.check(&a, Action::Subscribe, "trucks/#"));
+        // Subscribe allowed, no replay rule: no history.
+        assert!(acl.check(&a, Action::Subscribe, "cars/#"));
+        assert!(!acl.check(&a, Action::Replay, "cars/#"));
+        // `all` grants replay too; shared filters are checked on the inner one.
+        assert!(acl.check(&user("ops"), Action::Replay, "ops/x"));
+        assert!(acl.check(&a, Action::Replay, "$share/g/trucks/1"));
+        // Without a rules file, replay is allowed like everything else.
+        assert!(Acl::allow_all().check(&a, Action::Replay, "#"));
+        let filter_on_replay = Acl::parse(
+            r#"
+            [[rule]]
+            who = "*"
+            action = "replay"
+            topics = ["a/#"]
+            allow = false
+            overlap = "filter"
+            "#,
+        );
+        assert!(
+            filter_on_replay.is_err(),
+            "overlap = filter is for subscriptions"
+        );
     }
 
     #[test]

@@ -160,6 +160,22 @@ pub struct MqttLimits {
     /// session-write latency). 0: unbounded (a death re-delivers what
     /// arrived during one or two session writes, at least 16).
     pub max_unsaved_deliveries: usize,
+    /// Replay on subscribe (`replay.rs`): how far back (s) a replay may
+    /// reach; an older start is clipped to it (SUBACK reason string says
+    /// so). 0 turns replay off (SUBACK 0x83).
+    pub replay_max_lookback_s: u64,
+    /// Records one replay may read (summed over the Kafka partitions its
+    /// filter reads, matching or not); a bigger request is refused with
+    /// SUBACK 0x97 before anything is read.
+    pub replay_max_records: u64,
+    /// Records per second the replays of one connection read together from
+    /// their history, up to the high watermarks at SUBSCRIBE (0 =
+    /// unlimited); over it the read waits, nothing is dropped. Past the
+    /// history a replay chases live messages unpaced, so it reaches live.
+    pub replay_rate: u32,
+    /// Replays running at once per connection; one more is refused with
+    /// SUBACK 0x97.
+    pub replay_max_concurrent: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -226,6 +242,10 @@ impl Default for MqttLimits {
             max_publish_rate: 0,
             max_sessions: 1_000_000,
             max_unsaved_deliveries: 0,
+            replay_max_lookback_s: 24 * 3600,
+            replay_max_records: 100_000,
+            replay_rate: 10_000,
+            replay_max_concurrent: 4,
         }
     }
 }

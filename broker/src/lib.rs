@@ -11,6 +11,7 @@ pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod rate_limit;
+pub mod replay;
 pub mod retained;
 pub mod retry;
 pub mod server;

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub dropped_messages: IntCounterVec,
     pub auth_failures: IntCounter,
     pub publish_throttled: IntCounter,
+    /// Replays on subscribe by result: `started` or why refused.
+    pub replays: IntCounterVec,
     pub qos2_duplicates_suppressed: IntCounter,
     pub consumer_lag: prometheus::IntGaugeVec,
     pub disconnects: IntCounterVec,
@@ -133,11 +135,36 @@ fn publish_latency_histogram(r: &Registry) -> Histogram {
     h
 }
 
+/// How connections, retries and background writes ended (split from
+/// [`Metrics::new`] to keep it short).
+fn ending_metrics(r: &Registry) -> (IntCounterVec, IntCounterVec, IntCounter) {
+    (
+        counter_vec(
+            r,
+            "lodestream_disconnects_total",
+            "Connections closed, by reason",
+            &["reason"],
+        ),
+        counter_vec(
+            r,
+            "lodestream_retry_give_ups_total",
+            "Operations given up after their last retry (retry.rs), by operation",
+            &["what"],
+        ),
+        counter(
+            r,
+            "lodestream_session_writes_abandoned_total",
+            "Background session-record writes given up after their last retry",
+        ),
+    )
+}
+
 impl Metrics {
     /// Registration only fails on a programming error (duplicate or invalid
     /// name, fixed at compile time), hence the panics: they fire in every test.
     pub fn new() -> Metrics {
         let r = Registry::new();
+        let (disconnects, retry_give_ups, session_writes_abandoned) = ending_metrics(&r);
         Metrics {
             connections: gauge(&r, "lodestream_connections", "Open MQTT connections"),
             connections_total: counter(
@@ -217,29 +244,21 @@ impl Metrics {
                 "lodestream_publish_throttled_total",
                 "Times a client hit mqtt.max_publish_rate and its socket was paused",
             ),
+            replays: counter_vec(
+                &r,
+                "lodestream_replays_total",
+                "Replays on subscribe: started, or refused and why",
+                &["result"],
+            ),
             consumer_lag: gauge_vec(
                 &r,
                 "lodestream_kafka_consumer_lag",
                 "Records in Kafka not yet read for fan-out, by Kafka topic (sum over partitions)",
                 &["topic"],
             ),
-            disconnects: counter_vec(
-                &r,
-                "lodestream_disconnects_total",
-                "Connections closed, by reason",
-                &["reason"],
-            ),
-            retry_give_ups: counter_vec(
-                &r,
-                "lodestream_retry_give_ups_total",
-                "Operations given up after their last retry (retry.rs), by operation",
-                &["what"],
-            ),
-            session_writes_abandoned: counter(
-                &r,
-                "lodestream_session_writes_abandoned_total",
-                "Background session-record writes given up after their last retry",
-            ),
+            disconnects,
+            retry_give_ups,
+            session_writes_abandoned,
             connections_max: gauge(
                 &r,
                 "lodestream_connections_max",

@@ -163,11 +163,14 @@ impl SubscriptionIndex {
 
     /// Registers a resumed session's subscriptions once its catch-up read
     /// has reached fan-out: `Err(positions)` when fan-out is still ahead of
-    /// `caught_up` on some partition (read further, then retry).
+    /// `caught_up` on some partition (read further, then retry). `entries`
+    /// is called under the index's write lock, so a filter the client
+    /// unsubscribed from before the lock is left out, and one it
+    /// unsubscribes from after is removed by its UNSUBSCRIBE.
     pub fn register_if_caught_up(
         &self,
         caught_up: &Offsets,
-        entries: Vec<(String, SubKey, SubEntry)>,
+        entries: impl FnOnce() -> Vec<(String, SubKey, SubEntry)>,
     ) -> Result<(), Offsets> {
         let mut t = self.trie.write().unwrap_or_else(|e| e.into_inner());
         let pos = self.positions.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,7 +183,7 @@ impl SubscriptionIndex {
             return Err(behind);
         }
         drop(pos);
-        for (filter, key, entry) in entries {
+        for (filter, key, entry) in entries() {
             // Filters were validated when first subscribed.
             if t.insert(&filter, key, entry)
                 .is_ok_and(|prev| prev.is_none())

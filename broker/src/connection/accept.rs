@@ -308,6 +308,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             backlog: VecDeque::new(),
             catchup: None,
             catchup_removed: Arc::new(std::sync::Mutex::new(Vec::new())),
+            replays: replay::Replays::default(),
             dirty: false,
             acked_since_sync: 0,
             unsaved: 0,

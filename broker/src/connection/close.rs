@@ -104,6 +104,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             .with_label_values(&[end.label()])
             .inc();
         self.close_socket(&end).await;
+        // Before the session is released: no replay may hand a filter to
+        // fan-out after `release` has taken the session's out.
+        self.replays.stop(&node).await;
         self.settle_acks(&end).await;
         self.requeue_backlog();
         let leaving = Leaving {

@@ -24,6 +24,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             subscriptions: plain,
             entries: entries.clone(),
             removed: self.catchup_removed.clone(),
+            pace: None,
+            wait_drained: false,
         };
         let (tx, rx) = mpsc::channel(node.config().mqtt.session_queue.max(1));
         self.catchup = Some(rx);

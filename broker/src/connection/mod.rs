@@ -59,6 +59,7 @@ mod close;
 mod delivery;
 mod io;
 mod publish;
+mod replay;
 mod subscribe;
 mod sync;
 
@@ -249,6 +250,9 @@ struct Conn<S> {
     /// mailbox, which fan-out only fills once the catch-up has finished.
     catchup: Option<mpsc::Receiver<Delivery>>,
     catchup_removed: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Replays on subscribe (`replay.rs`): unlike a catch-up they do not
+    /// hold back live deliveries of the other subscriptions.
+    replays: replay::Replays,
     /// Session state changed since it was last written to Kafka.
     dirty: bool,
     /// Deliveries acknowledged by the client since the last session write.
@@ -326,6 +330,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     Ok(())
                 },
                 d = self.session.inbox.recv(), if live => {
+                    if let Some(d) = d {
+                        self.backlog.push_back(d);
+                    }
+                    Ok(())
+                },
+                d = recv_opt(&mut self.replays.rx), if can_deliver && self.replays.rx.is_some() => {
+                    // The connection keeps a sender: the channel stays open.
                     if let Some(d) = d {
                         self.backlog.push_back(d);
                     }

@@ -3,10 +3,11 @@
 //! messages to the connection in Kafka order, and, once it has reached what
 //! fan-out already dispatched, registers the session with fan-out (records
 //! it has already delivered are then filtered out by offset). This is how a
-//! client that reconnects to any node receives what it missed.
+//! client that reconnects to any node receives what it missed, and how a
+//! replay on subscribe (`replay.rs`) reads history and switches to live.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lodestream_mqtt::SubscriptionOptions;
@@ -16,8 +17,19 @@ use tokio::sync::mpsc;
 
 use super::Record;
 use crate::config::KafkaConfig;
+use crate::rate_limit::TokenBucket;
 use crate::session::{Delivery, Offsets, Source};
 use crate::subscriptions::{delivery_for, SubEntry, SubKey, SubscriptionIndex};
+
+/// How fast a replay reads its history.
+pub struct Pace {
+    /// Records per second, shared by the connection's replays.
+    pub bucket: Arc<Mutex<TokenBucket>>,
+    /// The high watermarks when the replay was planned: records below are
+    /// the history and take a token; past them the read chases live
+    /// messages, unpaced as fan-out is, so a replay always reaches live.
+    pub until: Offsets,
+}
 
 pub struct CatchUp {
     pub client_id: Arc<str>,
@@ -30,6 +42,13 @@ pub struct CatchUp {
     pub entries: Vec<(String, SubKey, SubEntry)>,
     /// Filters the client unsubscribed from meanwhile: not registered.
     pub removed: Arc<Mutex<Vec<String>>>,
+    /// A replay's `mqtt.replay_rate`; `None`: unpaced.
+    pub pace: Option<Pace>,
+    /// Register only once the connection has taken every delivery sent so
+    /// far (a replay: the connection keeps delivering live messages of its
+    /// other subscriptions meanwhile, so what this read sent must be in its
+    /// backlog before fan-out can add live messages of this filter behind).
+    pub wait_drained: bool,
 }
 
 /// Runs the catch-up; returns the offsets reached. The deliveries channel
@@ -56,23 +75,12 @@ pub async fn run(
     };
     let mut stream = consumer.as_ref().map(|c| c.stream());
     loop {
+        if job.wait_drained {
+            drained(&tx).await?;
+        }
         // Try to hand over to fan-out.
-        let removed = job
-            .removed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         let from = Arc::new(pos.clone());
-        let entries: Vec<(String, SubKey, SubEntry)> = job
-            .entries
-            .iter()
-            .filter(|(f, k, _)| !removed.contains(&full_filter(f, k)))
-            .map(|(f, k, e)| {
-                let mut e = e.clone();
-                e.live_from = Some(from.clone());
-                (f.clone(), k.clone(), e)
-            })
-            .collect();
+        let entries = || live_entries(&job, &from);
         let behind = match index.register_if_caught_up(&pos, entries) {
             Ok(()) => return Ok(pos),
             Err(behind) => behind,
@@ -97,7 +105,18 @@ pub async fn run(
                 Err(_) => break, // re-check positions (records may have been compacted away)
             };
             let rec = Record::copy_of(&item);
+            // librdkafka's buffer is not held while the pace waits.
+            drop(item);
             let topic: Arc<str> = Arc::from(rec.topic.as_str());
+            if let Some(pace) = &job.pace {
+                let history = pace
+                    .until
+                    .get(&(topic.clone(), rec.partition))
+                    .is_some_and(|high| rec.offset < *high);
+                if history {
+                    paced(&pace.bucket).await;
+                }
+            }
             pos.insert((topic.clone(), rec.partition), rec.offset + 1);
             // The same conversion as fan-out: a record fan-out would skip
             // (e.g. key `cars/+`) is skipped here too.
@@ -124,6 +143,46 @@ pub async fn run(
                     anyhow::bail!("connection closed during catch-up");
                 }
             }
+        }
+    }
+}
+
+/// The entries to register, live from `from`, without the filters the
+/// client unsubscribed from meanwhile.
+fn live_entries(job: &CatchUp, from: &Arc<Offsets>) -> Vec<(String, SubKey, SubEntry)> {
+    let removed = job.removed.lock().unwrap_or_else(|e| e.into_inner());
+    job.entries
+        .iter()
+        .filter(|(f, k, _)| !removed.contains(&full_filter(f, k)))
+        .map(|(f, k, e)| {
+            let mut e = e.clone();
+            e.live_from = Some(from.clone());
+            (f.clone(), k.clone(), e)
+        })
+        .collect()
+}
+
+/// Waits until the connection has taken every delivery queued in `tx`.
+async fn drained(tx: &mpsc::Sender<Delivery>) -> anyhow::Result<()> {
+    while tx.capacity() < tx.max_capacity() {
+        if tx.is_closed() {
+            anyhow::bail!("connection closed during replay");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Takes one token, sleeping until one is free.
+async fn paced(bucket: &Mutex<TokenBucket>) {
+    loop {
+        let wait = bucket
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(Instant::now());
+        match wait {
+            Ok(()) => return,
+            Err(wait) => tokio::time::sleep(wait).await,
         }
     }
 }

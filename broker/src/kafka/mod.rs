@@ -8,6 +8,7 @@ mod consumer;
 mod producer;
 pub mod qos2_scan;
 mod reader;
+pub mod replay;
 
 pub use admin::ensure_topics;
 pub use producer::{DeliveryFuture, ProduceError, Produced, Producer};

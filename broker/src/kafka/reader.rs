@@ -69,31 +69,45 @@ impl Drop for TopicReader {
 
 type StartOffsets = (TopicPartitionList, HashMap<i32, i64>, HashMap<i32, i64>);
 
-/// The assignment for every partition of `topic`, the high watermarks to
-/// reach for "caught up", and the start offsets. Blocking calls.
-fn start_offsets(c: &StreamConsumer, topic: &str, from: StartAt) -> anyhow::Result<StartOffsets> {
-    let timeout = Duration::from_secs(15);
+/// `(partition, low, high)` watermarks of every partition of `topic`.
+/// Blocking calls, each within `timeout`.
+pub(super) fn watermarks(
+    c: &impl Consumer,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     let md = c.fetch_metadata(Some(topic), timeout)?;
     let t = md
         .topics()
         .first()
         .ok_or_else(|| anyhow::anyhow!("no metadata for Kafka topic {topic}"))?;
     if let Some(e) = t.error() {
-        anyhow::bail!("Kafka topic {topic}: {:?}", e);
+        anyhow::bail!("Kafka topic {topic}: {e:?}");
     }
+    t.partitions()
+        .iter()
+        .map(|p| {
+            let (low, high) = c.fetch_watermarks(topic, p.id(), timeout)?;
+            Ok((p.id(), low, high))
+        })
+        .collect()
+}
+
+/// The assignment for every partition of `topic`, the high watermarks to
+/// reach for "caught up", and the start offsets. Blocking calls.
+fn start_offsets(c: &StreamConsumer, topic: &str, from: StartAt) -> anyhow::Result<StartOffsets> {
     let mut tpl = TopicPartitionList::new();
     let mut targets = HashMap::new();
     let mut starts = HashMap::new();
-    for p in t.partitions() {
-        let (low, high) = c.fetch_watermarks(topic, p.id(), timeout)?;
+    for (partition, low, high) in watermarks(c, topic, Duration::from_secs(15))? {
         let start = match from {
             StartAt::End => high,
             StartAt::Beginning => low,
         };
-        tpl.add_partition_offset(topic, p.id(), Offset::Offset(start))?;
-        starts.insert(p.id(), start);
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        starts.insert(partition, start);
         if high > start {
-            targets.insert(p.id(), high);
+            targets.insert(partition, high);
         }
     }
     if tpl.count() == 0 {

@@ -35,6 +35,7 @@ mod operations;
 mod publish_to_kafka;
 mod qos2_scan_late_write;
 mod redelivery_after_node_death;
+mod replay_on_subscribe;
 mod replicated_kafka;
 mod rolling_restart;
 mod security_matrix;
