@@ -6,6 +6,7 @@ pub mod follow;
 pub mod message;
 pub mod mqtt;
 pub mod osrm;
+pub mod packed_points;
 pub mod places;
 pub mod plates;
 pub mod route;

@@ -140,7 +140,8 @@ struct Args {
     /// makes nearly every route unique: tens of KB a truck on OSM-dense roads.
     #[arg(long, env = "TRUCK_SIM_JITTER_KM", default_value_t = 0.0)]
     jitter_km: f64,
-    /// Speed limit of every truck, km/h (OSRM's annotated speeds are capped to it).
+    /// Speed limit of every truck, km/h (OSRM's annotated speeds are capped to it;
+    /// routes store them in 0.5 km/h steps up to 127.5 km/h).
     #[arg(long, env = "TRUCK_SIM_MAX_SPEED_KMH", default_value_t = 90.0)]
     max_speed_kmh: f64,
     /// Shortest rest at a destination, seconds.
@@ -198,6 +199,13 @@ impl Args {
         }
         if self.username.is_none() && self.password.is_some() {
             bail!("--password needs --username");
+        }
+        let websocket = matches!(self.transport, TransportKind::Ws | TransportKind::Wss);
+        if websocket && !cfg!(feature = "websocket") {
+            bail!(
+                "--transport ws and wss need a truck-sim built with WebSocket support \
+                 (cargo build --release -p truck-sim --features websocket)"
+            );
         }
         Ok(())
     }

@@ -444,9 +444,9 @@ mod tests {
         let r = parse_route_response(200, OK.as_bytes(), 0.0).unwrap();
         assert_eq!(r.len_points(), 3);
         assert_eq!(r.start(), LonLat::new(7.41, 43.73));
-        assert!((r.segment_speed_mps(0) - 8.1).abs() < 1e-6);
+        crate::route::tests::assert_speed(&r, 0, 8.1);
         // speed 0 and distance 0: falls back to the route average 300/30 m/s.
-        assert!((r.segment_speed_mps(1) - 10.0).abs() < 1e-6);
+        crate::route::tests::assert_speed(&r, 1, 10.0);
     }
 
     #[test]
