@@ -144,6 +144,10 @@ pub struct MqttLimits {
     pub topic_alias_maximum: u16,
     pub max_topic_levels: usize,
     pub max_subscriptions_per_client: usize,
+    /// Members of cluster-wide shared subscriptions (`$share/<g>/<f>`) on
+    /// this node; each is one Kafka consumer-group member (a librdkafka
+    /// client with its own threads). Past it, SUBACK 0x97 (quota exceeded).
+    pub max_shared_members: usize,
     /// Seconds a write to a client may block before it is disconnected.
     pub write_timeout_s: u64,
     /// PUBLISH packets per second a client may send (0 = unlimited). Over
@@ -238,6 +242,7 @@ impl Default for MqttLimits {
             topic_alias_maximum: 64,
             max_topic_levels: 32,
             max_subscriptions_per_client: 256,
+            max_shared_members: 64,
             write_timeout_s: 30,
             max_publish_rate: 0,
             max_sessions: 1_000_000,

@@ -16,6 +16,8 @@ pub mod retained;
 pub mod retry;
 pub mod server;
 pub mod session;
+pub mod shared_groups;
+pub mod shared_progress;
 pub mod subscriptions;
 pub mod sys;
 

@@ -63,6 +63,10 @@ pub struct Metrics {
     pub connect_rejected: IntCounterVec,
     pub sessions: IntGauge,
     pub subscriptions: IntGauge,
+    /// Members of cluster-wide shared subscriptions on this node, and the
+    /// Kafka partitions their consumer groups gave them.
+    pub shared_members: IntGauge,
+    pub shared_partitions: IntGauge,
     pub packets_in: PacketCounters,
     pub packets_out: PacketCounters,
     pub bytes_in: IntCounter,
@@ -159,13 +163,32 @@ fn ending_metrics(r: &Registry) -> (IntCounterVec, IntCounterVec, IntCounter) {
     )
 }
 
+/// Cluster-wide shared subscriptions: members and their partitions.
+fn shared_metrics(r: &Registry) -> (IntGauge, IntGauge) {
+    (
+        gauge(
+            r,
+            "lodestream_shared_members",
+            "Members of cluster-wide shared subscriptions on this node (one Kafka consumer each)",
+        ),
+        gauge(
+            r,
+            "lodestream_shared_partitions",
+            "Kafka partitions the shared subscriptions' consumer groups gave this node's members",
+        ),
+    )
+}
+
 impl Metrics {
     /// Registration only fails on a programming error (duplicate or invalid
     /// name, fixed at compile time), hence the panics: they fire in every test.
     pub fn new() -> Metrics {
         let r = Registry::new();
         let (disconnects, retry_give_ups, session_writes_abandoned) = ending_metrics(&r);
+        let (shared_members, shared_partitions) = shared_metrics(&r);
         Metrics {
+            shared_members,
+            shared_partitions,
             connections: gauge(&r, "lodestream_connections", "Open MQTT connections"),
             connections_total: counter(
                 &r,

@@ -24,7 +24,7 @@ use crate::retry::Retry;
 use crate::session::record::SessionRecord;
 use crate::session::registry::{Control, Registry};
 use crate::session::store::{Applied, SessionStore};
-use crate::session::{Session, Source};
+use crate::session::{Delivery, Session, Source};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
@@ -58,6 +58,8 @@ pub struct Node {
     open_connections: AtomicUsize,
     /// Flips to true when the node shuts down.
     shutdown_tx: watch::Sender<bool>,
+    /// Cluster-wide shared subscriptions with members here.
+    shared: crate::shared_groups::SharedGroups,
 }
 
 /// Counts one open connection of a node for as long as it lives.
@@ -172,7 +174,55 @@ impl Node {
             retained,
             metrics,
             shutdown_tx: shutdown,
+            shared: Default::default(),
         }))
+    }
+
+    /// Adds a member to the shared subscription `key` on this node (see
+    /// `shared_groups.rs`); returns once its Kafka group has a position.
+    pub async fn join_shared(
+        &self,
+        key: crate::shared_groups::GroupKey,
+        slot: crate::shared_groups::Slot,
+    ) -> Result<(), crate::shared_groups::JoinError> {
+        let max = self.config.mqtt.max_shared_members;
+        let conn_id = slot.conn_id;
+        let joined = self
+            .shared
+            .join(key.clone(), slot, max, |group| {
+                let run = kafka::share_group::Run {
+                    node_id: self.config.node_id.clone(),
+                    topics: self
+                        .mapping
+                        .kafka_topics_for_filter(&key.1)
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect(),
+                    mapping: self.mapping.clone(),
+                    partitions: self.metrics.shared_partitions.clone(),
+                    group,
+                };
+                tokio::spawn(kafka::share_group::run(self.config.kafka.clone(), run));
+            })
+            .await;
+        match &joined {
+            Ok(()) => self.metrics.shared_members.inc(),
+            // A member that could not start is not kept.
+            Err(_) => self.shared.leave(&key, conn_id, Vec::new()),
+        }
+        joined
+    }
+
+    /// Connection `conn_id` leaves the shared subscription `key`, handing
+    /// back its unfinished deliveries of it.
+    pub fn leave_shared(
+        &self,
+        key: &crate::shared_groups::GroupKey,
+        conn_id: u64,
+        returned: Vec<Delivery>,
+    ) {
+        self.metrics.shared_members.dec();
+        self.shared.leave(key, conn_id, returned);
     }
 
     /// The validated configuration this node runs with.
@@ -850,6 +900,9 @@ pub fn index_entries(session: &Session) -> Vec<(String, SubKey, crate::subscript
     session
         .subscriptions
         .iter()
+        // Shared subscriptions are Kafka consumer-group members, not
+        // fan-out entries (`kafka/share_group.rs`).
+        .filter(|(filter, _)| !filter.starts_with(lodestream_mqtt::topic::SHARE_PREFIX))
         .map(|(filter, sub)| {
             let (key, inner) = sub_key(&session.client_id, filter);
             let entry = crate::subscriptions::SubEntry::new(

@@ -7,7 +7,7 @@
 //! reason 0x97 (quota exceeded), so a slow client never stalls the others.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use lodestream_mqtt::trie::TopicTrie;
@@ -31,7 +31,7 @@ pub struct SubKey {
 pub struct SubEntry {
     pub options: SubscriptionOptions,
     pub identifier: Option<u32>,
-    /// The inner filter, so members of one shared subscription can be grouped.
+    /// The inner filter.
     pub filter: Arc<str>,
     pub mailbox: Mailbox,
     /// Set for a session that resumed from Kafka offsets: records below
@@ -63,12 +63,8 @@ pub struct SubscriptionIndex {
     /// node. Updated under the trie's read lock, so a writer holding the
     /// write lock sees positions consistent with what was dispatched.
     positions: Mutex<Offsets>,
-    round_robin: AtomicUsize,
     metrics: Arc<Metrics>,
 }
-
-/// (share group, inner filter): one shared subscription.
-type SharedKey = (Arc<str>, Arc<str>);
 
 /// What one session is granted for one message, over all its matching
 /// subscriptions: the highest QoS, RETAIN and every subscription identifier
@@ -118,7 +114,6 @@ impl SubscriptionIndex {
         SubscriptionIndex {
             trie: RwLock::new(TopicTrie::new()),
             positions: Mutex::new(Offsets::new()),
-            round_robin: AtomicUsize::new(0),
             metrics,
         }
     }
@@ -141,9 +136,6 @@ impl SubscriptionIndex {
         self.len() == 0
     }
 
-    /// Delivers `msg` to every matching local session, once per session with
-    /// the highest matching QoS and every subscription identifier
-    /// [MQTT-3.3.4-2..5], and to one member of each shared subscription.
     /// Records where a reader starts (its first dispatched offset per partition).
     pub fn init_positions(&self, start: Offsets) {
         let mut p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,9 +186,11 @@ impl SubscriptionIndex {
         Ok(())
     }
 
+    /// Delivers `msg` to every matching local session, once per session with
+    /// the highest matching QoS and every subscription identifier
+    /// [MQTT-3.3.4-2..5].
     pub fn dispatch(&self, msg: &Arc<Message>, source: Option<Source>) {
         let mut direct: HashMap<Arc<str>, Pending> = HashMap::new();
-        let mut shared: HashMap<SharedKey, Vec<(Arc<str>, SubEntry)>> = HashMap::new();
         {
             let t = self.trie.read().unwrap_or_else(|e| e.into_inner());
             let seen_by_catch_up = |e: &SubEntry| match (&e.live_from, &source) {
@@ -209,11 +203,9 @@ impl SubscriptionIndex {
                 if seen_by_catch_up(e) {
                     return;
                 }
-                if let Some(g) = &key.share_group {
-                    shared
-                        .entry((g.clone(), e.filter.clone()))
-                        .or_default()
-                        .push((key.client_id.clone(), e.clone()));
+                // Shared subscriptions are Kafka consumer-group members
+                // (`kafka/share_group.rs`), never indexed here.
+                if key.share_group.is_some() {
                     return;
                 }
                 let p = direct
@@ -234,35 +226,6 @@ impl SubscriptionIndex {
             for (_, p) in direct {
                 self.offer(msg, &source, p);
             }
-            self.offer_shared(msg, &source, shared);
-        }
-    }
-
-    fn offer_shared(
-        &self,
-        msg: &Arc<Message>,
-        source: &Option<Source>,
-        shared: HashMap<SharedKey, Vec<(Arc<str>, SubEntry)>>,
-    ) {
-        for (_, members) in shared {
-            // Round-robin across the group, skipping members whose mailbox is full.
-            let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
-            let n = members.len();
-            let pick = (0..n)
-                .map(|i| &members[(start + i) % n])
-                .find(|(_, e)| e.mailbox.tx.capacity() > 0)
-                .unwrap_or(&members[start % n]);
-            let (client_id, e) = pick;
-            let mut grant = None;
-            Grant::add(&mut grant, msg, client_id, &e.options, e.identifier);
-            self.offer(
-                msg,
-                source,
-                Pending {
-                    mailbox: e.mailbox.clone(),
-                    grant,
-                },
-            );
         }
     }
 
@@ -277,6 +240,7 @@ impl SubscriptionIndex {
             qos: g.qos,
             retain: g.retain,
             subscription_ids: g.subscription_ids,
+            share: None,
         };
         match p.mailbox.tx.try_send(d) {
             Ok(()) => {}

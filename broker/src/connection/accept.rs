@@ -253,6 +253,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if from_record {
             conn.start_catch_up().await;
         }
+        conn.join_shared_subscriptions().await;
         Some(conn)
     }
 
@@ -309,6 +310,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             catchup: None,
             catchup_removed: Arc::new(std::sync::Mutex::new(Vec::new())),
             replays: replay::Replays::default(),
+            shares: shared::Shares::default(),
             dirty: false,
             acked_since_sync: 0,
             unsaved: 0,

@@ -107,6 +107,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // Before the session is released: no replay may hand a filter to
         // fan-out after `release` has taken the session's out.
         self.replays.stop(&node).await;
+        // Their open deliveries go to the groups' other members.
+        self.shares
+            .leave_all(&node, self.conn_id, &mut self.backlog);
         self.settle_acks(&end).await;
         self.requeue_backlog();
         let leaving = Leaving {

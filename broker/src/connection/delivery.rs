@@ -92,23 +92,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let now = now_ms();
         let msg = &d.msg;
         if msg.is_expired(now) {
-            self.node
-                .metrics()
-                .dropped_messages
-                .with_label_values(&["expired"])
-                .inc();
-            return;
+            return self.discard(&d, "expired");
         }
         // A deny rule with `overlap = "filter"` granted an overlapping
         // filter: its topics are withheld here, where live, catch-up and
         // retained deliveries all pass (offsets above still advance).
         if !self.node.acl().may_deliver(&self.identity, &msg.topic) {
-            self.node
-                .metrics()
-                .dropped_messages
-                .with_label_values(&["acl_filtered"])
-                .inc();
-            return;
+            return self.discard(&d, "acl_filtered");
         }
         let mut properties = if self.v5() {
             Properties {
@@ -155,12 +145,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
         };
         if let Some(reason) = dropped {
-            self.node
-                .metrics()
-                .dropped_messages
-                .with_label_values(&[reason])
-                .inc();
-            return;
+            return self.discard(&d, reason);
         }
         let mut wire = full.clone();
         if self.client_alias_max > 0 {
@@ -174,14 +159,38 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             wire.properties = properties;
         }
-        if let Some(id) = packet_id {
-            // Stored without alias: aliases do not survive a reconnect.
-            self.session.outbound.start(id, full);
+        let exactly_once = d.qos == QoS::ExactlyOnce;
+        match (packet_id, &d.share) {
+            (Some(id), share) => {
+                // Stored without alias: aliases do not survive a reconnect.
+                self.session.outbound.start(id, full);
+                if share.is_some() {
+                    self.shares.in_flight(id, d);
+                }
+            }
+            // QoS 0 is done once written.
+            (None, Some(a)) => a.finish(),
+            (None, None) => {}
         }
         // [MQTT-4.3.3] exactly once to a QoS 2 subscriber: the flow (and the
         // offsets past it) must be in Kafka before the client can see it, so
         // a node that takes the session over resends it with the same id.
-        self.emit(Packet::Publish(wire), d.qos == QoS::ExactlyOnce);
+        self.emit(Packet::Publish(wire), exactly_once);
         self.node.metrics().delivered.inc();
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    /// A delivery dropped by policy: counted, and finished for a shared
+    /// subscription's group (dropped is done with, not lost).
+    fn discard(&self, d: &Delivery, reason: &str) {
+        self.node
+            .metrics()
+            .dropped_messages
+            .with_label_values(&[reason])
+            .inc();
+        if let Some(a) = &d.share {
+            a.finish();
+        }
     }
 }

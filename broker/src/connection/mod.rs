@@ -60,6 +60,7 @@ mod delivery;
 mod io;
 mod publish;
 mod replay;
+mod shared;
 mod subscribe;
 mod sync;
 
@@ -253,6 +254,8 @@ struct Conn<S> {
     /// Replays on subscribe (`replay.rs`): unlike a catch-up they do not
     /// hold back live deliveries of the other subscriptions.
     replays: replay::Replays,
+    /// Members of cluster-wide shared subscriptions (`shared.rs`).
+    shares: shared::Shares,
     /// Session state changed since it was last written to Kafka.
     dirty: bool,
     /// Deliveries acknowledged by the client since the last session write.
@@ -330,6 +333,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     Ok(())
                 },
                 d = self.session.inbox.recv(), if live => {
+                    if let Some(d) = d {
+                        self.backlog.push_back(d);
+                    }
+                    Ok(())
+                },
+                d = recv_opt(&mut self.shares.rx), if can_deliver && self.shares.rx.is_some() => {
+                    // The connection keeps a sender: the channel stays open.
                     if let Some(d) = d {
                         self.backlog.push_back(d);
                     }
@@ -423,6 +433,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         match p {
             Packet::Publish(p) => self.on_publish(p).await,
             Packet::PubAck(a) => {
+                self.shares.finished(a.packet_id);
                 if self.session.outbound.puback(a.packet_id) {
                     self.acked_since_sync += 1;
                 } else {
@@ -439,7 +450,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     // Stored before PUBREL: a new owner must resend PUBREL,
                     // not the PUBLISH the client has already released.
                     Some(true) => self.emit(Packet::PubRel(Ack::new(a.packet_id)), true),
-                    Some(false) => {}
+                    // The client refused it: done with, as far as the group goes.
+                    Some(false) => self.shares.finished(a.packet_id),
                     None if self.v5() => self.emit(
                         Packet::PubRel(ack_with(
                             a.packet_id,
@@ -453,6 +465,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 Ok(())
             }
             Packet::PubComp(a) => {
+                self.shares.finished(a.packet_id);
                 if self.session.outbound.pubcomp(a.packet_id) {
                     self.acked_since_sync += 1;
                 }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::replay::{ReplayError, ReplayStart};
+use crate::shared_groups::JoinError;
 use lodestream_mqtt::SubscriptionOptions;
 
 /// A SUBACK reason string longer than this is cut (it only explains).
@@ -105,6 +106,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if !existed && self.session.subscriptions.len() >= limits.max_subscriptions_per_client {
             return (ReasonCode::QuotaExceeded, None);
         }
+        if shared.is_some() {
+            return self.subscribe_shared(filter, opts, identifier).await;
+        }
         if let Err(e) = self.node.ensure_readers(inner).await {
             tracing::warn!(filter = %filter, error = %e, "cannot read Kafka for subscription");
             return (ReasonCode::UnspecifiedError, None);
@@ -167,12 +171,34 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if replay.is_none() {
             self.queue_retained(inner, &opts, shared.is_some(), existed, identifier, now);
         }
-        let granted = match opts.qos {
-            QoS::AtMostOnce => ReasonCode::Success,
-            QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
-            QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
-        };
-        (granted, note)
+        (granted(opts.qos), note)
+    }
+
+    /// A cluster-wide shared subscription: a Kafka consumer-group member
+    /// (`shared.rs`) instead of a fan-out entry; no retained messages
+    /// [MQTT-4.8.2-*].
+    async fn subscribe_shared(
+        &mut self,
+        filter: String,
+        opts: SubscriptionOptions,
+        identifier: Option<u32>,
+    ) -> (ReasonCode, Option<String>) {
+        match self.join_shared(&filter, opts.clone(), identifier).await {
+            Ok(()) => {}
+            Err(JoinError::Quota(_)) => return (ReasonCode::QuotaExceeded, None),
+            Err(JoinError::Kafka(e)) => {
+                tracing::warn!(filter = %filter, error = %e, "cannot join the shared subscription's Kafka group");
+                return (ReasonCode::UnspecifiedError, None);
+            }
+        }
+        self.session.subscriptions.insert(
+            filter,
+            Subscription {
+                options: opts.clone(),
+                identifier,
+            },
+        );
+        (granted(opts.qos), None)
     }
 
     /// Whether this client may replay `filter` (after it may subscribe to it).
@@ -221,6 +247,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 msg: m,
                 retain: true,
                 subscription_ids: identifier.into_iter().collect(),
+                share: None,
             });
         }
     }
@@ -242,6 +269,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         .push(filter.clone());
                 }
                 self.replays.unsubscribed(&filter);
+                self.shares.leave(&self.node, &filter, self.conn_id);
                 let (key, inner) = sub_key(&self.session.client_id, &filter);
                 self.node.unindex_subscription(inner, &key);
                 reasons.push(ReasonCode::Success);
@@ -255,6 +283,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             reasons: if self.v5() { reasons } else { Vec::new() },
             properties: Properties::default(),
         }));
+    }
+}
+
+/// SUBACK's reason code for a granted subscription.
+fn granted(qos: QoS) -> ReasonCode {
+    match qos {
+        QoS::AtMostOnce => ReasonCode::Success,
+        QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+        QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
     }
 }
 

@@ -138,6 +138,7 @@ pub async fn run(
                     qos: g.qos,
                     retain: g.retain,
                     subscription_ids: g.subscription_ids,
+                    share: None,
                 };
                 if tx.send(d).await.is_err() {
                     anyhow::bail!("connection closed during catch-up");

@@ -9,6 +9,7 @@ mod producer;
 pub mod qos2_scan;
 mod reader;
 pub mod replay;
+pub mod share_group;
 
 pub use admin::ensure_topics;
 pub use producer::{DeliveryFuture, ProduceError, Produced, Producer};

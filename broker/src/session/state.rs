@@ -36,6 +36,9 @@ pub struct Delivery {
     /// RETAIN flag to put on the outgoing PUBLISH.
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// A cluster-wide shared subscription's delivery: finished once done
+    /// with, so its Kafka consumer group may commit past it.
+    pub share: Option<crate::shared_progress::ShareAck>,
 }
 
 /// Flags fan-out sets on a session without taking its lock.

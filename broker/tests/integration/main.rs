@@ -41,6 +41,7 @@ mod rolling_restart;
 mod security_matrix;
 mod session_lifecycle;
 mod sessions;
+mod shared_across_nodes;
 mod subscribe_from_kafka;
 mod sys_topics;
 mod transports_security;
