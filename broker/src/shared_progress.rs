@@ -86,24 +86,34 @@ impl ShareAck {
 }
 
 impl SharedProgress {
-    /// The group assigned `p` to this member.
-    pub fn assigned(&mut self, p: Partition) {
+    /// The group assigned `p` to this member; `false` if it already had it.
+    pub fn assigned(&mut self, p: Partition) -> bool {
         self.generations += 1;
-        self.parts.insert(
-            p,
-            Part {
-                generation: self.generations,
-                open: BTreeSet::new(),
-                next: None,
-                committed: None,
-            },
-        );
+        self.parts
+            .insert(
+                p,
+                Part {
+                    generation: self.generations,
+                    open: BTreeSet::new(),
+                    next: None,
+                    committed: None,
+                },
+            )
+            .is_none()
     }
 
-    /// The group took `p` away: its position to commit now, if it moved.
-    pub fn revoked(&mut self, p: &Partition) -> Option<i64> {
+    /// The group took `p` away: `None` if it was not assigned, else its
+    /// position to commit now, if it moved.
+    pub fn revoked(&mut self, p: &Partition) -> Option<Option<i64>> {
         let part = self.parts.remove(p)?;
-        part.position().filter(|&at| Some(at) != part.committed)
+        Some(part.position().filter(|&at| Some(at) != part.committed))
+    }
+
+    /// Forgets every partition (the member left); how many there were.
+    pub fn forget_all(&mut self) -> usize {
+        let n = self.parts.len();
+        self.parts.clear();
+        n
     }
 
     /// Partitions currently assigned.
@@ -198,8 +208,13 @@ mod tests {
         let a = s.handed_out(&p(0), 0).unwrap();
         let _b = s.handed_out(&p(0), 1).unwrap();
         s.finished(&a);
-        assert_eq!(s.revoked(&p(0)), Some(1), "record 1 goes to the next owner");
+        assert_eq!(
+            s.revoked(&p(0)),
+            Some(Some(1)),
+            "record 1 goes to the next owner"
+        );
         assert_eq!(s.assigned_count(), 0);
+        assert_eq!(s.revoked(&p(0)), None, "revoked once");
     }
 
     #[test]
@@ -225,6 +240,16 @@ mod tests {
         let mut s = SharedProgress::default();
         s.assigned(p(0));
         assert!(s.to_commit().is_empty());
-        assert_eq!(s.revoked(&p(0)), None);
+        assert_eq!(s.revoked(&p(0)), Some(None));
+    }
+
+    #[test]
+    fn assignments_are_counted_once() {
+        let mut s = SharedProgress::default();
+        assert!(s.assigned(p(0)));
+        assert!(!s.assigned(p(0)), "assigned again");
+        assert!(s.assigned(p(1)));
+        assert_eq!(s.forget_all(), 2);
+        assert_eq!(s.assigned_count(), 0);
     }
 }

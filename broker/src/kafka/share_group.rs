@@ -73,11 +73,16 @@ impl ConsumerContext for ShareContext {
         {
             let mut p = self.progress();
             for e in tpl.elements() {
-                if let Some(at) = p.revoked(&(Arc::from(e.topic()), e.partition())) {
+                // Counted only if it was ours: the close after a member
+                // left revokes what `leave` already forgot.
+                let Some(moved) = p.revoked(&(Arc::from(e.topic()), e.partition())) else {
+                    continue;
+                };
+                self.partitions.dec();
+                if let Some(at) = moved {
                     let _ =
                         commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(at));
                 }
-                self.partitions.dec();
             }
         }
         if commit.count() > 0 {
@@ -91,8 +96,9 @@ impl ConsumerContext for ShareContext {
         if let Rebalance::Assign(tpl) = r {
             let mut p = self.progress();
             for e in tpl.elements() {
-                p.assigned((Arc::from(e.topic()), e.partition()));
-                self.partitions.inc();
+                if p.assigned((Arc::from(e.topic()), e.partition())) {
+                    self.partitions.inc();
+                }
             }
         }
     }
@@ -236,13 +242,14 @@ async fn leave(
             .unwrap_or_else(|e| e.into_inner())
             .positions();
         commit_list(&consumer, last, CommitMode::Sync);
-        // The partitions still assigned leave the node's count with it.
+        // Forgotten before the close revokes them (that revoke then finds
+        // nothing to count or commit again).
         let n = progress
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .assigned_count();
-        consumer.unsubscribe();
+            .forget_all();
         gauge.sub(n as i64);
+        consumer.unsubscribe();
         drop(consumer);
     })
     .await;

@@ -8,6 +8,7 @@
 use crate::common;
 use crate::common::packets::{self, IntoPacket};
 use crate::common::raw;
+use crate::common::wait_metric;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -74,17 +75,6 @@ async fn ping_ok(r: &mut Raw) {
 
 /// Polls the node's metrics until `name` satisfies `ok` or `t` passed;
 /// returns the last value.
-async fn wait_metric(b: &common::Broker, name: &str, t: Duration, ok: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + t;
-    loop {
-        let v = common::metric(&common::scrape(b).await, name);
-        if ok(v) || Instant::now() >= deadline {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn varint(mut n: usize, out: &mut Vec<u8>) {
     loop {
         let mut b = (n & 0x7F) as u8;

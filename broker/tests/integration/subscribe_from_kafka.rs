@@ -341,6 +341,26 @@ async fn shared_subscription_delivers_each_message_once() {
     assert_eq!(n1 + n2, 20);
     assert!(n1 > 0 && n2 > 0, "both members get work: {n1}/{n2}");
     assert!(m1.recv_within(Duration::from_millis(500)).await.is_none());
+    // Two members, each a consumer of the group: the topic's partitions
+    // are all held, once; when both leave, none is counted any more.
+    let partitions = b.node().config().kafka.topic_partitions as f64;
+    let held = common::wait_metric(
+        &b,
+        "lodestream_shared_partitions",
+        Duration::from_secs(10),
+        |v| v == partitions,
+    )
+    .await;
+    assert_eq!(held, partitions, "every partition held by one member");
+    assert_eq!(
+        common::metric(&common::scrape(&b).await, "lodestream_shared_members"),
+        2.0
+    );
+    drop((m1, m2));
+    for gauge in ["lodestream_shared_members", "lodestream_shared_partitions"] {
+        let v = common::wait_metric(&b, gauge, Duration::from_secs(10), |v| v == 0.0).await;
+        assert_eq!(v, 0.0, "{gauge} back to 0 after the members left");
+    }
 }
 
 /// `$`-topics are not matched by a leading wildcard [MQTT-4.7.2-1].

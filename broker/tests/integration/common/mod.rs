@@ -204,6 +204,18 @@ pub fn metric(scrape: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Scrapes `name` from `b` until `ok` holds or `t` passed; its last value.
+pub async fn wait_metric(b: &Broker, name: &str, t: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + t;
+    loop {
+        let v = metric(&scrape(b).await, name);
+        if ok(v) || Instant::now() >= deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A broker binary started by a test; killed when dropped.
 pub struct Proc(pub std::process::Child);
 impl Drop for Proc {
