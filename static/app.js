@@ -845,6 +845,27 @@ L.position = (plate) => {
 
 /** Test hook: features of a layer drawn in the current view. */
 L.renderedCount = (layer) => (map.getLayer(layer) ? map.queryRenderedFeatures({ layers: [layer] }).length : -1);
+/** Test hook: resolves once the map has drawn everything it is loading (or after `ms`). */
+L.idle = (ms = 10_000) =>
+  new Promise((resolve) => {
+    const t = setTimeout(() => resolve(false), ms);
+    map.once('idle', () => {
+      clearTimeout(t);
+      resolve(true);
+    });
+    map.triggerRepaint();
+  });
+/** Test hook: what the all-trucks layer has to draw, to explain a count of 0. */
+L.snapshotView = () => {
+  let box = null;
+  let drawable = 0;
+  for (let i = 0; snap && i < snap.count; i++) {
+    const [x, y] = [snap.lon[i], snap.lat[i]];
+    box = box ? [Math.min(box[0], x), Math.min(box[1], y), Math.max(box[2], x), Math.max(box[3], y)] : [x, y, x, y];
+    if (snap.age[i] < GONE_AFTER_S) drawable++;
+  }
+  return { zoom: +map.getZoom().toFixed(2), view: map.getBounds().toArray().flat().map((v) => +v.toFixed(2)), box, drawable, showAll, tilesLoaded: map.areTilesLoaded() };
+};
 
 /** Test hook: pretend a followed truck has been silent for `secs` seconds, then apply the fade rules. */
 L.simulateSilence = (plate, secs) => {
