@@ -908,7 +908,6 @@ pub fn index_entries(session: &Session) -> Vec<(String, SubKey, crate::subscript
             let entry = crate::subscriptions::SubEntry::new(
                 sub.options.clone(),
                 sub.identifier,
-                inner,
                 session.mailbox.clone(),
             );
             (inner.to_string(), key, entry)

@@ -31,8 +31,6 @@ pub struct SubKey {
 pub struct SubEntry {
     pub options: SubscriptionOptions,
     pub identifier: Option<u32>,
-    /// The inner filter.
-    pub filter: Arc<str>,
     pub mailbox: Mailbox,
     /// Set for a session that resumed from Kafka offsets: records below
     /// these offsets were delivered by its catch-up read, not by fan-out.
@@ -44,13 +42,11 @@ impl SubEntry {
     pub fn new(
         options: SubscriptionOptions,
         identifier: Option<u32>,
-        inner_filter: &str,
         mailbox: Mailbox,
     ) -> SubEntry {
         SubEntry {
             options,
             identifier,
-            filter: Arc::from(inner_filter),
             mailbox,
             live_from: None,
         }

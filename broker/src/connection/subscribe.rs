@@ -113,12 +113,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             tracing::warn!(filter = %filter, error = %e, "cannot read Kafka for subscription");
             return (ReasonCode::UnspecifiedError, None);
         }
-        let entry = SubEntry::new(
-            opts.clone(),
-            identifier,
-            inner,
-            self.session.mailbox.clone(),
-        );
+        let entry = SubEntry::new(opts.clone(), identifier, self.session.mailbox.clone());
         let mut note = None;
         if let Some(start) = replay {
             // Planned (and possibly refused) before the subscription changes.
