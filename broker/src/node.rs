@@ -186,7 +186,6 @@ impl Node {
         slot: crate::shared_groups::Slot,
     ) -> Result<(), crate::shared_groups::JoinError> {
         let max = self.config.mqtt.max_shared_members;
-        let conn_id = slot.conn_id;
         let joined = self
             .shared
             .join(key.clone(), slot, max, |group| {
@@ -205,10 +204,8 @@ impl Node {
                 tokio::spawn(kafka::share_group::run(self.config.kafka.clone(), run));
             })
             .await;
-        match &joined {
-            Ok(()) => self.metrics.shared_members.inc(),
-            // A member that could not start is not kept.
-            Err(_) => self.shared.leave(&key, conn_id, Vec::new()),
+        if joined.is_ok() {
+            self.metrics.shared_members.inc();
         }
         joined
     }

@@ -172,6 +172,7 @@ impl SharedGroups {
             g.turn.clone()
         };
         let _turn = turn.lock().await;
+        let conn_id = slot.conn_id;
         let ready = {
             let mut groups = self.lock();
             let members: usize = groups.values().map(|g| g.consumers.len()).sum();
@@ -182,23 +183,27 @@ impl SharedGroups {
                 return Err(JoinError::Quota(max_members));
             }
             let g = groups.entry(key.clone()).or_insert_with(new_group);
-            let conn_id = slot.conn_id;
             lock(&g.members).slots.push(slot);
             let (stop_tx, stop) = oneshot::channel();
             let (ready_tx, ready) = oneshot::channel();
             g.consumers.insert(conn_id, stop_tx);
             start(GroupRun {
-                key,
+                key: key.clone(),
                 members: g.members.clone(),
                 stop,
                 ready: ready_tx,
             });
             ready
         };
-        match ready.await {
+        let started = match ready.await {
             Ok(r) => r.map_err(JoinError::Kafka),
             Err(_) => Err(JoinError::Kafka("consumer stopped while starting".into())),
+        };
+        // A member whose consumer could not start is not kept.
+        if started.is_err() {
+            self.leave(&key, conn_id, Vec::new());
         }
+        started
     }
 
     /// Connection `conn_id` leaves the group of `key`, its consumer stops

@@ -85,18 +85,16 @@ impl Shares {
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
-    /// Joins the group of the shared subscription `filter`
-    /// (`$share/<group>/<inner>`); returns once its Kafka group has a
-    /// position, so the SUBACK covers what is published after it.
+    /// Joins the group of the shared subscription `filter` (`shared` is
+    /// it parsed); returns once its Kafka group has a position, so the
+    /// SUBACK covers what is published after it.
     pub(super) async fn join_shared(
         &mut self,
         filter: &str,
+        shared: SharedFilter,
         options: SubscriptionOptions,
         identifier: Option<u32>,
     ) -> Result<(), JoinError> {
-        let Some(shared) = SharedFilter::parse(filter) else {
-            return Err(JoinError::Kafka(format!("not a shared filter: {filter}")));
-        };
         let node = self.node.clone();
         // A re-SUBSCRIBE replaces the member (new options).
         self.shares.leave(&node, filter, self.conn_id);
@@ -124,15 +122,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     /// A session that connects with shared subscriptions rejoins their groups.
     pub(super) async fn join_shared_subscriptions(&mut self) {
-        let shared: Vec<(String, Subscription)> = self
+        let shared: Vec<(String, SharedFilter, Subscription)> = self
             .session
             .subscriptions
             .iter()
-            .filter(|(f, _)| SharedFilter::parse(f).is_some())
-            .map(|(f, s)| (f.clone(), s.clone()))
+            .filter_map(|(f, s)| SharedFilter::parse(f).map(|p| (f.clone(), p, s.clone())))
             .collect();
-        for (filter, sub) in shared {
-            if let Err(e) = self.join_shared(&filter, sub.options, sub.identifier).await {
+        for (filter, parsed, sub) in shared {
+            if let Err(e) = self
+                .join_shared(&filter, parsed, sub.options, sub.identifier)
+                .await
+            {
                 tracing::warn!(client_id = %self.session.client_id, filter = %filter, error = %e, "shared subscription not resumed");
             }
         }

@@ -106,8 +106,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if !existed && self.session.subscriptions.len() >= limits.max_subscriptions_per_client {
             return (ReasonCode::QuotaExceeded, None);
         }
-        if shared.is_some() {
-            return self.subscribe_shared(filter, opts, identifier).await;
+        if let Some(parsed) = shared {
+            return self
+                .subscribe_shared(filter, parsed, opts, identifier)
+                .await;
         }
         if let Err(e) = self.node.ensure_readers(inner).await {
             tracing::warn!(filter = %filter, error = %e, "cannot read Kafka for subscription");
@@ -164,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // Retained messages are history too: a replay sends the records
         // themselves, in Kafka order, instead of a retained copy out of it.
         if replay.is_none() {
-            self.queue_retained(inner, &opts, shared.is_some(), existed, identifier, now);
+            self.queue_retained(inner, &opts, existed, identifier, now);
         }
         (granted(opts.qos), note)
     }
@@ -175,10 +177,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     async fn subscribe_shared(
         &mut self,
         filter: String,
+        shared: SharedFilter,
         opts: SubscriptionOptions,
         identifier: Option<u32>,
     ) -> (ReasonCode, Option<String>) {
-        match self.join_shared(&filter, opts.clone(), identifier).await {
+        match self
+            .join_shared(&filter, shared, opts.clone(), identifier)
+            .await
+        {
             Ok(()) => {}
             Err(JoinError::Quota(_)) => return (ReasonCode::QuotaExceeded, None),
             Err(JoinError::Kafka(e)) => {
@@ -215,23 +221,21 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         Ok(())
     }
 
-    /// [MQTT-3.3.1-9..11] retained messages, per Retain Handling; none
-    /// for shared subscriptions [MQTT-4.8.2-*].
+    /// [MQTT-3.3.1-9..11] retained messages, per Retain Handling (a
+    /// shared subscription never comes here: `subscribe_shared`).
     fn queue_retained(
         &mut self,
         inner: &str,
         opts: &SubscriptionOptions,
-        shared: bool,
         existed: bool,
         identifier: Option<u32>,
         now: i64,
     ) {
-        let send_retained = !shared
-            && match opts.retain_handling {
-                RetainHandling::SendAtSubscribe => true,
-                RetainHandling::SendIfNew => !existed,
-                RetainHandling::DoNotSend => false,
-            };
+        let send_retained = match opts.retain_handling {
+            RetainHandling::SendAtSubscribe => true,
+            RetainHandling::SendIfNew => !existed,
+            RetainHandling::DoNotSend => false,
+        };
         if !send_retained {
             return;
         }
