@@ -56,8 +56,13 @@ struct ShareContext {
 
 impl ShareContext {
     fn progress(&self) -> std::sync::MutexGuard<'_, SharedProgress> {
-        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.progress)
     }
+}
+
+/// A panic while holding the lock leaves consistent bookkeeping.
+fn lock(progress: &Mutex<SharedProgress>) -> std::sync::MutexGuard<'_, SharedProgress> {
+    progress.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ClientContext for ShareContext {}
@@ -69,26 +74,22 @@ impl ConsumerContext for ShareContext {
         };
         // Commit what the member finished before the partition moves on,
         // so its next owner starts there (the rest it reads again).
-        let mut commit = TopicPartitionList::new();
+        let mut commit = Vec::new();
         {
             let mut p = self.progress();
             for e in tpl.elements() {
+                let partition: Partition = (Arc::from(e.topic()), e.partition());
                 // Counted only if it was ours: the close after a member
                 // left revokes what `leave` already forgot.
-                let Some(moved) = p.revoked(&(Arc::from(e.topic()), e.partition())) else {
+                let Some(moved) = p.revoked(&partition) else {
                     continue;
                 };
                 self.partitions.dec();
-                if let Some(at) = moved {
-                    let _ =
-                        commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(at));
-                }
+                commit.extend(moved.map(|at| (partition, at)));
             }
         }
-        if commit.count() > 0 {
-            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                tracing::warn!(error = %e, "shared subscription: commit before revoke failed; its next owner re-reads more");
-            }
+        if let Err(e) = commit_list(consumer, commit, CommitMode::Sync) {
+            tracing::warn!(error = %e, "shared subscription: commit before revoke failed; its next owner re-reads more");
         }
     }
 
@@ -237,17 +238,13 @@ async fn leave(
     gauge: IntGauge,
 ) {
     let _ = tokio::task::spawn_blocking(move || {
-        let last = progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .positions();
-        commit_list(&consumer, last, CommitMode::Sync);
+        let last = lock(&progress).positions();
+        if let Err(e) = commit_list(&*consumer, last, CommitMode::Sync) {
+            tracing::debug!(error = %e, "shared subscription: last commit failed; the next owner re-reads more");
+        }
         // Forgotten before the close revokes them (that revoke then finds
         // nothing to count or commit again).
-        let n = progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .forget_all();
+        let n = lock(&progress).forget_all();
         gauge.sub(n as i64);
         consumer.unsubscribe();
         drop(consumer);
@@ -256,24 +253,27 @@ async fn leave(
 }
 
 fn commit(c: &ShareConsumer, progress: &Mutex<SharedProgress>, mode: CommitMode) {
-    let moved = progress
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .to_commit();
-    commit_list(c, moved, mode);
+    let moved = lock(progress).to_commit();
+    if let Err(e) = commit_list(c, moved, mode) {
+        tracing::debug!(error = %e, "shared subscription commit failed; the next one covers it");
+    }
 }
 
-fn commit_list(c: &ShareConsumer, list: Vec<(Partition, i64)>, mode: CommitMode) {
+/// Commits these positions (nothing to do for none); the one way every
+/// commit of a member is built, from its loop, its leave and a revoke.
+fn commit_list<C: Consumer<ShareContext>>(
+    c: &C,
+    list: Vec<(Partition, i64)>,
+    mode: CommitMode,
+) -> KafkaResult<()> {
     if list.is_empty() {
-        return;
+        return Ok(());
     }
     let mut tpl = TopicPartitionList::new();
     for ((t, p), at) in list {
-        let _ = tpl.add_partition_offset(&t, p, Offset::Offset(at));
+        tpl.add_partition_offset(&t, p, Offset::Offset(at))?;
     }
-    if let Err(e) = c.commit(&tpl, mode) {
-        tracing::debug!(error = %e, "shared subscription commit failed; the next one covers it");
-    }
+    c.commit(&tpl, mode)
 }
 
 /// The offer of record `rec` to the group, or `None` when it is not for
@@ -285,7 +285,7 @@ fn offer(
     rec: &Record,
 ) -> Option<Offer> {
     let partition: Partition = (Arc::from(rec.topic.as_str()), rec.partition);
-    let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+    let mut p = lock(progress);
     // A record fetched just before its partition was revoked: its next
     // owner delivers it.
     let ticket = p.handed_out(&partition, rec.offset)?;
