@@ -246,15 +246,22 @@ async fn live_switch_under_concurrent_publishing_has_no_gap_and_no_duplicate() {
     let all = msgs(&topics, 0, 1500);
     let since = now_ms() - 1000;
     let progress = Arc::new(AtomicUsize::new(0));
+    // The last third waits for the SUBACK, so the switch always happens
+    // while the publisher writes, however fast it is.
+    let subscribed = Arc::new(tokio::sync::Notify::new());
     let publisher = {
         let (port, all, progress) = (b.port(), all.clone(), progress.clone());
+        let subscribed = subscribed.clone();
         tokio::spawn(async move {
             let mut o = MqttOptions::new(common::unique("pub"), "127.0.0.1", port);
             o.set_keep_alive(Duration::from_secs(30));
             o.set_inflight(20);
             let (c, mut ev) = AsyncClient::new(o, 10);
             tokio::spawn(async move {
-                for (t, p) in all {
+                for (i, (t, p)) in all.into_iter().enumerate() {
+                    if i == 1000 {
+                        subscribed.notified().await;
+                    }
                     c.publish(t, QoS::AtLeastOnce, false, p)
                         .await
                         .expect("publish");
@@ -277,6 +284,7 @@ async fn live_switch_under_concurrent_publishing_has_no_gap_and_no_duplicate() {
     let (_c, mut ev, ack) = subscribe5(&b, "sw/+", &[("replay-from", since.to_string())], 50).await;
     assert!(granted(&ack), "{ack:?}");
     let at_subscribe = progress.load(Ordering::Relaxed);
+    subscribed.notify_one();
     let got = collect5(&mut ev, 1500, Duration::from_secs(60)).await;
     publisher.await.expect("publisher");
     assert!(
