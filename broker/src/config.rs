@@ -104,8 +104,14 @@ pub struct KafkaConfig {
     /// `min.insync.replicas` 2) when Kafka has at least 3 brokers, else the
     /// broker count.
     pub replication_factor: i32,
-    /// Producer linger: small batching window for throughput.
+    /// Producer linger: a batching window every record waits out. 0 by
+    /// default: with `max_in_flight` 1 records are batched only while a
+    /// produce request is out (adaptive: one record alone goes at once,
+    /// under load batches grow with the round trip); see docs/benchmarks.md.
     pub linger_ms: u32,
+    /// Produce requests in flight per Kafka broker connection (librdkafka
+    /// `max.in.flight.requests.per.connection`, 1-5 with idempotence).
+    pub max_in_flight: u32,
     /// How long a produce may take before it fails (and the QoS>0 PUBLISH
     /// stays unacknowledged).
     pub delivery_timeout_ms: u32,
@@ -220,7 +226,8 @@ impl Default for KafkaConfig {
             create_topics: true,
             topic_partitions: 3,
             replication_factor: 0,
-            linger_ms: 5,
+            linger_ms: 0,
+            max_in_flight: 1,
             delivery_timeout_ms: 30_000,
             fetch_wait_max_ms: 500,
             properties: BTreeMap::new(),
@@ -364,6 +371,10 @@ impl Config {
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return bad("kafka.bootstrap_servers is empty".into());
         }
+        // librdkafka refuses more than 5 with idempotence (ordering).
+        if !(1..=5).contains(&self.kafka.max_in_flight) {
+            return bad("kafka.max_in_flight must be 1 to 5 (idempotent producer)".into());
+        }
         for (name, t) in [
             ("kafka.default_topic", &self.kafka.default_topic),
             ("kafka.retained_topic", &self.kafka.retained_topic),
@@ -462,6 +473,12 @@ mod tests {
         let mut c = Config::default();
         c.kafka.mappings = vec!["oops".into()];
         assert!(c.validate().unwrap_err().to_string().contains("oops"));
+        for bad in [0, 6] {
+            let mut c = Config::default();
+            c.kafka.max_in_flight = bad;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("kafka.max_in_flight"), "{e}");
+        }
         figment::Jail::expect_with(|jail| {
             jail.set_env("LODESTREAM_LISTENERS__TCP", "localhost");
             let e = Config::load(None, Figment::new()).unwrap_err().to_string();

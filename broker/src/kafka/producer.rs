@@ -123,6 +123,10 @@ impl Producer {
         c.set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", cfg.linger_ms.to_string())
+            .set(
+                "max.in.flight.requests.per.connection",
+                cfg.max_in_flight.to_string(),
+            )
             .set("delivery.timeout.ms", cfg.delivery_timeout_ms.to_string())
             // No compression by default: librdkafka compresses per batch, and
             // LZ4 zeroes a 64 KB frame context for every batch; at a few
