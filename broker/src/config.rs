@@ -136,9 +136,16 @@ pub struct MqttLimits {
     /// not ask for less (v3 clients get this many).
     pub max_inflight_out: u16,
     /// Messages queued per session between Kafka fan-out and the socket. At
-    /// the limit QoS 0 messages are dropped (counted) and a session missing a
-    /// QoS 1/2 message is disconnected (v5 reason 0x97 quota exceeded).
+    /// the limit the session leaves fan-out and reads Kafka itself from the
+    /// first message that did not fit, until it has caught up (nothing is
+    /// dropped); see `max_lagging_sessions`.
     pub session_queue: usize,
+    /// Sessions of this node reading Kafka themselves at once because their
+    /// queue overflowed; each is one librdkafka consumer (threads, a small
+    /// fetch buffer). Past it an overflow drops (counted): QoS 0 quietly, a
+    /// QoS 1/2 message by closing the connection with 0x97 (quota exceeded)
+    /// so the client knows; its session resumes from its stored offsets.
+    pub max_lagging_sessions: usize,
     pub max_connections: usize,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout_s: u64,
@@ -242,6 +249,7 @@ impl Default for MqttLimits {
             receive_maximum: 256,
             max_inflight_out: 64,
             session_queue: 1000,
+            max_lagging_sessions: 32,
             max_connections: 200_000,
             connect_timeout_s: 10,
             max_session_expiry_s: 7 * 24 * 3600,

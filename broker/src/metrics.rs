@@ -66,6 +66,10 @@ pub struct Metrics {
     /// Members of cluster-wide shared subscriptions on this node, and the
     /// Kafka partitions their consumer groups gave them.
     pub shared_members: IntGauge,
+    /// Sessions reading Kafka because fan-out outran them, and how often
+    /// one started to (`connection/lagging.rs`).
+    pub lagging_sessions: IntGauge,
+    pub lagging_total: IntCounterVec,
     pub shared_partitions: IntGauge,
     pub packets_in: PacketCounters,
     pub packets_out: PacketCounters,
@@ -163,6 +167,23 @@ fn ending_metrics(r: &Registry) -> (IntCounterVec, IntCounterVec, IntCounter) {
     )
 }
 
+/// Sessions fan-out outran, now reading Kafka themselves.
+fn lagging_metrics(r: &Registry) -> (IntGauge, IntCounterVec) {
+    (
+        gauge(
+            r,
+            "lodestream_lagging_sessions",
+            "Sessions whose queue overflowed, now reading Kafka themselves until caught up (one Kafka consumer each)",
+        ),
+        counter_vec(
+            r,
+            "lodestream_lagging_total",
+            "Session queue overflows by outcome: read_kafka (nothing dropped) or refused (over mqtt.max_lagging_sessions: dropped)",
+            &["result"],
+        ),
+    )
+}
+
 /// Cluster-wide shared subscriptions: members and their partitions.
 fn shared_metrics(r: &Registry) -> (IntGauge, IntGauge) {
     (
@@ -186,8 +207,11 @@ impl Metrics {
         let r = Registry::new();
         let (disconnects, retry_give_ups, session_writes_abandoned) = ending_metrics(&r);
         let (shared_members, shared_partitions) = shared_metrics(&r);
+        let (lagging_sessions, lagging_total) = lagging_metrics(&r);
         Metrics {
             shared_members,
+            lagging_sessions,
+            lagging_total,
             shared_partitions,
             connections: gauge(&r, "lodestream_connections", "Open MQTT connections"),
             connections_total: counter(

@@ -60,6 +60,22 @@ pub struct Node {
     shutdown_tx: watch::Sender<bool>,
     /// Cluster-wide shared subscriptions with members here.
     shared: crate::shared_groups::SharedGroups,
+    /// Sessions reading Kafka because fan-out outran them
+    /// (`mqtt.max_lagging_sessions`).
+    lagging: Arc<tokio::sync::Semaphore>,
+}
+
+/// One session reading Kafka itself (`connection/lagging.rs`); counted in
+/// `lodestream_lagging_sessions` while held.
+pub struct LaggingPermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for LaggingPermit {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// Counts one open connection of a node for as long as it lives.
@@ -151,6 +167,9 @@ impl Node {
         .await
         .context("reading the nodes topic")?;
         let (shutdown, _) = watch::channel(false);
+        let lagging = Arc::new(tokio::sync::Semaphore::new(
+            config.mqtt.max_lagging_sessions,
+        ));
         Ok(Arc::new(Node {
             started_ms: now_ms(),
             subs: Arc::new(SubscriptionIndex::new(metrics.clone())),
@@ -175,6 +194,7 @@ impl Node {
             metrics,
             shutdown_tx: shutdown,
             shared: Default::default(),
+            lagging,
         }))
     }
 
@@ -339,6 +359,16 @@ impl Node {
         if self.subs.remove(inner, key) {
             self.metrics.subscriptions.dec();
         }
+    }
+
+    /// A place for one more session reading Kafka itself, if one is free.
+    pub fn lagging_permit(&self) -> Option<LaggingPermit> {
+        let permit = self.lagging.clone().try_acquire_owned().ok()?;
+        self.metrics.lagging_sessions.inc();
+        Some(LaggingPermit {
+            _permit: permit,
+            gauge: self.metrics.lagging_sessions.clone(),
+        })
     }
 
     /// Where fan-out stands in the partitions of `topics`.

@@ -2,12 +2,12 @@
 //! to the sessions whose filters match it.
 //!
 //! Bounded behaviour: fan-out never waits for a session. A full mailbox
-//! drops a QoS 0 message (counted) and flags the session as overflowed for
-//! a QoS 1/2 message; the connection then disconnects the client with
-//! reason 0x97 (quota exceeded), so a slow client never stalls the others.
+//! skips the message and notes where; the session's connection then reads
+//! Kafka from there instead of the mailbox until it has caught up
+//! (`connection/lagging.rs`), so a slow client never stalls the others and,
+//! within `mqtt.max_lagging_sessions`, loses nothing.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use lodestream_mqtt::trie::TopicTrie;
@@ -238,21 +238,19 @@ impl SubscriptionIndex {
             subscription_ids: g.subscription_ids,
             share: None,
         };
+        // Once one message is skipped every later one is too, until the
+        // connection has acted: what it takes from the mailbox meanwhile is
+        // all older than the first skip, so re-reading from there delivers
+        // nothing twice.
+        if p.mailbox.flags.skipping() {
+            return p.mailbox.skip(d.qos, source);
+        }
         match p.mailbox.tx.try_send(d) {
             Ok(()) => {}
-            Err(TrySendError::Full(d)) if d.qos == QoS::AtMostOnce => {
-                self.metrics
-                    .dropped_messages
-                    .with_label_values(&["queue_full_qos0"])
-                    .inc();
-            }
-            Err(TrySendError::Full(_)) => {
-                p.mailbox.flags.overflowed.store(true, Ordering::Relaxed);
-                self.metrics
-                    .dropped_messages
-                    .with_label_values(&["queue_full"])
-                    .inc();
-            }
+            // The connection decides: read Kafka from the first skipped
+            // offset instead, or drop (counted there) and, for QoS 1/2,
+            // close with 0x97 (`connection/lagging.rs`).
+            Err(TrySendError::Full(d)) => p.mailbox.skip(d.qos, source),
             // The session ended between lookup and send: nothing to deliver to.
             Err(TrySendError::Closed(_)) => {}
         }

@@ -7,20 +7,37 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// Re-reads what a resumed session missed from Kafka, from its stored
     /// offsets, then hands it to fan-out (see `kafka/catchup.rs`).
     pub(super) async fn start_catch_up(&mut self) {
-        let node = self.node.clone();
         let entries = index_entries(&self.session);
-        let mut plain = Vec::new();
-        for (inner, key, entry) in &entries {
-            if let Err(e) = node.ensure_readers(inner).await {
+        for (inner, _, _) in &entries {
+            if let Err(e) = self.node.ensure_readers(inner).await {
                 tracing::warn!(filter = %inner, error = %e, "cannot read Kafka for resumed subscription");
             }
-            if key.share_group.is_none() {
-                plain.push((inner.clone(), entry.options.clone(), entry.identifier));
-            }
         }
+        let from = self.session.offsets.clone();
+        self.spawn_catch_up(from, entries, None);
+    }
+
+    /// Reads the session's plain subscriptions (`entries`, not in fan-out)
+    /// from Kafka at `from` into `self.catchup`, then registers them with
+    /// fan-out. `permit` (a lagging session's) is held until then.
+    pub(super) fn spawn_catch_up(
+        &mut self,
+        from: crate::session::Offsets,
+        entries: Vec<(String, crate::subscriptions::SubKey, SubEntry)>,
+        permit: Option<crate::node::LaggingPermit>,
+    ) {
+        let node = self.node.clone();
+        // Unsubscribes during an earlier catch-up do not concern this one:
+        // `entries` are the subscriptions as they are now.
+        self.catchup_removed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let plain = entries
+            .iter()
+            .filter(|(_, key, _)| key.share_group.is_none())
+            .map(|(inner, _, entry)| (inner.clone(), entry.options.clone(), entry.identifier))
+            .collect();
         let job = crate::kafka::catchup::CatchUp {
             client_id: self.session.client_id.clone(),
-            from: self.session.offsets.clone(),
+            from,
             subscriptions: plain,
             entries: entries.clone(),
             removed: self.catchup_removed.clone(),
@@ -30,6 +47,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let (tx, rx) = mpsc::channel(node.config().mqtt.session_queue.max(1));
         self.catchup = Some(rx);
         tokio::spawn(async move {
+            let _permit = permit;
             let started = Instant::now();
             match node.catch_up(job, tx).await {
                 Ok(_) => tracing::debug!(elapsed = ?started.elapsed(), "session caught up"),
@@ -64,7 +82,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             let d = match self.backlog.pop_front() {
                 Some(d) => d,
-                None if self.catchup.is_some() => return,
+                // A catch-up's deliveries are batched the same way: one
+                // loop turn (and flush) per record held a catch-up to a
+                // few thousand records a second.
+                None if self.catchup.is_some() => {
+                    match self.catchup.as_mut().map(|c| c.try_recv()) {
+                        Some(Ok(d)) => d,
+                        // Empty, or closed (the event loop sees that).
+                        _ => return,
+                    }
+                }
                 None => match self.session.inbox.try_recv() {
                     Ok(d) => d,
                     Err(_) => return,

@@ -58,6 +58,7 @@ mod accept;
 mod close;
 mod delivery;
 mod io;
+mod lagging;
 mod publish;
 mod replay;
 mod shared;
@@ -352,16 +353,24 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     }
                     Ok(())
                 },
-                _ = persist_tick.tick(), if self.session.expiry_s > 0 => {
-                    // Bounds what a node crash can make a session re-read.
-                    if self.dirty {
-                        self.persist_soon();
+                // Fan-out skipped this session (its mailbox is full): decided
+                // below (`on_skipped`), once no catch-up or replay runs.
+                _ = std::future::poll_fn(|cx| self.session.mailbox.poll_skipped(cx)), if self.catchup.is_none() && self.replays.active() == 0 => Ok(()),
+                _ = sleep_until(timer.map(tokio::time::Instant::from_std)), if timer.is_some() => {
+                    let now = Instant::now();
+                    if ka_at.is_some_and(|t| t <= now) {
+                        // [MQTT-3.1.2-22/24] 1.5 x keep alive without a packet.
+                        Err(End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout".into()))
+                    } else {
+                        if persist_at.is_some_and(|t| t <= now) {
+                            next_persist = now + PERSIST_EVERY;
+                            // Bounds what a node crash can make a session re-read.
+                            if self.dirty {
+                                self.persist_soon();
+                            }
+                        }
+                        Ok(())
                     }
-                    Ok(())
-                },
-                _ = sleep_until(ka_deadline), if ka_deadline.is_some() => {
-                    // [MQTT-3.1.2-22/24] 1.5 x keep alive without a packet.
-                    Err(End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout".into()))
                 }
             };
             if let Err(end) = step {
@@ -370,13 +379,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.drain_backlog();
             self.start_sync();
             if self.session.take_overflow() {
+                // Lost when an earlier connection of the session closed.
                 break End::Server(
                     ReasonCode::QuotaExceeded,
-                    "session queue full: client is not reading fast enough".into(),
+                    "session queue overflowed: QoS 1/2 messages were dropped".into(),
                 );
             }
+            if let Err(end) = self.on_skipped() {
+                break end;
+            }
         };
-        Box::pin(self.finish(end)).await;
+        Box::pin((*self).finish(end)).await;
     }
 
     /// Decodes and handles every complete packet in the read buffer.

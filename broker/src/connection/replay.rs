@@ -49,7 +49,7 @@ pub(super) struct Plan {
 
 impl Replays {
     /// Replays still running.
-    fn active(&mut self) -> usize {
+    pub(super) fn active(&mut self) -> usize {
         self.running.retain(|r| !r.handle.is_finished());
         self.running.len()
     }

@@ -65,7 +65,7 @@ pub async fn run(
     let consumer: Option<StreamConsumer> = if pos.is_empty() {
         None
     } else {
-        let consumer = super::consumer::assigned(cfg, "catchup", node_id, cfg.fetch_wait_max_ms)?;
+        let consumer = super::consumer::per_session(cfg, "catchup", node_id)?;
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &pos {
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;

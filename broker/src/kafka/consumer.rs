@@ -6,6 +6,7 @@ use bytes::Bytes;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::ClientConfig;
 
 use super::reader::Record;
 use crate::config::KafkaConfig;
@@ -20,6 +21,36 @@ pub(crate) fn assigned(
     node_id: &str,
     fetch_wait_max_ms: u32,
 ) -> KafkaResult<StreamConsumer> {
+    assigned_config(cfg, role, node_id, fetch_wait_max_ms).create()
+}
+
+/// `assigned` for one session's read (a catch-up or a replay): it never
+/// runs ahead of its client by more than a bounded channel, so it keeps a
+/// small prefetch (librdkafka's default is up to 64 MB per consumer).
+pub(crate) fn per_session(
+    cfg: &KafkaConfig,
+    role: &str,
+    node_id: &str,
+) -> KafkaResult<StreamConsumer> {
+    let mut c = assigned_config(cfg, role, node_id, cfg.fetch_wait_max_ms);
+    c.set("queued.max.messages.kbytes", "2048")
+        .set("queued.min.messages", "1000")
+        // librdkafka waits this long to fetch again once that small queue
+        // is full (default 1 s): it capped a catch-up at ~2 MB/s.
+        .set("fetch.queue.backoff.ms", "5");
+    // User properties still win.
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c.create()
+}
+
+fn assigned_config(
+    cfg: &KafkaConfig,
+    role: &str,
+    node_id: &str,
+    fetch_wait_max_ms: u32,
+) -> ClientConfig {
     let name = format!("lodestream-{role}-{node_id}");
     let mut c = super::client_config(cfg, &name);
     c.set("group.id", &name)
@@ -27,7 +58,7 @@ pub(crate) fn assigned(
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
         .set("auto.offset.reset", "earliest");
-    c.create()
+    c
 }
 
 impl Record {

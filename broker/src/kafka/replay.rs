@@ -32,7 +32,7 @@ pub async fn partitions(
     topics: Vec<String>,
     time_ms: i64,
 ) -> anyhow::Result<Vec<Found>> {
-    let consumer = super::consumer::assigned(cfg, "replay", node_id, cfg.fetch_wait_max_ms)?;
+    let consumer = super::consumer::per_session(cfg, "replay", node_id)?;
     tokio::task::spawn_blocking(move || lookup(&consumer, &topics, time_ms)).await?
 }
 

@@ -77,6 +77,17 @@ impl<T> Sender<T> {
     pub fn capacity(&self) -> usize {
         self.0.bound.saturating_sub(self.0.lock().items.len())
     }
+
+    /// Wakes the receiver's task for something other than a message (what,
+    /// the task finds in its own state: a skip, `SessionFlags`).
+    pub fn wake_receiver(&self) {
+        self.0.waker.wake();
+    }
+
+    /// Registers the receiver's task for `wake_receiver` (and sends).
+    pub fn register_receiver(&self, waker: &std::task::Waker) {
+        self.0.waker.register(waker);
+    }
 }
 
 impl<T> Clone for Sender<T> {

@@ -237,12 +237,20 @@ fn offline_record(node: &Node, session: &Session) -> SessionRecord {
     SessionRecord::from_session(session, node.node_id(), session.epoch, false, now_ms())
 }
 
-/// After the session left fan-out: if nothing is waiting undelivered,
-/// everything fan-out dispatched up to now was handled, so the session
-/// can resume from fan-out's positions rather than re-scan from its last
-/// delivery.
+/// After the session left fan-out: if nothing is waiting undelivered and
+/// nothing was skipped, everything fan-out dispatched up to now was
+/// handled, so the session can resume from fan-out's positions rather than
+/// re-scan from its last delivery.
 fn advance_offsets_if_drained(node: &Node, leaving: &mut Leaving) {
     let session = &mut leaving.session;
+    // Fan-out skipped it (a full mailbox) and its connection ended before
+    // reading Kafka instead: whoever resumes the session reads from there.
+    if let Some(skips) = session.mailbox.flags.take_skips() {
+        for (k, first) in skips.first {
+            session.offsets.entry(k).or_insert(first);
+        }
+        return;
+    }
     if leaving.catching_up || !session.inbox.is_empty() {
         return;
     }

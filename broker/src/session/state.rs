@@ -44,8 +44,58 @@ pub struct Delivery {
 /// Flags fan-out sets on a session without taking its lock.
 #[derive(Debug, Default)]
 pub struct SessionFlags {
-    /// A QoS 1/2 message could not be queued because the mailbox was full.
+    /// QoS 1/2 messages of this session were lost (its connection closed
+    /// with more queued than the mailbox takes back): its next connection
+    /// is closed with 0x97.
     pub overflowed: AtomicBool,
+    /// Fan-out found the mailbox full (`skips` says what it skipped).
+    skipped: AtomicBool,
+    skips: std::sync::Mutex<Skips>,
+}
+
+/// What fan-out could not queue for a session since it was last asked.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Skips {
+    pub qos0: u64,
+    pub qos12: u64,
+    /// The first skipped offset per partition: reading Kafka from there
+    /// gets everything skipped back (`connection/lagging.rs`).
+    pub first: Offsets,
+}
+
+impl SessionFlags {
+    /// Fan-out could not queue `qos` from `source` (the mailbox is full).
+    pub fn note_skip(&self, qos: QoS, source: &Option<Source>) {
+        let mut s = self.skips.lock().unwrap_or_else(|e| e.into_inner());
+        if qos == QoS::AtMostOnce {
+            s.qos0 += 1;
+        } else {
+            s.qos12 += 1;
+        }
+        if let Some(src) = source {
+            let first = s
+                .first
+                .entry((src.topic.clone(), src.partition))
+                .or_insert(src.offset);
+            *first = (*first).min(src.offset);
+        }
+        self.skipped.store(true, Ordering::Release);
+    }
+
+    /// Fan-out skips this session (see `subscriptions.rs`).
+    pub fn skipping(&self) -> bool {
+        self.skipped.load(Ordering::Acquire)
+    }
+
+    /// What was skipped since the last call, if anything (one atomic load
+    /// when nothing was).
+    pub fn take_skips(&self) -> Option<Skips> {
+        if !self.skipped.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        let mut s = self.skips.lock().unwrap_or_else(|e| e.into_inner());
+        Some(std::mem::take(&mut *s))
+    }
 }
 
 /// The sending side of a session's mailbox, stored in the subscription index.

@@ -753,10 +753,11 @@ async fn subscribe_storm_is_bounded_per_client() {
 }
 
 /// A subscriber that never reads its socket: the broker's writes block,
-/// its bounded mailbox (`mqtt.session_queue`) overflows and QoS 0 messages
-/// are dropped (counted), and after `mqtt.write_timeout_s` it is
-/// disconnected. Memory stays bounded and the node's other clients keep
-/// working throughout.
+/// its bounded mailbox (`mqtt.session_queue`) overflows, so it reads Kafka
+/// itself instead (`lodestream_lagging_total{result="read_kafka"}`, no
+/// drop), and after `mqtt.write_timeout_s` it is disconnected. Memory stays
+/// bounded and the node's other clients keep working throughout; one that
+/// reads gets every message, also when fan-out outran it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_never_reads_is_disconnected() {
     if common::in_own_process(module_path!(), "client_that_never_reads_is_disconnected") {
@@ -799,10 +800,6 @@ async fn client_that_never_reads_is_disconnected() {
     });
 
     let rss_before = rss_kib();
-    let dropped_before = common::metric(
-        &common::scrape(&b).await,
-        "lodestream_messages_dropped_total{reason=\"queue_full_qos0\"}",
-    );
     let t = Instant::now();
     let mut publ = connected(&b, ProtocolVersion::V5, 0).await;
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
@@ -831,11 +828,16 @@ async fn client_that_never_reads_is_disconnected() {
     let dropped = common::metric(
         &m,
         "lodestream_messages_dropped_total{reason=\"queue_full_qos0\"}",
-    ) - dropped_before;
+    );
+    let to_kafka = common::metric(&m, "lodestream_lagging_total{result=\"read_kafka\"}");
     let network = common::metric(&m, "lodestream_disconnects_total{reason=\"network\"}");
     let rss_peak = rss_kib();
     assert_eq!(open, 2.0, "the client that never reads was disconnected");
-    assert!(dropped > 0.0, "QoS 0 messages dropped at its full mailbox");
+    assert!(to_kafka >= 1.0, "its full mailbox made it read Kafka");
+    assert_eq!(
+        dropped, 0.0,
+        "nothing dropped while under max_lagging_sessions"
+    );
     assert!(
         network >= 1.0,
         "counted as a network (write timeout) disconnect"
@@ -859,13 +861,14 @@ async fn client_that_never_reads_is_disconnected() {
     // The deaf client's socket holds what the kernel buffered; it ends in EOF.
     let (buffered, closed) = read_until_closed(&mut deaf.stream, Duration::from_secs(10)).await;
     eprintln!(
-        "never-reads: deaf client cut after {cut_after:?} (write timeout 2 s), {dropped} QoS 0 \
-         dropped node-wide at full mailboxes, {buffered} B were buffered in its socket; \
-         good subscriber got {got}/{} \
-         messages; RSS {rss_before} -> {rss_peak} KiB",
+        "never-reads: deaf client cut after {cut_after:?} (write timeout 2 s), {to_kafka} \
+         full mailboxes turned to reading Kafka, {dropped} QoS 0 dropped, {buffered} B were \
+         buffered in its socket; good subscriber got {got}/{} messages; RSS {rss_before} -> \
+         {rss_peak} KiB",
         N + 1
     );
     assert!(closed, "deaf client's socket ends in EOF");
+    assert_eq!(got, N + 1, "the reading subscriber got every QoS 0 message");
     assert!(
         rss_peak < rss_before + 256 * 1024,
         "RSS grew {} KiB",
@@ -1033,21 +1036,193 @@ async fn slowloris_after_connect_is_bounded_by_keep_alive() {
     );
 }
 
-/// A v5 QoS 1 subscriber that reads but never acknowledges: the broker
-/// keeps at most `max_inflight_out` deliveries in flight and
-/// `mqtt.session_queue` queued, counts what it cannot queue
+/// A node whose sessions hold 8 deliveries in flight and 16 queued, with
+/// `max_lagging_sessions` sessions allowed to read Kafka themselves.
+async fn small_queue_node(max_lagging_sessions: usize) -> common::Broker {
+    let mut c = common::test_config(&[]);
+    c.mqtt.session_queue = 16;
+    c.mqtt.max_inflight_out = 8;
+    c.mqtt.max_lagging_sessions = max_lagging_sessions;
+    common::start_with(c).await
+}
+
+/// Publishes QoS 1 `m1`..`mN` to `topic` and waits for every PUBACK.
+async fn publish_numbered(publ: &mut Raw, topic: &str, n: u16) {
+    for id in 1..=n {
+        let body = Bytes::from(format!("m{id}"));
+        publ.send(&publish(topic, QoS::AtLeastOnce, Some(id), body))
+            .await;
+    }
+    for _ in 1..=n {
+        assert!(matches!(publ.recv().await, Some(Packet::PubAck(_))));
+    }
+}
+
+/// A v5 QoS 1 subscriber that acknowledges nothing for a while, then
+/// everything: while its window (8) and queue (16) are full it is not
+/// disconnected; its session leaves fan-out and reads Kafka itself
+/// (`lodestream_lagging_sessions` 1), and once it acknowledges it gets all
+/// 100 messages, in order, none dropped; then it is back on fan-out (gauge
+/// 0). Bounded: never more than `max_inflight_out` unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_subscriber_that_falls_behind_reads_kafka_and_loses_nothing() {
+    let _g = PROCESS.read().await;
+    const N: u16 = 100;
+    let b = small_queue_node(32).await;
+    let topic = common::unique("behind");
+    let mut slow = connected(&b, ProtocolVersion::V5, 0).await;
+    slow.send(&subscribe(1, &format!("{topic}/#"), QoS::AtLeastOnce))
+        .await;
+    assert!(matches!(slow.recv().await, Some(Packet::SubAck(_))));
+    let mut publ = connected(&b, ProtocolVersion::V5, 0).await;
+    publish_numbered(&mut publ, &format!("{topic}/x"), N).await;
+    // Nothing acknowledged yet: 8 in flight, and the session reads Kafka.
+    let mut got = Vec::new();
+    let mut unacked = Vec::new();
+    while let Some(p) = slow.recv_within(Duration::from_secs(1)).await {
+        match p {
+            Packet::Publish(p) => {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+                unacked.extend(p.packet_id);
+            }
+            other => panic!("while not acknowledging: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got.len(), 8, "no more than max_inflight_out unacknowledged");
+    let lagging = wait_metric(
+        &b,
+        "lodestream_lagging_sessions",
+        Duration::from_secs(5),
+        |v| v == 1.0,
+    )
+    .await;
+    assert_eq!(lagging, 1.0, "the session reads Kafka while it is behind");
+    // Now it acknowledges everything, as it comes.
+    for id in unacked {
+        slow.send(&Packet::PubAck(Ack::new(id))).await;
+    }
+    while got.len() < N as usize {
+        match slow.recv_within(Duration::from_secs(10)).await {
+            Some(Packet::Publish(p)) => {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+                if let Some(id) = p.packet_id {
+                    slow.send(&Packet::PubAck(Ack::new(id))).await;
+                }
+            }
+            other => panic!(
+                "after {} of {N}: expected PUBLISH, got {other:?}",
+                got.len()
+            ),
+        }
+    }
+    let want: Vec<String> = (1..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want, "every message once, in order");
+    let back = wait_metric(
+        &b,
+        "lodestream_lagging_sessions",
+        Duration::from_secs(10),
+        |v| v == 0.0,
+    )
+    .await;
+    let m = common::scrape(&b).await;
+    let dropped = common::metric(
+        &m,
+        "lodestream_messages_dropped_total{reason=\"queue_full\"}",
+    );
+    let to_kafka = common::metric(&m, "lodestream_lagging_total{result=\"read_kafka\"}");
+    eprintln!("fell behind: {N}/{N} in order, read Kafka {to_kafka} time(s), {dropped} dropped");
+    assert_eq!(back, 0.0, "back on fan-out once caught up");
+    assert!(to_kafka >= 1.0);
+    assert_eq!(dropped, 0.0);
+    // Live again: a new message arrives through fan-out.
+    publ.send(&publish(
+        &format!("{topic}/x"),
+        QoS::AtLeastOnce,
+        Some(1),
+        Bytes::from_static(b"live"),
+    ))
+    .await;
+    assert!(matches!(publ.recv().await, Some(Packet::PubAck(_))));
+    match slow.recv_within(Duration::from_secs(10)).await {
+        Some(Packet::Publish(p)) => assert_eq!(p.payload.as_ref(), b"live"),
+        other => panic!("expected the live message, got {other:?}"),
+    }
+}
+
+/// A persistent v3.1.1 QoS 1 session whose queue overflowed while it
+/// acknowledged nothing, on a node where no session may read Kafka itself
+/// (`max_lagging_sessions = 0`): its connection is closed with the
+/// skipped messages never delivered, and the session resumed on the next
+/// connection still gets every one of them (its stored offsets do not pass
+/// what fan-out skipped) [MQTT-4.4.0-1].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_closed_after_its_queue_overflowed_resumes_with_everything() {
+    let _g = PROCESS.read().await;
+    const N: u16 = 100;
+    let b = small_queue_node(0).await;
+    let topic = common::unique("resume-skipped");
+    let id = common::unique("skipped");
+    let v3 = ProtocolVersion::V311;
+    let persistent = || {
+        Connect {
+            clean_start: false,
+            ..packets::connect(v3, &id)
+        }
+        .packet()
+    };
+    let mut sub = Raw::connect(b.addr()).await;
+    sub.send(&persistent()).await;
+    assert!(matches!(sub.recv().await, Some(Packet::ConnAck(_))));
+    sub.send(&subscribe(1, &format!("{topic}/#"), QoS::AtLeastOnce))
+        .await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+    let mut publ = connected(&b, v3, 0).await;
+    publish_numbered(&mut publ, &format!("{topic}/x"), N).await;
+    // Unacknowledged: 8 in flight, 16 queued, the rest skipped; 3.1.1 has
+    // no DISCONNECT to tell, the connection just ends.
+    let mut got = std::collections::BTreeSet::new();
+    while let Some(Packet::Publish(p)) = sub.recv_within(Duration::from_secs(2)).await {
+        got.insert(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    drop(sub);
+    let first = got.len();
+    let mut sub = Raw::connect(b.addr()).await;
+    sub.send(&persistent()).await;
+    match sub.recv().await {
+        Some(Packet::ConnAck(a)) => assert!(a.session_present, "session resumed"),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    while got.len() < N as usize {
+        match sub.recv_within(Duration::from_secs(10)).await {
+            Some(Packet::Publish(p)) => {
+                got.insert(String::from_utf8_lossy(&p.payload).into_owned());
+                if let Some(id) = p.packet_id {
+                    sub.send(&Packet::PubAck(Ack::new(id))).await;
+                }
+            }
+            other => panic!(
+                "after {} of {N}: expected PUBLISH, got {other:?}",
+                got.len()
+            ),
+        }
+    }
+    eprintln!("skipped then resumed: {first} before the close, {N}/{N} distinct after resuming");
+    assert_eq!(got.len(), N as usize);
+}
+
+/// The same subscriber that never acknowledges, on a node with
+/// `mqtt.max_lagging_sessions = 0`: the broker keeps at most
+/// `max_inflight_out` deliveries in flight and `mqtt.session_queue`
+/// queued, counts what it cannot queue
 /// (`messages_dropped_total{reason="queue_full"}`) and ends the session
 /// with 0x97 (quota exceeded), so the client learns that QoS 1 messages
 /// were lost, also when the overflow happens while its connection is idle
 /// (window full, nothing to read). Other clients keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos1_subscriber_that_never_acks_is_bounded() {
+async fn qos1_subscriber_that_never_acks_past_max_lagging_sessions_gets_0x97() {
     let _g = PROCESS.read().await;
     const N: u16 = 100;
-    let mut c = common::test_config(&[]);
-    c.mqtt.session_queue = 16;
-    c.mqtt.max_inflight_out = 8;
-    let b = common::start_with(c).await;
+    let b = small_queue_node(0).await;
     let topic = common::unique("noack");
 
     let mut lazy = connected(&b, ProtocolVersion::V5, 0).await;

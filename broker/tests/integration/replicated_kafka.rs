@@ -3,7 +3,9 @@
 //! `KAFKA3_TEST_PORT` (19610), +2, +4; started by the first test and
 //! stopped by the last) with the broker's topics at replication factor 3 and
 //! `min.insync.replicas` 2, under QoS 1 and QoS 2 load:
-//! - one Kafka node SIGKILLed (the leader of a partition being written);
+//! - one Kafka node SIGKILLed: the leader of the QoS 2 subscriber's session
+//!   partition, so its session writes (which its QoS 2 deliveries wait for)
+//!   stall through the election while messages keep coming;
 //! - a broker node SIGKILLed together with that partition's leader;
 //! - a rolling restart of all three Kafka nodes.
 //!
@@ -106,6 +108,21 @@ fn partitions(topic: &str) -> Vec<(i32, i32, usize)> {
         .collect()
 }
 
+/// The leader of the partition holding `key`'s records in `topic`.
+fn leader_of_key(topic: &str, key: &str) -> i32 {
+    let recs = common::read_topic_at(&bootstrap(), topic, usize::MAX, Duration::from_secs(3));
+    let partition = recs
+        .iter()
+        .find(|r| r.key.as_deref() == Some(key))
+        .map(|r| r.partition)
+        .unwrap_or_else(|| panic!("no record of {key} in {topic}"));
+    partitions(topic)
+        .iter()
+        .find(|p| p.0 == partition)
+        .map(|p| p.1)
+        .expect("the partition's leader")
+}
+
 async fn broker() -> common::Broker {
     let mut c = common::test_config(&[]);
     c.kafka.bootstrap_servers = bootstrap();
@@ -113,6 +130,9 @@ async fn broker() -> common::Broker {
     c.kafka.replication_factor = 0;
     // The scan's settle time after a node death (see qos2_scan.rs).
     c.kafka.delivery_timeout_ms = 30_000;
+    // Less than what arrives while Kafka elects a leader (300/s for several
+    // seconds): fan-out outruns a subscriber whose writes wait for Kafka.
+    c.mqtt.session_queue = 200;
     common::start_with(c).await
 }
 
@@ -189,7 +209,7 @@ struct Load {
 
 async fn run_load<F, Fut>(load: Load, fault: F) -> Outcome
 where
-    F: FnOnce() -> Fut,
+    F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let sub_addr: std::net::SocketAddr = format!("127.0.0.1:{}", load.sub_port).parse().unwrap();
@@ -249,7 +269,7 @@ where
     }
     // The fault runs while the subscribers keep reading (a subscriber that
     // stops reading is disconnected once its queue is full).
-    let fault = tokio::spawn(fault());
+    let fault = tokio::spawn(fault(q2_id.clone()));
     while !fault.is_finished() {
         while let Ok(m) = rx.try_recv() {
             q1.push(m);
@@ -299,7 +319,6 @@ async fn kafka_node_sigkill_under_qos1_and_qos2_load_loses_nothing_acknowledged(
         parts.iter().all(|(_, _, replicas)| *replicas == 3),
         "broker topics get 3 replicas on a 3-node Kafka: {parts:?}"
     );
-    let leader = parts.first().map(|p| p.1).expect("a partition");
     let load = Load {
         sub_port: b.port(),
         q1_pub_port: b.port(),
@@ -308,7 +327,19 @@ async fn kafka_node_sigkill_under_qos1_and_qos2_load_loses_nothing_acknowledged(
         per_s: 300,
         fault_at: N / 2,
     };
-    let o = run_load(load, || async move {
+    let sessions = b.sessions_topic.clone();
+    let o = run_load(load, |q2_id| async move {
+        // The leader of the QoS 2 subscriber's session partition: its
+        // session writes, which its QoS 2 deliveries wait for, stall until
+        // Kafka elects another leader, and fan-out outruns it meanwhile.
+        let leader = tokio::task::spawn_blocking(move || leader_of_key(&sessions, &q2_id))
+            .await
+            .expect("session partition leader");
+        let led: Vec<i32> = parts
+            .iter()
+            .filter(|p| p.1 == leader)
+            .map(|p| p.0)
+            .collect();
         let node = leader.to_string();
         let t0 = Instant::now();
         let ok = tokio::task::spawn_blocking(move || kafka3(&["kill", &node]))
@@ -316,7 +347,8 @@ async fn kafka_node_sigkill_under_qos1_and_qos2_load_loses_nothing_acknowledged(
             .unwrap_or(false);
         assert!(ok, "kill Kafka node {leader}");
         eprintln!(
-            "Kafka node {leader} (leader of partition 0) SIGKILLed in {:?}",
+            "Kafka node {leader} (leader of the QoS 2 subscriber's session partition and of \
+             partitions {led:?} of the messages) SIGKILLed in {:?}",
             t0.elapsed()
         );
     })
@@ -352,7 +384,7 @@ async fn broker_node_and_partition_leader_sigkilled_together_lose_nothing_acknow
         per_s: 300,
         fault_at: N / 2,
     };
-    let o = run_load(load, || async move {
+    let o = run_load(load, |_| async move {
         let node = leader.to_string();
         victim.0.kill().expect("SIGKILL broker node");
         let ok = tokio::task::spawn_blocking(move || kafka3(&["kill", &node]))
@@ -384,7 +416,7 @@ async fn rolling_restart_of_all_kafka_nodes_under_load_loses_nothing_acknowledge
         per_s: 15,
         fault_at: 20,
     };
-    let o = run_load(load, || async move {
+    let o = run_load(load, |_| async move {
         for node in ["1", "2", "3"] {
             let t0 = Instant::now();
             let stopped = tokio::task::spawn_blocking(move || kafka3(&["stop-node", node]))
