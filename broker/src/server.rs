@@ -67,65 +67,100 @@ pub async fn run_listener(node: Arc<Node>, listener: TcpListener, transport: Tra
     }
 }
 
+/// Runs a connection from its first byte. A task's future is as large as
+/// its largest state, for the connection's whole life: each transport's
+/// path is boxed, so a connection holds its own transport's state only,
+/// and handshakes (PROXY header, TLS, WebSocket upgrade) are boxed within
+/// them, so it does not hold theirs once they are done.
 async fn handshake(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr, transport: Transport) {
-    let limit = Duration::from_secs(node.config().mqtt.connect_timeout_s);
-    let proxied = if node.config().listeners.proxy_protocol {
-        match tokio::time::timeout(limit, crate::transport::proxy::read_header(&mut stream)).await {
-            // `None`: the balancer's own connection (health check) keeps its address.
-            Ok(Ok(client)) => Ok(client.unwrap_or(peer)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timeout".to_string()),
+    let peer = if node.config().listeners.proxy_protocol {
+        match Box::pin(proxied_peer(&node, &mut stream, peer)).await {
+            Some(p) => p,
+            None => return,
         }
     } else {
-        Ok(peer)
+        peer
     };
-    let peer = proxied.as_ref().copied().unwrap_or(peer);
-    let cert_identity =
-        |pc: Option<PeerCert>| pc.and_then(|c| c.identity(node.config().auth.cert_identity));
-    let fail = |what: &str, e: String| {
-        tracing::debug!(%peer, error = %e, "{what} failed");
-        node.metrics()
-            .connect_rejected
-            .with_label_values(&[what])
-            .inc();
-    };
-    if let Err(e) = proxied {
-        return fail("proxy_header", e);
-    }
     match transport {
-        // The task's future is as large as its largest branch, for every
-        // connection: TLS and WebSocket streams (several KB inline) are
-        // boxed so plain TCP connections do not pay for them.
-        Transport::Tcp => connection::serve(node.clone(), stream, peer, transport, None).await,
-        Transport::Ws => {
-            match tokio::time::timeout(limit, ws::accept(stream, &node.config().ws)).await {
-                Ok(Ok(s)) => {
-                    Box::pin(connection::serve(node.clone(), s, peer, transport, None)).await
-                }
-                Ok(Err(e)) => fail("ws_upgrade", e.to_string()),
-                Err(_) => fail("ws_upgrade", "timeout".into()),
-            }
-        }
-        Transport::Tls | Transport::Wss => {
-            let Some(tls) = node.tls() else { return };
-            let (s, pc) = match tokio::time::timeout(limit, tls.accept(stream)).await {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => return fail("tls_handshake", e.to_string()),
-                Err(_) => return fail("tls_handshake", "timeout".into()),
-            };
-            let id = cert_identity(pc);
-            if transport == Transport::Tls {
-                return Box::pin(connection::serve(node.clone(), s, peer, transport, id)).await;
-            }
-            match tokio::time::timeout(limit, ws::accept(s, &node.config().ws)).await {
-                Ok(Ok(s)) => {
-                    Box::pin(connection::serve(node.clone(), s, peer, transport, id)).await
-                }
-                Ok(Err(e)) => fail("ws_upgrade", e.to_string()),
-                Err(_) => fail("ws_upgrade", "timeout".into()),
-            }
-        }
+        Transport::Tcp => Box::pin(connection::serve(node, stream, peer, transport, None)).await,
+        Transport::Ws => Box::pin(serve_ws(node, stream, peer, transport, None)).await,
+        Transport::Tls | Transport::Wss => Box::pin(serve_tls(node, stream, peer, transport)).await,
     }
+}
+
+/// The client's address from a PROXY protocol header; `None` (counted) if
+/// there is none in time.
+async fn proxied_peer(node: &Node, stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    let e = match tokio::time::timeout(
+        handshake_limit(node),
+        crate::transport::proxy::read_header(stream),
+    )
+    .await
+    {
+        // `None`: the balancer's own connection (health check) keeps its address.
+        Ok(Ok(client)) => return Some(client.unwrap_or(peer)),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timeout".to_string(),
+    };
+    handshake_failed(node, peer, "proxy_header", e);
+    None
+}
+
+async fn serve_tls(node: Arc<Node>, stream: TcpStream, peer: SocketAddr, transport: Transport) {
+    let Some(tls) = node.tls() else { return };
+    // Boxed: the handshake's state is not kept beside the connection's.
+    let (s, pc) = match Box::pin(tokio::time::timeout(
+        handshake_limit(&node),
+        tls.accept(stream),
+    ))
+    .await
+    {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return handshake_failed(&node, peer, "tls_handshake", e.to_string()),
+        Err(_) => return handshake_failed(&node, peer, "tls_handshake", "timeout".into()),
+    };
+    let id = pc.and_then(|c: PeerCert| c.identity(node.config().auth.cert_identity));
+    if transport == Transport::Tls {
+        connection::serve(node, s, peer, transport, id).await
+    } else {
+        serve_ws(node, s, peer, transport, id).await
+    }
+}
+
+async fn serve_ws<S>(
+    node: Arc<Node>,
+    stream: S,
+    peer: SocketAddr,
+    transport: Transport,
+    id: Option<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Boxed: the upgrade's state is not kept beside the connection's.
+    match Box::pin(tokio::time::timeout(
+        handshake_limit(&node),
+        ws::accept(stream, &node.config().ws),
+    ))
+    .await
+    {
+        Ok(Ok(s)) => connection::serve(node, s, peer, transport, id).await,
+        Ok(Err(e)) => handshake_failed(&node, peer, "ws_upgrade", e.to_string()),
+        Err(_) => handshake_failed(&node, peer, "ws_upgrade", "timeout".into()),
+    }
+}
+
+/// Each handshake step (PROXY header, TLS, WebSocket upgrade) is bounded by
+/// the CONNECT timeout.
+fn handshake_limit(node: &Node) -> Duration {
+    Duration::from_secs(node.config().mqtt.connect_timeout_s)
+}
+
+fn handshake_failed(node: &Node, peer: SocketAddr, what: &str, e: String) {
+    tracing::debug!(%peer, error = %e, "{what} failed");
+    node.metrics()
+        .connect_rejected
+        .with_label_values(&[what])
+        .inc();
 }
 
 /// A deliberately tiny HTTP/1.1 responder for `/metrics`, `/health` and

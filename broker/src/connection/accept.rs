@@ -18,7 +18,7 @@ pub(super) struct Opening {
     peer: SocketAddr,
     conn_id: u64,
     session: Box<Session>,
-    ctrl: mpsc::Receiver<Control>,
+    ctrl: crate::session::mailbox::Receiver<Control>,
     present: bool,
     /// Keep alive in force (the server's when it overrode the client's).
     keep_alive: u16,
@@ -201,7 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             tracing::warn!(client_id = %client_id, "session queue overflowed before this connection: QoS 1/2 messages were dropped");
         }
         session.expiry_s = expiry_s;
-        session.will = c.will.clone();
+        session.will = c.will.clone().map(Box::new);
         let will_delay = c
             .will
             .as_ref()

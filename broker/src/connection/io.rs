@@ -1,10 +1,13 @@
 //! The socket side of a connection: its halves, the read and write buffers
 //! and the codec; CONNECT refusals.
 
+use futures::FutureExt;
+
 use super::*;
 
 /// Read buffer between packets: one read takes CONNECT, acks, PINGREQ or a
-/// typical PUBLISH (a few hundred bytes) whole.
+/// typical PUBLISH (a few hundred bytes) whole. An idle connection holds
+/// none (`Io::fill`).
 pub(super) const RBUF_IDLE: usize = 1024;
 
 /// Write buffer capacity kept once everything is written.
@@ -81,19 +84,33 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
 
     /// Reads more bytes; `Ok(false)` on end of stream.
     pub(super) async fn fill(&mut self) -> Result<bool, String> {
-        let spare = self.rbuf.capacity() - self.rbuf.len();
         if self.rbuf.is_empty() {
             // Between packets the buffer goes back to `RBUF_IDLE`: a large
             // packet (or the tail left after a PUBLISH was split off, which
             // shares its allocation with the payload on its way to Kafka)
             // must not stay allocated for the rest of the connection.
+            let spare = self.rbuf.capacity();
             if !(RBUF_IDLE / 2..=RBUF_IDLE).contains(&spare) {
                 self.rbuf = BytesMut::with_capacity(RBUF_IDLE);
             }
-        } else if spare < 512 {
+            if let Some(read) = self.rd.read_buf(&mut self.rbuf).now_or_never() {
+                return self.count_read(read);
+            }
+            // Nothing to read: an idle connection waits without a buffer (a
+            // zero-length read returns once a TCP socket is readable; other
+            // streams may return at once, and then the read below waits).
+            self.rbuf = BytesMut::new();
+            self.rd.read(&mut []).await.map_err(|e| e.to_string())?;
+            self.rbuf.reserve(RBUF_IDLE);
+        } else if self.rbuf.capacity() - self.rbuf.len() < 512 {
             self.rbuf.reserve(4096);
         }
-        match self.rd.read_buf(&mut self.rbuf).await {
+        let read = self.rd.read_buf(&mut self.rbuf).await;
+        self.count_read(read)
+    }
+
+    fn count_read(&self, read: std::io::Result<usize>) -> Result<bool, String> {
+        match read {
             Ok(0) => Ok(false),
             Ok(n) => {
                 self.node.metrics().bytes_in.inc_by(n as u64);

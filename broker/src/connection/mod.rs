@@ -160,6 +160,28 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let _open = node.open_connection();
+    // A future is as large as its largest state, for the connection's whole
+    // life: the start (CONNECT, the Kafka claim) and the close are boxed, so
+    // an idle connection keeps only the event loop's state.
+    // `Conn` itself is boxed too (one pointer in the task, not ~1 KB twice).
+    let conn = Box::pin(start(node, stream, peer, transport, cert_identity)).await;
+    if let Some(conn) = conn {
+        conn.run().await;
+    }
+}
+
+/// Reads CONNECT and accepts it (`accept.rs`); `None` if the connection
+/// ended before it was accepted.
+async fn start<S>(
+    node: Arc<Node>,
+    stream: S,
+    peer: SocketAddr,
+    transport: Transport,
+    cert_identity: Option<String>,
+) -> Option<Box<Conn<S>>>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (rd, wr) = tokio::io::split(stream);
     let mut io = Io {
         rd,
@@ -179,7 +201,7 @@ pub async fn serve<S>(
                 .with_label_values(&["invalid"])
                 .inc();
             let _ = io.flush().await;
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%peer, "no CONNECT within {timeout:?}");
@@ -187,16 +209,12 @@ pub async fn serve<S>(
                 .connect_rejected
                 .with_label_values(&["timeout"])
                 .inc();
-            return;
+            return None;
         }
     };
-    // Rare, deep paths (CONNECT with its Kafka claim, the close, SUBSCRIBE
-    // starting Kafka readers) are boxed: inline they set the size of every
-    // connection's task for its whole life.
-    let accept = Box::pin(Conn::accept(io, *connect, peer, transport, cert_identity));
-    if let Some(conn) = accept.await {
-        conn.run().await;
-    }
+    Conn::accept(io, *connect, peer, transport, cert_identity)
+        .await
+        .map(Box::new)
 }
 
 fn ack_with(packet_id: u16, reason: ReasonCode, why: Option<String>) -> Ack {
@@ -218,7 +236,7 @@ struct Conn<S> {
     conn_id: u64,
     version: ProtocolVersion,
     session: Box<Session>,
-    ctrl: mpsc::Receiver<Control>,
+    ctrl: crate::session::mailbox::Receiver<Control>,
     keep_alive: Option<Duration>,
     last_recv: Instant,
     acks: FuturesOrdered<AckFuture>,
@@ -280,13 +298,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         self.version.is_v5()
     }
 
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         let mut shutdown = self.node.shutting_down();
         let recv_max = self.node.config().mqtt.receive_maximum as usize;
-        let mut persist_tick = tokio::time::interval(PERSIST_EVERY);
-        persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Due at once, like an interval's first tick.
+        let mut next_persist = Instant::now();
         // Packets that arrived together with CONNECT are already buffered.
-        let mut early_end = self.on_bytes().await.err();
+        let mut early_end = Box::pin(self.on_bytes()).await.err();
         let end = loop {
             if let Some(end) = early_end.take() {
                 break end;
@@ -294,9 +312,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             if let Err(e) = self.io.flush().await {
                 break End::Io(e);
             }
-            let ka_deadline = self
-                .keep_alive
-                .map(|ka| tokio::time::Instant::from_std(self.last_recv + ka));
+            // Keep alive and the periodic session write share one timer: a
+            // timer is 112 bytes of every idle connection.
+            let ka_at = self.keep_alive.map(|ka| self.last_recv + ka);
+            let persist_at = (self.session.expiry_s > 0).then_some(next_persist);
+            let timer = [ka_at, persist_at].into_iter().flatten().min();
             let can_deliver =
                 self.backlog.is_empty() && self.window_open() && self.held_len() < HELD_MAX;
             let live = can_deliver && self.catchup.is_none();
@@ -319,10 +339,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 _ = sleep_until(self.throttled_until.map(tokio::time::Instant::from_std)), if self.throttled_until.is_some() => {
                     self.throttled_until = None;
                     // Packets already buffered while paused.
-                    self.on_bytes().await
+                    Box::pin(self.on_bytes()).await
                 },
                 r = self.io.fill(), if self.acks.len() < recv_max && self.throttled_until.is_none() => match r {
-                    Ok(true) => self.on_bytes().await,
+                    Ok(true) => Box::pin(self.on_bytes()).await,
                     Ok(false) => Err(End::Io("closed by peer".into())),
                     Err(e) => Err(End::Io(e)),
                 },

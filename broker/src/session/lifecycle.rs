@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lodestream_mqtt::ReasonCode;
-use tokio::sync::mpsc;
 
 use crate::kafka::ProduceError;
 use crate::node::{now_ms, Node};
 use crate::session::high_watermarks::ViewError;
 use crate::session::record::SessionRecord;
 use crate::session::registry::{Control, RegistryError};
-use crate::session::Session;
+use crate::session::{mailbox, Session};
 
 /// How long a claiming node waits for the previous owner's final state.
 const HANDOFF_WAIT: Duration = Duration::from_secs(2);
@@ -29,7 +28,7 @@ pub struct Claimed {
     /// Resumed from the sessions topic: what it missed is read from Kafka.
     pub from_record: bool,
     /// Control messages for the connection that holds the session now.
-    pub ctrl: mpsc::Receiver<Control>,
+    pub ctrl: mailbox::Receiver<Control>,
     /// When a QoS 2 retransmission scan may decide: the previous owner's
     /// writes may still land until then (`qos2_scan::settled_at_ms`).
     pub scan_settled_ms: Option<i64>,
@@ -70,7 +69,7 @@ pub async fn claim(
     // this node's view before Session Present is decided. Before the
     // registry slot is taken: records applied meanwhile cannot kick us.
     node.sessions_current().await?;
-    let (ctrl_tx, ctrl) = mpsc::channel(4);
+    let (ctrl_tx, ctrl) = mailbox::channel(4);
     let existing = node
         .registry()
         .claim(client_id, conn_id, ctrl_tx, clean_start)

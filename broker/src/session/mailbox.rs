@@ -1,5 +1,6 @@
 //! A session's mailbox: the bounded queue that fan-out fills and the
-//! connection drains, with the calls of a tokio `mpsc` channel.
+//! connection drains, with the calls of a tokio `mpsc` channel. Also each
+//! connection's control queue (take-over, close).
 //!
 //! Why not tokio's channel: it allocates its first block of 32 slots when
 //! it is created (32 × `Delivery` ≈ 2.5 KB), and every connection has a

@@ -288,7 +288,7 @@ impl SessionRecord {
             expiry_s: s.expiry_s,
             disconnected_ms: (!online).then_some(now_ms),
             subscriptions,
-            will: s.will.as_ref().map(will_to_record),
+            will: s.will.as_deref().map(will_to_record),
             inbound_qos2,
             // Omitted for sessions that never sent QoS 2 (most of a fleet):
             // restoring nothing is then the same state.
@@ -343,7 +343,7 @@ impl SessionRecord {
                 },
             );
         }
-        s.will = self.will.as_ref().map(will_from_record);
+        s.will = self.will.as_ref().map(|w| Box::new(will_from_record(w)));
         s.inbound_qos2 = match &self.qos2 {
             Some(q) => InboundQos2::from_parts(&q.to_parts()),
             None => {
@@ -416,7 +416,7 @@ mod tests {
                 identifier: Some(7),
             },
         );
-        s.will = Some(LastWill {
+        s.will = Some(Box::new(LastWill {
             topic: "w".into(),
             payload: Bytes::from_static(b"bye"),
             qos: QoS::AtLeastOnce,
@@ -426,7 +426,7 @@ mod tests {
                 content_type: Some("t".into()),
                 ..Properties::default()
             },
-        });
+        }));
         s.inbound_qos2.begin(9, false, 500);
         s.inbound_qos2.written(9);
         s.outbound.start(

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lodestream_mqtt::ReasonCode;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use crate::session::Session;
+use crate::session::{mailbox, Session};
 
 /// Messages to a connection task from the rest of the node.
 pub enum Control {
@@ -32,7 +32,7 @@ pub enum Control {
 enum Slot {
     Online {
         conn_id: u64,
-        ctrl: mpsc::Sender<Control>,
+        ctrl: mailbox::Sender<Control>,
         epoch: u64,
     },
     /// A disconnected persistent session whose state is in Kafka; only its
@@ -101,7 +101,7 @@ impl Registry {
         &self,
         client_id: &Arc<str>,
         conn_id: u64,
-        ctrl: mpsc::Sender<Control>,
+        ctrl: mailbox::Sender<Control>,
         clean_start: bool,
     ) -> Result<Option<Box<Session>>, RegistryError> {
         let prev = {
@@ -129,14 +129,11 @@ impl Registry {
             }
             Some(Slot::Online { ctrl: old, .. }) => {
                 let (tx, rx) = oneshot::channel();
-                if old
-                    .send(Control::TakeOver {
-                        clean_start,
-                        reply: tx,
-                    })
-                    .await
-                    .is_err()
-                {
+                let takeover = Control::TakeOver {
+                    clean_start,
+                    reply: tx,
+                };
+                if send_control(&old, takeover).await.is_err() {
                     return Ok(None);
                 }
                 match tokio::time::timeout(TAKEOVER_WAIT, rx).await {
@@ -229,7 +226,7 @@ impl Registry {
     }
 
     /// Control channels of all connected clients (for shutdown).
-    pub fn connected(&self) -> Vec<mpsc::Sender<Control>> {
+    pub fn connected(&self) -> Vec<mailbox::Sender<Control>> {
         self.lock()
             .values()
             .filter_map(|s| match s {
@@ -237,5 +234,19 @@ impl Registry {
                 Slot::Parked { .. } => None,
             })
             .collect()
+    }
+}
+
+/// Queues `c` for a connection, waiting while its control queue is full
+/// (it takes them first in its loop, so only for moments); `Err` once the
+/// connection is gone.
+async fn send_control(ctrl: &mailbox::Sender<Control>, mut c: Control) -> Result<(), ()> {
+    loop {
+        match ctrl.try_send(c) {
+            Ok(()) => return Ok(()),
+            Err(mailbox::TrySendError::Full(back)) => c = back,
+            Err(mailbox::TrySendError::Closed(_)) => return Err(()),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lodestream_mqtt::LastWill;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::node::{now_ms, sub_key, Node};
 use crate::session::record::SessionRecord;
@@ -52,14 +52,14 @@ pub struct Leaving {
     pub catching_up: bool,
     /// The connection's control channel: a same-node take-over racing with
     /// the close asks for the session there.
-    pub ctrl: mpsc::Receiver<Control>,
+    pub ctrl: crate::session::mailbox::Receiver<Control>,
 }
 
 /// Settles the session and its will after its connection ended.
 pub async fn release(node: &Arc<Node>, mut leaving: Leaving, end: SessionEnd) {
     let client_id = leaving.session.client_id.clone();
     let will_delay = leaving.will_delay;
-    let mut will: Option<LastWill> = leaving.session.will.take();
+    let mut will: Option<LastWill> = leaving.session.will.take().map(|w| *w);
     match end {
         SessionEnd::Disconnect => will = None,
         SessionEnd::TakenOver { clean_start, reply } => {

@@ -105,6 +105,27 @@ pub struct Mailbox {
     pub flags: Arc<SessionFlags>,
 }
 
+impl Mailbox {
+    /// Fan-out could not queue `qos` from `source`: noted, and the
+    /// connection woken to decide (`connection/lagging.rs`), which it must
+    /// be even while it takes nothing from the mailbox (window full).
+    pub fn skip(&self, qos: QoS, source: &Option<Source>) {
+        self.flags.note_skip(qos, source);
+        self.tx.wake_receiver();
+    }
+
+    /// Ready while fan-out is skipping this session; until then the
+    /// task is woken by the first skip.
+    pub fn poll_skipped(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.tx.register_receiver(cx.waker());
+        if self.flags.skipping() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
     pub options: SubscriptionOptions,
@@ -251,7 +272,8 @@ pub struct Session {
     /// awaiting PUBREL (a PUBLISH with one of these ids is a duplicate
     /// [MQTT-4.3.3-9]), plus what recognises duplicates after a node crash.
     pub inbound_qos2: InboundQos2,
-    pub will: Option<LastWill>,
+    /// Boxed: most sessions have none, and inline it is half the struct.
+    pub will: Option<Box<LastWill>>,
     /// Next Kafka offset per partition this session has not been given.
     pub offsets: Offsets,
     /// Epoch of this node's claim in the sessions topic.

@@ -10,7 +10,7 @@
 //!   [`MAX_OUT_MESSAGE`] bytes (the connection writes its buffered packets in
 //!   one call, so this packs packets into few messages); `poll_flush` pushes
 //!   them to the socket.
-//! - Memory per connection: a 4 KiB read buffer, incoming messages bounded by
+//! - Memory per connection: a 1 KiB read buffer, incoming messages bounded by
 //!   `max_message_size`, outgoing frames bounded by [`MAX_WRITE_BUFFER`]
 //!   (a full buffer makes `poll_write` wait: back-pressure).
 //! - A read returns every binary message already received that fits, as a
@@ -151,7 +151,11 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Ok(resp)
     };
     let ws_cfg = WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        // Allocated (and zeroed) for the connection's life: 1 KiB takes a
+        // typical MQTT message in one read and keeps idle connections small
+        // (docs/benchmarks.md, memory per idle connection); a larger frame
+        // reserves its own length.
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(cfg.max_message_size))
@@ -253,7 +257,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for WsStream<
                 this.pending.advance(n);
             }
             let copied = buf.filled().len() > start;
-            if this.read_done || buf.remaining() == 0 {
+            // A zero-length read waits for a message (the connection waits
+            // so without a read buffer while idle).
+            let full = buf.remaining() == 0 && (copied || !this.pending.is_empty());
+            if this.read_done || full {
                 return Poll::Ready(Ok(()));
             }
             let ws = this.ws.as_mut().ok_or_else(gone)?;
@@ -428,6 +435,30 @@ mod tests {
         let mut got = vec![0u8; packed.len()];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(got, packed);
+    }
+
+    /// The connection waits for an idle client without a read buffer: a
+    /// zero-length read returns only once a message is there, and the
+    /// message is then read whole.
+    #[tokio::test]
+    async fn zero_length_read_waits_for_a_message_and_keeps_it() {
+        let (mut server, mut client) = pair().await;
+        let mut none = [0u8; 0];
+        let early = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            server.read(&mut none),
+        )
+        .await;
+        assert!(early.is_err(), "returned before any message: {early:?}");
+        client.send(Message::Ping(Bytes::new())).await.unwrap();
+        client
+            .send(Message::Binary(Bytes::from_static(PINGREQ)))
+            .await
+            .unwrap();
+        assert_eq!(server.read(&mut none).await.unwrap(), 0);
+        let mut got = [0u8; 2];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, PINGREQ);
     }
 
     #[tokio::test]
