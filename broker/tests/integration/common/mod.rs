@@ -71,7 +71,23 @@ pub fn test_config(mappings: &[String]) -> Config {
     c
 }
 
+/// `TEST_LOG=<filter>` (e.g. `lodestream_broker=debug`) logs the
+/// in-process brokers to stderr; not `RUST_LOG`, which spawned broker
+/// binaries read too.
+fn init_test_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    });
+}
+
 pub async fn start_with(c: Config) -> Broker {
+    init_test_log();
     let default_topic = c.kafka.default_topic.clone();
     let retained_topic = c.kafka.retained_topic.clone();
     let sessions_topic = c.kafka.sessions_topic.clone();
