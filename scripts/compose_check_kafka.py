@@ -2,17 +2,27 @@
 service (`docker compose run kcat`, profile tools) on the compose network."""
 
 import json
+import subprocess
 
 TRUCKS_TOPIC = "trucks"
+# Bound of the read of `trucks` (normally a few seconds; see read_trucks_topic).
+READ_S = 60
 
 
 def read_trucks_topic(compose):
     """Every record of Kafka `trucks`: (MQTT topic, timestamp ms, partition, offset, value, key).
     The brokers key positions by plate (rule `trucks:trucks/{plate}:{plate}`) with the MQTT topic
     in the `mqtt.topic` header; other records (the routes) are keyed by their MQTT topic."""
-    res = compose("--profile", "tools", "run", "--rm", "--no-deps", "-T", "kcat",
-                  "-C", "-t", TRUCKS_TOPIC, "-o", "beginning", "-e", "-q",
-                  "-f", r"%k\t%T\t%p\t%o\t%h\t%s\n")
+    try:
+        res = compose("--profile", "tools", "run", "--rm", "--no-deps", "-T", "kcat",
+                      "-C", "-t", TRUCKS_TOPIC, "-o", "beginning", "-e", "-q",
+                      "-f", r"%k\t%T\t%p\t%o\t%h\t%s\n", timeout=READ_S)
+    except subprocess.TimeoutExpired as e:
+        # kcat -e exits once every partition is at its end at the same moment;
+        # while the trucks keep writing that can take forever (a CI run hung
+        # here). What was read by then is checked, up to its last whole line.
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return parse_records(out[:out.rfind("\n") + 1])
     if res.returncode != 0:
         raise SystemExit(f"kcat failed: {res.stderr[-2000:]}")
     return parse_records(res.stdout)
