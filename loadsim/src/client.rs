@@ -19,7 +19,7 @@ use lodestream_mqtt::{
     ReasonCode, Subscribe, SubscriptionOptions,
 };
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -52,7 +52,13 @@ pub struct Shared {
     pub recorder: Recorder,
     /// Connect errors printed so far (the first few are shown, not all).
     pub errors_shown: std::sync::atomic::AtomicU32,
+    /// MQTT over WebSocket at this path (`--transport ws`); `None`: TCP.
+    pub ws_path: Option<String>,
 }
+
+/// The connection's byte stream: TCP, or WebSocket over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// What one publisher did, for the Kafka check.
 #[derive(Debug, Default, Clone)]
@@ -73,7 +79,7 @@ pub fn now_us() -> u64 {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     rbuf: BytesMut,
     decoder: Decoder,
     version: ProtocolVersion,
@@ -97,13 +103,20 @@ impl Conn {
         matches!(self.stream.read_buf(&mut self.rbuf).await, Ok(n) if n > 0)
     }
 
+    /// Writes `out` and flushes it (a no-op on TCP; a WebSocket frame is
+    /// only sent on flush).
+    async fn send(&mut self, out: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(out).await?;
+        self.stream.flush().await
+    }
+
     async fn disconnect(mut self) {
         let mut out = BytesMut::new();
         self.push(
             &Packet::Disconnect(Disconnect::new(ReasonCode::Success)),
             &mut out,
         );
-        let _ = self.stream.write_all(&out).await;
+        let _ = self.send(&out).await;
         let _ = self.stream.shutdown().await;
     }
 }
@@ -168,7 +181,15 @@ impl Shared {
 
     /// TCP connect, CONNECT, wait for a successful CONNACK.
     async fn mqtt_connect(&self, slot: usize, client_id: &str) -> anyhow::Result<Conn> {
-        let stream = self.tcp_connect(slot).await?;
+        let tcp = self.tcp_connect(slot).await?;
+        let stream: Box<dyn Io> = match &self.ws_path {
+            Some(path) => Box::new(
+                tokio::time::timeout(self.connect_timeout, crate::ws::connect(tcp, path))
+                    .await
+                    .map_err(|_| anyhow!("WebSocket handshake timed out"))??,
+            ),
+            None => Box::new(tcp),
+        };
         let mut decoder = Decoder::new(16 * 1024 * 1024);
         decoder.set_version(self.version);
         let mut conn = Conn {
@@ -194,7 +215,7 @@ impl Shared {
         );
         let deadline = Instant::now() + self.connect_timeout;
         let handshake = async {
-            conn.stream.write_all(&out).await?;
+            conn.send(&out).await?;
             loop {
                 match conn.decoder.decode(&mut conn.rbuf) {
                     Ok(Some(Packet::ConnAck(a))) => return Ok::<_, anyhow::Error>(a),
@@ -473,7 +494,7 @@ async fn run_publisher(
             }
         }
         if !wbuf.is_empty() {
-            if conn.stream.write_all(&wbuf).await.is_err() {
+            if conn.send(&wbuf).await.is_err() {
                 res.unacked += inflight.len() as u32;
                 return End::Lost;
             }
@@ -622,7 +643,7 @@ async fn run_subscriber(
         }),
         &mut out,
     );
-    if conn.stream.write_all(&out).await.is_err() {
+    if conn.send(&out).await.is_err() {
         return End::Lost;
     }
     out.clear();
@@ -692,7 +713,7 @@ async fn run_subscriber(
             break End::Lost;
         }
         if !out.is_empty() {
-            if conn.stream.write_all(&out).await.is_err() {
+            if conn.send(&out).await.is_err() {
                 break End::Lost;
             }
             out.clear();

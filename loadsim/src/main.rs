@@ -17,6 +17,7 @@ mod client;
 mod payload;
 mod stats;
 mod verify;
+mod ws;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -68,6 +69,12 @@ struct RunArgs {
     /// Broker addresses host:port, comma separated; clients use them round robin.
     #[arg(long, default_value = "127.0.0.1:1883", value_delimiter = ',')]
     brokers: Vec<String>,
+    /// `tcp`, or `ws`: MQTT over WebSocket (subprotocol `mqtt`) at
+    /// `--ws-path` on the same addresses.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "ws"])]
+    transport: String,
+    #[arg(long, default_value = "/mqtt")]
+    ws_path: String,
     /// Number of publishing clients.
     #[arg(long, default_value_t = 100)]
     clients: u32,
@@ -393,6 +400,7 @@ async fn run_async(args: RunArgs, nofile: u64) -> anyhow::Result<Summary> {
         counters: Default::default(),
         recorder: Default::default(),
         errors_shown: Default::default(),
+        ws_path: (args.transport == "ws").then(|| args.ws_path.clone()),
     });
     let accum = Arc::new(Mutex::new(Accum {
         ack_all: new_histogram(),
