@@ -104,14 +104,18 @@ pub struct KafkaConfig {
     /// `min.insync.replicas` 2) when Kafka has at least 3 brokers, else the
     /// broker count.
     pub replication_factor: i32,
-    /// Producer linger: a batching window every record waits out. 0 by
-    /// default: with `max_in_flight` 1 records are batched only while a
-    /// produce request is out (adaptive: one record alone goes at once,
-    /// under load batches grow with the round trip); see docs/benchmarks.md.
+    /// The batch lane's linger (ms): a batching window each record waits
+    /// out. PUBLISHes take the fast lane instead (no linger, one request in
+    /// flight) while the node publishes under `fast_lane_below` msg/s, or
+    /// when their client waits for each acknowledgement (`kafka/lanes.rs`).
     pub linger_ms: u32,
-    /// Produce requests in flight per Kafka broker connection (librdkafka
-    /// `max.in.flight.requests.per.connection`, 1-5 with idempotence).
+    /// The batch lane's produce requests in flight per Kafka broker
+    /// connection (librdkafka `max.in.flight.requests.per.connection`, 1-5
+    /// with idempotence).
     pub max_in_flight: u32,
+    /// Node-wide msg/s under which PUBLISHes skip the linger (0: never, one
+    /// producer). Above it the linger saves CPU (docs/benchmarks.md).
+    pub fast_lane_below: u32,
     /// How long a produce may take before it fails (and the QoS>0 PUBLISH
     /// stays unacknowledged).
     pub delivery_timeout_ms: u32,
@@ -233,8 +237,9 @@ impl Default for KafkaConfig {
             create_topics: true,
             topic_partitions: 3,
             replication_factor: 0,
-            linger_ms: 0,
-            max_in_flight: 1,
+            linger_ms: 5,
+            max_in_flight: 5,
+            fast_lane_below: 2000,
             delivery_timeout_ms: 30_000,
             fetch_wait_max_ms: 500,
             properties: BTreeMap::new(),

@@ -33,7 +33,11 @@ pub struct Node {
     /// since then came through its own producer.
     started_ms: i64,
     mapping: Mapping,
+    /// Messages: the batch lane (`kafka.linger_ms`), and the fast lane
+    /// (no linger) when `kafka.fast_lane_below` > 0; `lanes` picks.
     producer: Producer,
+    fast_producer: Option<Producer>,
+    lanes: kafka::LanePolicy,
     /// Session records and heartbeats: a separate queue, so a flood of
     /// messages never delays a CONNECT's claim or a node's heartbeat.
     control_producer: Producer,
@@ -132,6 +136,14 @@ impl Node {
         let producer =
             Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
         let control_producer = control_producer(kcfg, &config.node_id)?;
+        let fast_producer = (kcfg.fast_lane_below > 0)
+            .then(|| fast_producer(kcfg, &config.node_id))
+            .transpose()?;
+        let lanes = kafka::LanePolicy::new(
+            u64::from(kcfg.fast_lane_below),
+            Duration::from_millis(u64::from(kcfg.linger_ms)),
+            std::time::Instant::now(),
+        );
         let retained = Arc::new(RetainedStore::new());
         let r2 = retained.clone();
         let (retained_reader, caught_up, _) = kafka::TopicReader::start(
@@ -189,6 +201,8 @@ impl Node {
             config,
             mapping,
             producer,
+            fast_producer,
+            lanes,
             control_producer,
             retained,
             metrics,
@@ -257,6 +271,11 @@ impl Node {
     }
 
     /// The MQTT topic -> Kafka topic rules.
+    /// Which producer a connection's next write takes (`kafka/lanes.rs`).
+    pub fn lanes(&self) -> &kafka::LanePolicy {
+        &self.lanes
+    }
+
     pub fn mapping(&self) -> &Mapping {
         &self.mapping
     }
@@ -481,7 +500,7 @@ impl Node {
     /// topic when RETAIN is set) and waits for Kafka's acknowledgement.
     pub async fn publish(&self, msg: Arc<Message>) -> Result<(), kafka::ProduceError> {
         let started = std::time::Instant::now();
-        let futs = self.send(&msg, None).await?;
+        let futs = self.send(&msg, None, kafka::Lane::Batch).await?;
         for f in futs {
             Producer::delivered(f)
                 .await
@@ -501,7 +520,13 @@ impl Node {
         &self,
         msg: &Message,
         flow: Option<Qos2Flow>,
+        lane: kafka::Lane,
     ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
+        self.lanes.count(std::time::Instant::now());
+        let producer = match (lane, &self.fast_producer) {
+            (kafka::Lane::Fast, Some(fast)) => fast,
+            _ => &self.producer,
+        };
         let (topic, key) = self.mapping.destination(&msg.topic);
         let mut headers = msg.to_headers();
         if let Some(f) = flow {
@@ -520,7 +545,7 @@ impl Node {
             Some(h)
         };
         out.push(
-            self.producer
+            producer
                 .send(
                     topic,
                     key.as_bytes(),
@@ -537,7 +562,7 @@ impl Node {
             // An empty retained payload is a tombstone: compaction deletes the key.
             let value = (!msg.payload.is_empty()).then_some(&msg.payload[..]);
             out.push(
-                self.producer
+                producer
                     .send(
                         &self.config.kafka.retained_topic,
                         msg.topic.as_bytes(),
@@ -730,13 +755,17 @@ impl Node {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let producer = self.producer.clone();
+        let producers: Vec<Producer> = std::iter::once(self.producer.clone())
+            .chain(self.fast_producer.clone())
+            .collect();
         let left = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_secs(1));
         let control = self.control_producer.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let _ = producer.flush(left);
+            for p in producers {
+                let _ = p.flush(left);
+            }
             control.flush(Duration::from_secs(1))
         })
         .await;
@@ -882,6 +911,19 @@ fn control_producer(kcfg: &crate::config::KafkaConfig, node_id: &str) -> anyhow:
     };
     Producer::new(&control_cfg, &format!("{node_id}-control"))
         .context("creating the Kafka control producer")
+}
+
+/// The fast lane (`kafka/lanes.rs`): no linger and one request in flight,
+/// so a lone record goes at once and records batch only while a request is
+/// out.
+fn fast_producer(kcfg: &crate::config::KafkaConfig, node_id: &str) -> anyhow::Result<Producer> {
+    let fast_cfg = crate::config::KafkaConfig {
+        linger_ms: 0,
+        max_in_flight: 1,
+        ..kcfg.clone()
+    };
+    Producer::new(&fast_cfg, &format!("{node_id}-fast"))
+        .context("creating the Kafka fast-lane producer")
 }
 
 /// Every 10 s, sets `lodestream_kafka_consumer_lag{topic}`: how far this

@@ -288,7 +288,7 @@ async fn publish(node: &Node, topics: Vec<(String, String)>, expiry_s: u32) {
             publisher: None,
             timestamp_ms: now_ms(),
         });
-        let sent = match node.send(&msg, None).await {
+        let sent = match node.send(&msg, None, crate::kafka::Lane::Batch).await {
             Ok(futs) => futures::future::try_join_all(
                 futs.into_iter().map(crate::kafka::Producer::delivered),
             )

@@ -282,6 +282,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .then(|| Duration::from_millis(o.keep_alive as u64 * 1500)),
             last_recv: Instant::now(),
             acks: FuturesOrdered::new(),
+            lane: Default::default(),
+            last_ack: None,
+            qos0_in_kafka: None,
             pending_qos2: HashSet::new(),
             scans_left: if o.present {
                 limits.receive_maximum as usize

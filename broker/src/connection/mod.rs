@@ -240,6 +240,16 @@ struct Conn<S> {
     keep_alive: Option<Duration>,
     last_recv: Instant,
     acks: FuturesOrdered<AckFuture>,
+    /// The producer this connection's writes go through; changed only
+    /// while none is in flight, so they reach Kafka in order
+    /// (`kafka/lanes.rs`).
+    lane: crate::kafka::Lane,
+    /// When the last PUBACK/PUBREC was sent (a client that publishes right
+    /// after it waits for each one).
+    last_ack: Option<Instant>,
+    /// QoS 0 writes in flight (nobody awaits them; counted for `lane`),
+    /// allocated at the first QoS 0 PUBLISH.
+    qos0_in_kafka: Option<Arc<std::sync::atomic::AtomicU32>>,
     /// QoS 2 ids whose Kafka write is still in progress.
     pending_qos2: HashSet<u16>,
     /// Retransmitted QoS 2 ids the restored state does not know that may

@@ -178,21 +178,30 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             timestamp_ms: now_ms(),
         });
         let started = Instant::now();
-        let sent = self.node.send(&msg, flow).await;
+        let lane = self.lane_for_next_write(started);
+        let sent = self.node.send(&msg, flow, lane).await;
         let qos = p.qos;
         if qos == QoS::AtMostOnce {
             match sent {
                 Ok(futs) => {
                     let node = self.node.clone();
+                    let in_kafka = self
+                        .qos0_in_kafka
+                        .get_or_insert_with(Default::default)
+                        .clone();
+                    in_kafka.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     // Nobody waits for a QoS 0 write, but its outcome is still counted.
                     tokio::spawn(async move {
+                        let mut ok = true;
                         for f in futs {
                             if Producer::delivered(f).await.is_err() {
                                 node.metrics().kafka_produce_errors.inc();
-                                return;
+                                ok = false;
+                                break;
                             }
                         }
-                        if msg.retain {
+                        in_kafka.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                        if ok && msg.retain {
                             node.retained().apply(msg);
                         }
                     });
@@ -230,6 +239,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 duplicate: false,
             }
         }));
+    }
+
+    /// The lane of the next Kafka write: the current one while any write of
+    /// this connection is in flight (order), else the node's choice.
+    fn lane_for_next_write(&mut self, now: Instant) -> crate::kafka::Lane {
+        let qos0_busy = self
+            .qos0_in_kafka
+            .as_ref()
+            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0);
+        if self.acks.is_empty() && !qos0_busy {
+            self.lane = self.node.lanes().choose(now, self.last_ack);
+        }
+        self.lane
     }
 
     /// For a retransmitted QoS 2 PUBLISH of an id the restored session does
@@ -304,6 +326,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 if done.msg.retain {
                     self.node.retained().apply(done.msg);
                 }
+                self.last_ack = Some(Instant::now());
                 if done.qos == QoS::AtLeastOnce {
                     self.emit(Packet::PubAck(Ack::new(id)), false);
                 } else {

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod catchup;
 mod consumer;
+pub mod lanes;
 mod producer;
 pub mod qos2_scan;
 mod reader;
@@ -12,6 +13,7 @@ pub mod replay;
 pub mod share_group;
 
 pub use admin::ensure_topics;
+pub use lanes::{Lane, LanePolicy};
 pub use producer::{DeliveryFuture, ProduceError, Produced, Producer};
 pub use reader::{Record, StartAt, TopicReader};
 

@@ -1,0 +1,169 @@
+//! Adaptive linger: which of the node's two message producers a PUBLISH
+//! goes through (pure; `Node::send` holds the producers).
+//!
+//! - The **fast lane** (`linger.ms` 0, one request in flight) sends a lone
+//!   record at once and batches only what arrives while its request is out:
+//!   a PUBACK costs one Kafka round trip.
+//! - The **batch lane** (`kafka.linger_ms`, `kafka.max_in_flight`) waits
+//!   the linger. At thousands of msg/s that is far cheaper: with linger 0
+//!   librdkafka wakes its broker thread for nearly every record, which cost
+//!   +65 % broker CPU at 5,000 msg/s from 200 clients (docs/benchmarks.md).
+//!
+//! A write takes the fast lane while the node publishes fewer than
+//! `kafka.fast_lane_below` msg/s, and always when its client waits for
+//! each acknowledgement before the next PUBLISH (it published within one
+//! linger of its last acknowledgement): batching would cap such a client
+//! at one message per linger. A connection changes lanes only when none of
+//! its writes is in flight, so its messages reach Kafka in order.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lane {
+    Fast,
+    #[default]
+    Batch,
+}
+
+/// Window over which the node's publish rate is measured.
+const WINDOW: Duration = Duration::from_millis(100);
+
+/// The node-wide part of the decision: the recent publish rate, with
+/// hysteresis (back to the fast lane below 80 % of the threshold).
+pub struct LanePolicy {
+    /// msg/s; 0: no fast lane.
+    fast_below: u64,
+    /// The batch lane's linger: a client that publishes sooner than this
+    /// after its last acknowledgement is waiting for each one.
+    linger: Duration,
+    count: AtomicU64,
+    window: Mutex<Instant>,
+    busy: AtomicBool,
+}
+
+impl LanePolicy {
+    pub fn new(fast_below: u64, linger: Duration, now: Instant) -> LanePolicy {
+        LanePolicy {
+            fast_below,
+            linger,
+            count: AtomicU64::new(0),
+            window: Mutex::new(now),
+            busy: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts one write (for the rate) and closes the window when due.
+    pub fn count(&self, now: Instant) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        // Once per window one caller does the sums; the others go on.
+        let Ok(mut start) = self.window.try_lock() else {
+            return;
+        };
+        let elapsed = now.saturating_duration_since(*start);
+        if elapsed < WINDOW {
+            return;
+        }
+        let n = self.count.swap(0, Ordering::Relaxed);
+        *start = now;
+        let rate = n.saturating_mul(1000) / (elapsed.as_millis().max(1) as u64);
+        let busy = if self.busy.load(Ordering::Relaxed) {
+            rate.saturating_mul(10) >= self.fast_below.saturating_mul(8)
+        } else {
+            rate >= self.fast_below
+        };
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// Busy, unless no write closed a window for two (the node went quiet).
+    fn busy(&self, now: Instant) -> bool {
+        if !self.busy.load(Ordering::Relaxed) {
+            return false;
+        }
+        match self.window.try_lock() {
+            Ok(start) => now.saturating_duration_since(*start) < 2 * WINDOW,
+            Err(_) => true,
+        }
+    }
+
+    /// The lane for a connection's next write when none of its writes is
+    /// in flight; `last_ack`: when it last got a PUBACK/PUBREC.
+    pub fn choose(&self, now: Instant, last_ack: Option<Instant>) -> Lane {
+        if self.fast_below == 0 {
+            return Lane::Batch;
+        }
+        let waits_for_acks =
+            last_ack.is_some_and(|t| now.saturating_duration_since(t) <= self.linger);
+        if waits_for_acks || !self.busy(now) {
+            Lane::Fast
+        } else {
+            Lane::Batch
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p: &LanePolicy, start: Instant, per_s: u64, secs: u64) -> Instant {
+        let step = Duration::from_micros(1_000_000 / per_s);
+        let mut t = start;
+        for _ in 0..per_s * secs {
+            t += step;
+            p.count(t);
+        }
+        t
+    }
+
+    #[test]
+    fn below_the_threshold_everything_is_fast() {
+        let t0 = Instant::now();
+        let p = LanePolicy::new(2000, Duration::from_millis(5), t0);
+        let t = run(&p, t0, 1000, 1);
+        assert_eq!(p.choose(t, None), Lane::Fast);
+    }
+
+    #[test]
+    fn above_it_open_loop_clients_batch_and_waiting_clients_stay_fast() {
+        let t0 = Instant::now();
+        let p = LanePolicy::new(2000, Duration::from_millis(5), t0);
+        let t = run(&p, t0, 5000, 1);
+        assert_eq!(p.choose(t, None), Lane::Batch);
+        assert_eq!(
+            p.choose(t, Some(t - Duration::from_millis(40))),
+            Lane::Batch
+        );
+        assert_eq!(
+            p.choose(t, Some(t - Duration::from_micros(300))),
+            Lane::Fast
+        );
+    }
+
+    #[test]
+    fn hysteresis_back_to_fast_only_below_eighty_percent() {
+        let t0 = Instant::now();
+        let p = LanePolicy::new(2000, Duration::from_millis(5), t0);
+        let t = run(&p, t0, 5000, 1);
+        let t = run(&p, t, 1800, 1);
+        assert_eq!(p.choose(t, None), Lane::Batch, "1,800/s is above 80 %");
+        let t = run(&p, t, 1000, 1);
+        assert_eq!(p.choose(t, None), Lane::Fast);
+    }
+
+    #[test]
+    fn a_node_gone_quiet_is_not_busy() {
+        let t0 = Instant::now();
+        let p = LanePolicy::new(2000, Duration::from_millis(5), t0);
+        let t = run(&p, t0, 5000, 1);
+        assert_eq!(p.choose(t + Duration::from_secs(1), None), Lane::Fast);
+    }
+
+    #[test]
+    fn no_fast_lane_when_off() {
+        let t0 = Instant::now();
+        let p = LanePolicy::new(0, Duration::from_millis(5), t0);
+        assert_eq!(p.choose(t0, Some(t0)), Lane::Batch);
+    }
+}
