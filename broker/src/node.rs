@@ -135,9 +135,12 @@ impl Node {
         })??;
         let producer =
             Producer::new(kcfg, &config.node_id).context("creating the Kafka producer")?;
-        let control_producer = control_producer(kcfg, &config.node_id)?;
+        let control_producer =
+            lingerless_producer(kcfg, &config.node_id, "control", kcfg.max_in_flight)?;
+        // The fast lane (`kafka/lanes.rs`): one request in flight, so a
+        // lone record goes at once and records batch only while it is out.
         let fast_producer = (kcfg.fast_lane_below > 0)
-            .then(|| fast_producer(kcfg, &config.node_id))
+            .then(|| lingerless_producer(kcfg, &config.node_id, "fast", 1))
             .transpose()?;
         let lanes = kafka::LanePolicy::new(
             u64::from(kcfg.fast_lane_below),
@@ -270,12 +273,12 @@ impl Node {
         &self.metrics
     }
 
-    /// The MQTT topic -> Kafka topic rules.
     /// Which producer a connection's next write takes (`kafka/lanes.rs`).
     pub fn lanes(&self) -> &kafka::LanePolicy {
         &self.lanes
     }
 
+    /// The MQTT topic -> Kafka topic rules.
     pub fn mapping(&self) -> &Mapping {
         &self.mapping
     }
@@ -904,26 +907,20 @@ fn topic_specs(
 /// The producer of session records, claims and tombstones: no linger. They
 /// are few and small, and their latency is the window a node's death
 /// re-delivers (issue #18) and part of every CONNACK.
-fn control_producer(kcfg: &crate::config::KafkaConfig, node_id: &str) -> anyhow::Result<Producer> {
-    let control_cfg = crate::config::KafkaConfig {
+/// A producer of the node (`role`: its name) that sends each record at once.
+fn lingerless_producer(
+    kcfg: &crate::config::KafkaConfig,
+    node_id: &str,
+    role: &str,
+    max_in_flight: u32,
+) -> anyhow::Result<Producer> {
+    let cfg = crate::config::KafkaConfig {
         linger_ms: 0,
+        max_in_flight,
         ..kcfg.clone()
     };
-    Producer::new(&control_cfg, &format!("{node_id}-control"))
-        .context("creating the Kafka control producer")
-}
-
-/// The fast lane (`kafka/lanes.rs`): no linger and one request in flight,
-/// so a lone record goes at once and records batch only while a request is
-/// out.
-fn fast_producer(kcfg: &crate::config::KafkaConfig, node_id: &str) -> anyhow::Result<Producer> {
-    let fast_cfg = crate::config::KafkaConfig {
-        linger_ms: 0,
-        max_in_flight: 1,
-        ..kcfg.clone()
-    };
-    Producer::new(&fast_cfg, &format!("{node_id}-fast"))
-        .context("creating the Kafka fast-lane producer")
+    Producer::new(&cfg, &format!("{node_id}-{role}"))
+        .with_context(|| format!("creating the Kafka {role} producer"))
 }
 
 /// Every 10 s, sets `lodestream_kafka_consumer_lag{topic}`: how far this

@@ -12,20 +12,21 @@
 //! connection with 0x97, so the client knows.
 
 use super::*;
-use crate::session::{Offsets, Skips};
+use crate::session::{lower_offset, Offsets, Skips};
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    /// Skips are decided only once no catch-up is still handing over (its
+    /// last deliveries are in its channel) and no replay will register its
+    /// filter. Fan-out keeps skipping meanwhile, and the first skipped
+    /// offsets stay.
+    pub(super) fn skips_wait(&mut self) -> bool {
+        self.catchup.is_some() || self.replays.active() > 0
+    }
+
     /// Deals with what fan-out skipped since the last loop step, if anything.
     pub(super) fn on_skipped(&mut self) -> Result<(), End> {
         let flags = self.session.mailbox.flags.clone();
-        if !flags.skipping() {
-            return Ok(());
-        }
-        if self.catchup.is_some() || self.replays.active() > 0 {
-            // A catch-up still handing over (its last deliveries are in its
-            // channel) or a replay that will register its filter: decide
-            // once they are done. Fan-out keeps skipping meanwhile, and the
-            // first skipped offsets stay.
+        if !flags.skipping() || self.skips_wait() {
             return Ok(());
         }
         let Some(skips) = flags.take_skips() else {
@@ -53,11 +54,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if skips.qos12 == 0 {
             return Ok(());
         }
-        // A resume re-reads what was dropped: the stored offsets must not
-        // pass it on partitions nothing was delivered from yet.
-        for (k, first) in skips.first {
-            self.session.offsets.entry(k).or_insert(first);
-        }
+        // A resume re-reads what was dropped.
+        skips.keep_resume_point(&mut self.session.offsets);
         Err(End::Server(
             ReasonCode::QuotaExceeded,
             "session queue full and mqtt.max_lagging_sessions reached: QoS 1/2 messages dropped"
@@ -85,7 +83,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let mut given_back = skips.first.clone();
         while let Ok(d) = self.session.inbox.try_recv() {
             match &d.source {
-                Some(src) => lower(
+                Some(src) => lower_offset(
                     &mut given_back,
                     (src.topic.clone(), src.partition),
                     src.offset,
@@ -95,7 +93,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
         }
         for (k, offset) in given_back {
-            lower(&mut from, k, offset);
+            lower_offset(&mut from, k, offset);
         }
         self.keep_resume_point(&from);
         tracing::debug!(client_id = %self.session.client_id, qos0 = skips.qos0, qos12 = skips.qos12, "session queue full: reading Kafka until caught up");
@@ -118,10 +116,4 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.session.offsets.entry(k.clone()).or_insert(start);
         }
     }
-}
-
-/// Lowers `offsets[k]` to `offset` (inserting it when absent).
-fn lower(offsets: &mut Offsets, k: (Arc<str>, i32), offset: i64) {
-    let e = offsets.entry(k).or_insert(offset);
-    *e = (*e).min(offset);
 }

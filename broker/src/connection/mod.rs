@@ -384,8 +384,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     Ok(())
                 },
                 // Fan-out skipped this session (its mailbox is full): decided
-                // below (`on_skipped`), once no catch-up or replay runs.
-                _ = std::future::poll_fn(|cx| self.session.mailbox.poll_skipped(cx)), if self.catchup.is_none() && self.replays.active() == 0 => Ok(()),
+                // below (`on_skipped`).
+                _ = std::future::poll_fn(|cx| self.session.mailbox.poll_skipped(cx)), if !self.skips_wait() => Ok(()),
                 _ = sleep_until(timer.map(tokio::time::Instant::from_std)), if timer.is_some() => {
                     let now = Instant::now();
                     if ka_at.is_some_and(|t| t <= now) {

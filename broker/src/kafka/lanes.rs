@@ -107,6 +107,12 @@ impl LanePolicy {
 mod tests {
     use super::*;
 
+    /// A policy with the defaults (fast below 2,000 msg/s, linger 5 ms).
+    fn policy() -> (LanePolicy, Instant) {
+        let t0 = Instant::now();
+        (LanePolicy::new(2000, Duration::from_millis(5), t0), t0)
+    }
+
     fn run(p: &LanePolicy, start: Instant, per_s: u64, secs: u64) -> Instant {
         let step = Duration::from_micros(1_000_000 / per_s);
         let mut t = start;
@@ -119,16 +125,14 @@ mod tests {
 
     #[test]
     fn below_the_threshold_everything_is_fast() {
-        let t0 = Instant::now();
-        let p = LanePolicy::new(2000, Duration::from_millis(5), t0);
+        let (p, t0) = policy();
         let t = run(&p, t0, 1000, 1);
         assert_eq!(p.choose(t, None), Lane::Fast);
     }
 
     #[test]
     fn above_it_open_loop_clients_batch_and_waiting_clients_stay_fast() {
-        let t0 = Instant::now();
-        let p = LanePolicy::new(2000, Duration::from_millis(5), t0);
+        let (p, t0) = policy();
         let t = run(&p, t0, 5000, 1);
         assert_eq!(p.choose(t, None), Lane::Batch);
         assert_eq!(
@@ -143,8 +147,7 @@ mod tests {
 
     #[test]
     fn hysteresis_back_to_fast_only_below_eighty_percent() {
-        let t0 = Instant::now();
-        let p = LanePolicy::new(2000, Duration::from_millis(5), t0);
+        let (p, t0) = policy();
         let t = run(&p, t0, 5000, 1);
         let t = run(&p, t, 1800, 1);
         assert_eq!(p.choose(t, None), Lane::Batch, "1,800/s is above 80 %");
@@ -154,8 +157,7 @@ mod tests {
 
     #[test]
     fn a_node_gone_quiet_is_not_busy() {
-        let t0 = Instant::now();
-        let p = LanePolicy::new(2000, Duration::from_millis(5), t0);
+        let (p, t0) = policy();
         let t = run(&p, t0, 5000, 1);
         assert_eq!(p.choose(t + Duration::from_secs(1), None), Lane::Fast);
     }

@@ -246,9 +246,7 @@ fn advance_offsets_if_drained(node: &Node, leaving: &mut Leaving) {
     // Fan-out skipped it (a full mailbox) and its connection ended before
     // reading Kafka instead: whoever resumes the session reads from there.
     if let Some(skips) = session.mailbox.flags.take_skips() {
-        for (k, first) in skips.first {
-            session.offsets.entry(k).or_insert(first);
-        }
+        skips.keep_resume_point(&mut session.offsets);
         return;
     }
     if leaving.catching_up || !session.inbox.is_empty() {

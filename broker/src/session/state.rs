@@ -63,6 +63,22 @@ pub struct Skips {
     pub first: Offsets,
 }
 
+impl Skips {
+    /// A resume reads from `offsets`: on partitions nothing was delivered
+    /// from yet, they must not pass what was skipped.
+    pub fn keep_resume_point(self, offsets: &mut Offsets) {
+        for (k, first) in self.first {
+            offsets.entry(k).or_insert(first);
+        }
+    }
+}
+
+/// Lowers `offsets[k]` to `offset` (inserting it when absent).
+pub fn lower_offset(offsets: &mut Offsets, k: (Arc<str>, i32), offset: i64) {
+    let e = offsets.entry(k).or_insert(offset);
+    *e = (*e).min(offset);
+}
+
 impl SessionFlags {
     /// Fan-out could not queue `qos` from `source` (the mailbox is full).
     pub fn note_skip(&self, qos: QoS, source: &Option<Source>) {
@@ -73,11 +89,7 @@ impl SessionFlags {
             s.qos12 += 1;
         }
         if let Some(src) = source {
-            let first = s
-                .first
-                .entry((src.topic.clone(), src.partition))
-                .or_insert(src.offset);
-            *first = (*first).min(src.offset);
+            lower_offset(&mut s.first, (src.topic.clone(), src.partition), src.offset);
         }
         self.skipped.store(true, Ordering::Release);
     }

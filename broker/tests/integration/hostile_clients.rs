@@ -143,6 +143,12 @@ fn subscribe(id: u16, filter: &str, qos: QoS) -> Packet {
 }
 
 /// Open file descriptors of this process (the in-process broker included).
+/// SUBSCRIBE (packet id 1) and its SUBACK.
+async fn subscribed(r: &mut Raw, filter: &str, qos: QoS) {
+    r.send(&subscribe(1, filter, qos)).await;
+    assert!(matches!(r.recv().await, Some(Packet::SubAck(_))));
+}
+
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
@@ -775,13 +781,11 @@ async fn client_that_never_reads_is_disconnected() {
 
     // The one that never reads (after its SUBACK).
     let mut deaf = connected(&b, ProtocolVersion::V5, 0).await;
-    deaf.send(&subscribe(1, &filter, QoS::AtMostOnce)).await;
-    assert!(matches!(deaf.recv().await, Some(Packet::SubAck(_))));
+    subscribed(&mut deaf, &filter, QoS::AtMostOnce).await;
 
     // A well-behaved subscriber, reading everything in a task.
     let mut good = connected(&b, ProtocolVersion::V5, 0).await;
-    good.send(&subscribe(1, &filter, QoS::AtMostOnce)).await;
-    assert!(matches!(good.recv().await, Some(Packet::SubAck(_))));
+    subscribed(&mut good, &filter, QoS::AtMostOnce).await;
     let good_count = Arc::new(AtomicUsize::new(0));
     let gc = good_count.clone();
     let good_task = tokio::spawn(async move {
@@ -909,9 +913,7 @@ async fn connect_disconnect_churn_does_not_leak() {
             other => panic!("cycle {i}: expected CONNACK, got {other:?}"),
         }
         if i % 4 == 1 {
-            r.send(&subscribe(1, &format!("churn/{i}/#"), QoS::AtLeastOnce))
-                .await;
-            assert!(matches!(r.recv().await, Some(Packet::SubAck(_))));
+            subscribed(&mut r, &format!("churn/{i}/#"), QoS::AtLeastOnce).await;
         }
         if i % 8 != 7 {
             r.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)))
@@ -1071,9 +1073,7 @@ async fn qos1_subscriber_that_falls_behind_reads_kafka_and_loses_nothing() {
     let b = small_queue_node(32).await;
     let topic = common::unique("behind");
     let mut slow = connected(&b, ProtocolVersion::V5, 0).await;
-    slow.send(&subscribe(1, &format!("{topic}/#"), QoS::AtLeastOnce))
-        .await;
-    assert!(matches!(slow.recv().await, Some(Packet::SubAck(_))));
+    subscribed(&mut slow, &format!("{topic}/#"), QoS::AtLeastOnce).await;
     let mut publ = connected(&b, ProtocolVersion::V5, 0).await;
     publish_numbered(&mut publ, &format!("{topic}/x"), N).await;
     // Nothing acknowledged yet: 8 in flight, and the session reads Kafka.
@@ -1173,9 +1173,7 @@ async fn persistent_session_closed_after_its_queue_overflowed_resumes_with_every
     let mut sub = Raw::connect(b.addr()).await;
     sub.send(&persistent()).await;
     assert!(matches!(sub.recv().await, Some(Packet::ConnAck(_))));
-    sub.send(&subscribe(1, &format!("{topic}/#"), QoS::AtLeastOnce))
-        .await;
-    assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+    subscribed(&mut sub, &format!("{topic}/#"), QoS::AtLeastOnce).await;
     let mut publ = connected(&b, v3, 0).await;
     publish_numbered(&mut publ, &format!("{topic}/x"), N).await;
     // Unacknowledged: 8 in flight, 16 queued, the rest skipped; 3.1.1 has
@@ -1226,9 +1224,7 @@ async fn qos1_subscriber_that_never_acks_past_max_lagging_sessions_gets_0x97() {
     let topic = common::unique("noack");
 
     let mut lazy = connected(&b, ProtocolVersion::V5, 0).await;
-    lazy.send(&subscribe(1, &format!("{topic}/#"), QoS::AtLeastOnce))
-        .await;
-    assert!(matches!(lazy.recv().await, Some(Packet::SubAck(_))));
+    subscribed(&mut lazy, &format!("{topic}/#"), QoS::AtLeastOnce).await;
 
     // Two bursts: the first (20) fills the in-flight window (8) and most of
     // the mailbox (16) without overflow; the second overflows it while the
