@@ -341,7 +341,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     None => Ok(()),
                 },
                 _ = shutdown.changed() => Err(End::Server(ReasonCode::ServerShuttingDown, "server shutting down".into())),
-                Some(done) = self.acks.next(), if !self.acks.is_empty() => self.on_kafka_ack(done),
+                Some(done) = self.acks.next(), if !self.acks.is_empty() => self.on_kafka_acks(done),
                 _ = sync_done(&mut self.syncing), if self.syncing.is_some() => {
                     self.on_synced();
                     Ok(())

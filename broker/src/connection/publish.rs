@@ -1,6 +1,8 @@
 //! Client -> Kafka: a PUBLISH's topic alias, authorization, QoS 2
 //! de-duplication, the Kafka write and its acknowledgement.
 
+use futures::FutureExt;
+
 use super::*;
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
@@ -308,7 +310,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     /// Kafka answered for a QoS 1/2 PUBLISH: acknowledge it now, in the order
     /// received [MQTT-4.6.0-2] (FuturesOrdered keeps that order).
-    pub(super) fn on_kafka_ack(&mut self, done: AckDone) -> Result<(), End> {
+    /// Handles `first` and every acknowledgement already in after it: Kafka
+    /// acknowledges a whole batch at once, and its PUBACKs then leave in
+    /// one socket write, not one each (which cost a `writev` per message).
+    pub(super) fn on_kafka_acks(&mut self, first: AckDone) -> Result<(), End> {
+        self.on_kafka_ack(first)?;
+        // A pending poll here leaves a no-op waker registered; harmless, as
+        // the event loop polls `acks` again before it waits.
+        while let Some(Some(done)) = self.acks.next().now_or_never() {
+            self.on_kafka_ack(done)?;
+        }
+        Ok(())
+    }
+
+    fn on_kafka_ack(&mut self, done: AckDone) -> Result<(), End> {
         let id = done.packet_id;
         if done.qos == QoS::ExactlyOnce {
             self.pending_qos2.remove(&id);
