@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lodestream_mqtt::SubscriptionOptions;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -74,6 +74,7 @@ pub async fn run(
         Some(consumer)
     };
     let mut stream = consumer.as_ref().map(|c| c.stream());
+    let mut last_topic: Option<Arc<str>> = None;
     loop {
         if job.wait_drained {
             drained(&tx).await?;
@@ -95,7 +96,13 @@ pub async fn run(
             .iter()
             .any(|(k, live)| pos.get(k).is_some_and(|p| p < live))
         {
-            let item = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            // A record already fetched is taken without arming a timer (a
+            // timer per record was a good part of a lagging session's cost).
+            let next = match stream.next().now_or_never() {
+                Some(item) => Ok(item),
+                None => tokio::time::timeout(Duration::from_secs(5), stream.next()).await,
+            };
+            let item = match next {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, "catch-up read error");
@@ -107,7 +114,12 @@ pub async fn run(
             let rec = Record::copy_of(&item);
             // librdkafka's buffer is not held while the pace waits.
             drop(item);
-            let topic: Arc<str> = Arc::from(rec.topic.as_str());
+            // One allocation per topic, not per record.
+            let topic = match last_topic.take() {
+                Some(t) if *t == *rec.topic => t,
+                _ => Arc::<str>::from(rec.topic.as_str()),
+            };
+            last_topic = Some(topic.clone());
             if let Some(pace) = &job.pace {
                 let history = pace
                     .until
