@@ -1758,8 +1758,15 @@ fn put_body<S: Sink>(
 
 /// Remaining length of the packet, validated.
 fn body_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, EncodeError> {
+    counted(|c| put_body(c, packet, version))
+}
+
+/// The body length `put` writes, within the remaining-length limit.
+fn counted(
+    put: impl FnOnce(&mut Counter) -> Result<(), EncodeError>,
+) -> Result<usize, EncodeError> {
     let mut c = Counter(0);
-    put_body(&mut c, packet, version)?;
+    put(&mut c)?;
     if c.0 > MAX_VARIABLE_BYTE_INTEGER as usize {
         return Err(EncodeError::PacketTooLarge {
             remaining_length: c.0,
@@ -1793,5 +1800,13 @@ pub fn encode(
 /// Size in bytes the packet would have on the wire for `version`.
 pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, EncodeError> {
     let remaining = body_len(packet, version)?;
+    Ok(1 + varint_len(remaining) + remaining)
+}
+
+/// `encoded_len` of a PUBLISH not (yet) wrapped in a `Packet`: a broker
+/// checks a delivery's size against the client's maximum before it decides
+/// whether to keep a copy, so it need not clone the PUBLISH to ask.
+pub fn publish_encoded_len(p: &Publish, version: ProtocolVersion) -> Result<usize, EncodeError> {
+    let remaining = counted(|c| put_publish(c, p, version.is_v5()))?;
     Ok(1 + varint_len(remaining) + remaining)
 }

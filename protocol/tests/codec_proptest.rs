@@ -567,6 +567,9 @@ proptest! {
         let mut out = BytesMut::new();
         encode(&packet, version, &mut out).unwrap();
         prop_assert_eq!(encoded_len(&packet, version).unwrap(), out.len());
+        if let Packet::Publish(p) = &packet {
+            prop_assert_eq!(publish_encoded_len(p, version).unwrap(), out.len());
+        }
         let mut d = decoder_for(&packet, version);
         let decoded = d.decode(&mut out).unwrap();
         prop_assert_eq!(decoded, Some(packet.clone()));

@@ -1641,6 +1641,12 @@ fn encoder_rejects_oversize_strings_and_packets() {
     );
     p.payload = Bytes::from(vec![0u8; 268_435_455 - 2]);
     assert_eq!(
+        publish_encoded_len(&p, ProtocolVersion::V311),
+        Err(EncodeError::PacketTooLarge {
+            remaining_length: 268_435_456
+        })
+    );
+    assert_eq!(
         encoded_len(&Packet::Publish(p), ProtocolVersion::V311),
         Err(EncodeError::PacketTooLarge {
             remaining_length: 268_435_456

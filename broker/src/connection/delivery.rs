@@ -127,7 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if !self.node.acl().may_deliver(&self.identity, &msg.topic) {
             return self.discard(&d, "acl_filtered");
         }
-        let mut properties = if self.v5() {
+        let properties = if self.v5() {
             Properties {
                 message_expiry_interval: msg.remaining_expiry(now),
                 subscription_identifiers: d.subscription_ids.clone(),
@@ -147,20 +147,18 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         } else {
             None
         };
-        let full = Publish {
+        let mut wire = Publish {
             dup: false,
             qos: d.qos,
             retain: d.retain,
             topic: msg.topic.clone(),
             packet_id,
             payload: msg.payload.clone(),
-            properties: properties.clone(),
+            properties,
         };
-        // Checked before the flow starts, so a discarded message never holds a packet id.
-        let dropped = match lodestream_mqtt::encoded_len(
-            &Packet::Publish(full.clone()),
-            self.version,
-        ) {
+        // Checked before the flow starts, so a discarded message never
+        // holds a packet id (a topic alias only makes it shorter).
+        let dropped = match lodestream_mqtt::publish_encoded_len(&wire, self.version) {
             // [MQTT-3.1.2-25] never send more than the client accepts: discard.
             Ok(size) if size > self.client_max_packet => Some("too_large_for_client"),
             Ok(_) => None,
@@ -174,22 +172,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if let Some(reason) = dropped {
             return self.discard(&d, reason);
         }
-        let mut wire = full.clone();
-        if self.client_alias_max > 0 {
-            if let Some(a) = self.aliases_out.get(&msg.topic) {
-                properties.topic_alias = Some(*a);
-                wire.topic = String::new();
-            } else if self.aliases_out.len() < self.client_alias_max as usize {
-                let a = self.aliases_out.len() as u16 + 1;
-                self.aliases_out.insert(msg.topic.clone(), a);
-                properties.topic_alias = Some(a);
-            }
-            wire.properties = properties;
-        }
+        // Stored without alias (aliases do not survive a reconnect); QoS 0
+        // keeps no copy.
+        let stored = packet_id.map(|_| wire.clone());
+        self.alias_topic(&mut wire);
         let exactly_once = d.qos == QoS::ExactlyOnce;
-        match (packet_id, &d.share) {
-            (Some(id), share) => {
-                // Stored without alias: aliases do not survive a reconnect.
+        match (packet_id.zip(stored), &d.share) {
+            (Some((id, full)), share) => {
                 self.session.outbound.start(id, full);
                 if share.is_some() {
                     self.shares.in_flight(id, d);
@@ -208,6 +197,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    /// Replaces the topic by an alias the client accepts [MQTT-3.3.2-8]:
+    /// the first PUBLISH of a topic sets it, later ones send it alone.
+    fn alias_topic(&mut self, wire: &mut Publish) {
+        if self.client_alias_max == 0 {
+            return;
+        }
+        if let Some(a) = self.aliases_out.get(&wire.topic) {
+            wire.properties.topic_alias = Some(*a);
+            wire.topic = String::new();
+        } else if self.aliases_out.len() < self.client_alias_max as usize {
+            let a = self.aliases_out.len() as u16 + 1;
+            self.aliases_out.insert(wire.topic.clone(), a);
+            wire.properties.topic_alias = Some(a);
+        }
+    }
+
     /// A delivery dropped by policy: counted, and finished for a shared
     /// subscription's group (dropped is done with, not lost).
     fn discard(&self, d: &Delivery, reason: &str) {
