@@ -155,7 +155,7 @@ impl Node {
             &kcfg.retained_topic,
             kafka::StartAt::Beginning,
             &metrics,
-            move |rec| r2.apply_record(rec),
+            move |rec, _| r2.apply_record(rec),
         )
         .await
         .context("reading the retained-message topic")?;
@@ -177,7 +177,7 @@ impl Node {
             &kcfg.nodes_topic,
             kafka::StartAt::Beginning,
             &metrics,
-            move |rec| lv.apply_record(&rec),
+            move |rec, _| lv.apply_record(&rec),
         )
         .await
         .context("reading the nodes topic")?;
@@ -465,7 +465,7 @@ impl Node {
                 &topic,
                 kafka::StartAt::End,
                 &self.metrics,
-                move |rec| {
+                move |rec, wakes| {
                     counter.inc();
                     // The record key (or `mqtt.topic`) gives the MQTT topic;
                     // records without a valid one cannot be delivered.
@@ -481,7 +481,7 @@ impl Node {
                         partition: rec.partition,
                         offset: rec.offset,
                     };
-                    subs.dispatch(&Arc::new(msg), Some(source));
+                    subs.dispatch(&Arc::new(msg), Some(source), wakes);
                 },
             )
             .await
@@ -851,7 +851,7 @@ async fn load_sessions(
         &kcfg.sessions_topic,
         kafka::StartAt::Beginning,
         metrics,
-        move |rec| {
+        move |rec, _| {
             if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
                 reg.kick_remote(&client_id, epoch);
             }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::message::Message;
 use crate::metrics::Metrics;
+use crate::session::mailbox::Wakes;
 use crate::session::{Delivery, Mailbox, Offsets, Source};
 
 /// Trie key: one client can hold a plain and a shared subscription with the
@@ -184,8 +185,8 @@ impl SubscriptionIndex {
 
     /// Delivers `msg` to every matching local session, once per session with
     /// the highest matching QoS and every subscription identifier
-    /// [MQTT-3.3.4-2..5].
-    pub fn dispatch(&self, msg: &Arc<Message>, source: Option<Source>) {
+    /// [MQTT-3.3.4-2..5]. The sessions' wake-ups are left to `wakes`.
+    pub fn dispatch(&self, msg: &Arc<Message>, source: Option<Source>, wakes: &mut Wakes) {
         let mut direct: HashMap<Arc<str>, Pending> = HashMap::new();
         {
             let t = self.trie.read().unwrap_or_else(|e| e.into_inner());
@@ -220,12 +221,12 @@ impl SubscriptionIndex {
             // leaving fan-out) holds the lock, every earlier dispatch is in
             // the mailboxes, so positions and mailboxes agree.
             for (_, p) in direct {
-                self.offer(msg, &source, p);
+                self.offer(msg, &source, p, wakes);
             }
         }
     }
 
-    fn offer(&self, msg: &Arc<Message>, source: &Option<Source>, p: Pending) {
+    fn offer(&self, msg: &Arc<Message>, source: &Option<Source>, p: Pending, wakes: &mut Wakes) {
         // No grant: every match was no-local for the publisher.
         let Some(g) = p.grant else {
             return;
@@ -245,7 +246,7 @@ impl SubscriptionIndex {
         if p.mailbox.flags.skipping() {
             return p.mailbox.skip(d.qos, source);
         }
-        match p.mailbox.tx.try_send(d) {
+        match p.mailbox.tx.try_send_deferred(d, wakes) {
             Ok(()) => {}
             // The connection decides: read Kafka from the first skipped
             // offset instead, or drop (counted there) and, for QoS 1/2,

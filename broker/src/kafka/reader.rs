@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
@@ -18,6 +18,12 @@ use crate::mapping::Mapping;
 use crate::message::{Message, NotAMessage};
 use crate::metrics::Metrics;
 use crate::retry::Retry;
+use crate::session::mailbox::Wakes;
+
+/// At most this many records already fetched are handed over before the
+/// receivers they were sent to are woken (`Wakes`): a bound on how long a
+/// subscriber waits for the first of them (a few hundred µs).
+const READY_BATCH: usize = 256;
 
 /// A record as the reader hands it over (owned: librdkafka's buffer is reused).
 #[derive(Debug, Clone)]
@@ -119,7 +125,9 @@ fn start_offsets(c: &StreamConsumer, topic: &str, from: StartAt) -> anyhow::Resu
 impl TopicReader {
     /// Assigns all partitions of `topic` and starts reading. Returns after
     /// the start offsets are fixed, plus a signal fired once the reader has
-    /// caught up with the high watermarks seen at start.
+    /// caught up with the high watermarks seen at start. `on_record` may
+    /// leave the wake-ups of what it sends to `Wakes`, flushed once the
+    /// records fetched so far (at most `READY_BATCH`) are handed over.
     pub async fn start<F>(
         cfg: &KafkaConfig,
         node_id: &str,
@@ -129,7 +137,7 @@ impl TopicReader {
         mut on_record: F,
     ) -> anyhow::Result<(TopicReader, oneshot::Receiver<()>, HashMap<i32, i64>)>
     where
-        F: FnMut(Record) + Send + 'static,
+        F: FnMut(Record, &mut Wakes) + Send + 'static,
     {
         let role = format!("reader-{topic}");
         let consumer = Arc::new(super::consumer::assigned(
@@ -169,28 +177,40 @@ impl TopicReader {
         let topic_name = topic.to_string();
         let task = tokio::spawn(async move {
             let mut stream = consumer.stream();
-            while let Some(item) = stream.next().await {
+            let mut wakes = Wakes::default();
+            let mut hand_over = |item: rdkafka::error::KafkaResult<_>, wakes: &mut Wakes| {
                 let m = match item {
                     Ok(m) => m,
                     Err(e) => {
                         // librdkafka keeps retrying on its own; log and go on.
                         tracing::warn!(topic = %topic_name, error = %e, "Kafka read error");
-                        continue;
+                        return;
                     }
                 };
                 let rec = Record::copy_of(&m);
                 let (p, o) = (rec.partition, rec.offset);
-                on_record(rec);
-                if let Some(t) = targets.get(&p) {
-                    if o + 1 >= *t {
-                        targets.remove(&p);
-                    }
+                on_record(rec, wakes);
+                if targets.get(&p).is_some_and(|t| o + 1 >= *t) {
+                    targets.remove(&p);
                 }
                 if targets.is_empty() {
                     if let Some(tx) = caught_up_tx.take() {
                         let _ = tx.send(());
                     }
                 }
+            };
+            while let Some(item) = stream.next().await {
+                hand_over(item, &mut wakes);
+                // What librdkafka has already fetched goes out before anyone
+                // is woken. A pending poll leaves no waker behind that
+                // matters: the next `next().await` looks at the queue first.
+                for _ in 1..READY_BATCH {
+                    match stream.next().now_or_never() {
+                        Some(Some(item)) => hand_over(item, &mut wakes),
+                        _ => break,
+                    }
+                }
+                wakes.flush();
             }
         });
         Ok((TopicReader { task }, caught_up_rx, starts))

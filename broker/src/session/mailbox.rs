@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 
 use futures::task::AtomicWaker;
 pub use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
@@ -57,6 +57,30 @@ pub fn channel<T>(bound: usize) -> (Sender<T>, Receiver<T>) {
 
 pub struct Sender<T>(Arc<Shared<T>>);
 
+/// Receivers to wake once a batch of sends is done (`try_send_deferred`).
+///
+/// Why: a delivery woken alone costs its connection a task wake-up and a
+/// socket write; fan-out dispatches every record Kafka already fetched
+/// before it wakes anyone, so a subscriber writes them in one go. Whatever
+/// is not flushed is woken on drop, so no receiver is left asleep.
+#[derive(Default)]
+pub struct Wakes(Vec<Waker>);
+
+impl Wakes {
+    /// Wakes every receiver collected so far.
+    pub fn flush(&mut self) {
+        for w in self.0.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 impl<T> Sender<T> {
     /// Queues `v` unless the queue is full or the receiver is gone.
     pub fn try_send(&self, v: T) -> Result<(), TrySendError<T>> {
@@ -71,6 +95,27 @@ impl<T> Sender<T> {
             s.items.push_back(v);
         }
         self.0.waker.wake();
+        Ok(())
+    }
+
+    /// Queues `v` like `try_send`, but leaves waking the receiver to
+    /// `wakes`: a receiver sent several messages of one batch is woken once.
+    pub fn try_send_deferred(&self, v: T, wakes: &mut Wakes) -> Result<(), TrySendError<T>> {
+        {
+            let mut s = self.0.lock();
+            if !s.receiver_alive {
+                return Err(TrySendError::Closed(v));
+            }
+            if s.items.len() >= self.0.bound {
+                return Err(TrySendError::Full(v));
+            }
+            s.items.push_back(v);
+        }
+        // Taken: later sends of the batch find no waker, so each receiver
+        // is in `wakes` at most once. It registers again when it next waits.
+        if let Some(w) = self.0.waker.take() {
+            wakes.0.push(w);
+        }
         Ok(())
     }
 
@@ -224,6 +269,35 @@ mod tests {
         }
         while rx.try_recv().is_ok() {}
         assert_eq!(rx.0.lock().items.capacity(), 0);
+    }
+
+    /// A receiver sent several messages of one batch is woken once, when
+    /// the batch is flushed, and sees them all.
+    #[tokio::test]
+    async fn deferred_sends_wake_the_receiver_once_at_flush() {
+        let (tx, mut rx) = channel(8);
+        let mut wakes = Wakes::default();
+        let waiter = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let rest: Vec<i32> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            (first, rest)
+        });
+        // One thread: the waiter runs (and registers) only when we yield.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        tx.try_send_deferred(1, &mut wakes).unwrap();
+        tx.try_send_deferred(2, &mut wakes).unwrap();
+        tx.try_send_deferred(3, &mut wakes).unwrap();
+        assert_eq!(wakes.0.len(), 1, "one wake for three sends");
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "nobody woken before the flush");
+        wakes.flush();
+        let (first, rest) = waiter.await.unwrap();
+        assert_eq!(first, Some(1));
+        assert_eq!(rest, vec![2, 3]);
     }
 
     #[tokio::test]
