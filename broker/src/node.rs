@@ -15,7 +15,7 @@ use lodestream_mqtt::{LastWill, ReasonCode};
 use tokio::sync::{watch, Mutex};
 
 use crate::config::{Config, Validated};
-use crate::kafka::{self, Producer, TopicReader};
+use crate::kafka::{self, Producer, Record, TopicReader};
 use crate::mapping::Mapping;
 use crate::message::{Message, Qos2Flow};
 use crate::metrics::Metrics;
@@ -26,6 +26,7 @@ use crate::session::registry::{Control, Registry};
 use crate::session::store::{Applied, SessionStore};
 use crate::session::{Delivery, Session, Source};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
+use rdkafka::Message as _;
 
 pub struct Node {
     config: Config,
@@ -155,7 +156,7 @@ impl Node {
             &kcfg.retained_topic,
             kafka::StartAt::Beginning,
             &metrics,
-            move |rec, _| r2.apply_record(rec),
+            move |m, _| r2.apply_record(Record::copy_of(m)),
         )
         .await
         .context("reading the retained-message topic")?;
@@ -177,7 +178,7 @@ impl Node {
             &kcfg.nodes_topic,
             kafka::StartAt::Beginning,
             &metrics,
-            move |rec, _| lv.apply_record(&rec),
+            move |m, _| lv.apply_record(&Record::copy_of(m)),
         )
         .await
         .context("reading the nodes topic")?;
@@ -469,17 +470,17 @@ impl Node {
                     counter.inc();
                     // The record key (or `mqtt.topic`) gives the MQTT topic;
                     // records without a valid one cannot be delivered.
-                    let msg = match rec.message(Some(&mapping)) {
+                    let msg = match kafka::message_of(rec, Some(&mapping)) {
                         Ok(m) => m,
                         Err(e) => {
-                            tracing::debug!(topic = %reader_topic, offset = rec.offset, error = %e, "record skipped");
+                            tracing::debug!(topic = %reader_topic, offset = rec.offset(), error = %e, "record skipped");
                             return;
                         }
                     };
                     let source = Source {
                         topic: source_topic.clone(),
-                        partition: rec.partition,
-                        offset: rec.offset,
+                        partition: rec.partition(),
+                        offset: rec.offset(),
                     };
                     subs.dispatch(&Arc::new(msg), Some(source), wakes);
                 },
@@ -851,7 +852,8 @@ async fn load_sessions(
         &kcfg.sessions_topic,
         kafka::StartAt::Beginning,
         metrics,
-        move |rec, _| {
+        move |m, _| {
+            let rec = Record::copy_of(m);
             if let Applied::ForeignClaim { client_id, epoch } = st.apply_record(&rec) {
                 reg.kick_remote(&client_id, epoch);
             }

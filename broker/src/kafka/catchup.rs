@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use lodestream_mqtt::SubscriptionOptions;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::Record;
 use crate::config::KafkaConfig;
 use crate::rate_limit::TokenBucket;
 use crate::session::{Delivery, Offsets, Source};
@@ -111,31 +111,32 @@ pub async fn run(
                 Ok(None) => anyhow::bail!("catch-up consumer closed"),
                 Err(_) => break, // re-check positions (records may have been compacted away)
             };
-            let rec = Record::copy_of(&item);
-            // librdkafka's buffer is not held while the pace waits.
-            drop(item);
+            let (partition, offset) = (item.partition(), item.offset());
             // One allocation per topic, not per record.
             let topic = match last_topic.take() {
-                Some(t) if *t == *rec.topic => t,
-                _ => Arc::<str>::from(rec.topic.as_str()),
+                Some(t) if *t == *item.topic() => t,
+                _ => Arc::<str>::from(item.topic()),
             };
             last_topic = Some(topic.clone());
+            // The same conversion as fan-out: a record fan-out would skip
+            // (e.g. key `cars/+`) is skipped here too.
+            let msg = super::message_of(&item, Some(mapping));
+            // librdkafka's buffer is not held while the pace waits.
+            drop(item);
             if let Some(pace) = &job.pace {
                 let history = pace
                     .until
-                    .get(&(topic.clone(), rec.partition))
-                    .is_some_and(|high| rec.offset < *high);
+                    .get(&(topic.clone(), partition))
+                    .is_some_and(|high| offset < *high);
                 if history {
                     paced(&pace.bucket).await;
                 }
             }
-            pos.insert((topic.clone(), rec.partition), rec.offset + 1);
-            // The same conversion as fan-out: a record fan-out would skip
-            // (e.g. key `cars/+`) is skipped here too.
-            let msg = match rec.message(Some(mapping)) {
+            pos.insert((topic.clone(), partition), offset + 1);
+            let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::debug!(topic = %topic, offset = rec.offset, error = %e, "record skipped");
+                    tracing::debug!(topic = %topic, offset, error = %e, "record skipped");
                     continue;
                 }
             };
@@ -144,8 +145,8 @@ pub async fn run(
                     msg: Arc::new(msg),
                     source: Some(Source {
                         topic,
-                        partition: rec.partition,
-                        offset: rec.offset,
+                        partition,
+                        offset,
                     }),
                     qos: g.qos,
                     retain: g.retain,

@@ -15,7 +15,7 @@ pub mod share_group;
 pub use admin::ensure_topics;
 pub use lanes::{Lane, LanePolicy};
 pub use producer::{DeliveryFuture, ProduceError, Produced, Producer};
-pub use reader::{Record, StartAt, TopicReader};
+pub use reader::{message_of, Record, StartAt, TopicReader};
 
 use rdkafka::ClientConfig;
 

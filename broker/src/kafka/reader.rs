@@ -3,6 +3,7 @@
 //! that its subscriptions need (fan-out happens in the callback), and one
 //! for the retained-message topic.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
@@ -47,11 +49,36 @@ impl Record {
             self.value.clone().unwrap_or_default(),
             self.timestamp_ms,
             self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
-            |key| match mapping {
-                Some(m) => m.topic_for_key(&self.topic, key),
-                None => std::borrow::Cow::Borrowed(key),
-            },
+            |key| topic_of_key(mapping, &self.topic, key),
         )
+    }
+}
+
+/// The MQTT message a fetched record carries, read from librdkafka's
+/// buffer: only the payload is copied. Going through an owned `Record`
+/// cost an allocation for the topic, the key and each header name and
+/// value of every record on the delivery path.
+pub fn message_of(
+    m: &BorrowedMessage<'_>,
+    mapping: Option<&Mapping>,
+) -> Result<Message, NotAMessage> {
+    let hs = m.headers();
+    let headers = (0..hs.map_or(0, |h| h.count()))
+        .filter_map(move |i| hs.and_then(|h| h.try_get(i)))
+        .map(|h| (h.key, h.value));
+    Message::try_from_record(
+        m.key(),
+        m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        m.timestamp().to_millis().unwrap_or(0),
+        headers,
+        |key| topic_of_key(mapping, m.topic(), key),
+    )
+}
+
+fn topic_of_key<'a>(mapping: Option<&Mapping>, kafka_topic: &str, key: &'a str) -> Cow<'a, str> {
+    match mapping {
+        Some(m) => m.topic_for_key(kafka_topic, key),
+        None => Cow::Borrowed(key),
     }
 }
 
@@ -125,8 +152,9 @@ fn start_offsets(c: &StreamConsumer, topic: &str, from: StartAt) -> anyhow::Resu
 impl TopicReader {
     /// Assigns all partitions of `topic` and starts reading. Returns after
     /// the start offsets are fixed, plus a signal fired once the reader has
-    /// caught up with the high watermarks seen at start. `on_record` may
-    /// leave the wake-ups of what it sends to `Wakes`, flushed once the
+    /// caught up with the high watermarks seen at start. `on_record` gets
+    /// each record in librdkafka's buffer (`Record::copy_of` keeps one) and
+    /// may leave the wake-ups of what it sends to `Wakes`, flushed once the
     /// records fetched so far (at most `READY_BATCH`) are handed over.
     pub async fn start<F>(
         cfg: &KafkaConfig,
@@ -137,7 +165,7 @@ impl TopicReader {
         mut on_record: F,
     ) -> anyhow::Result<(TopicReader, oneshot::Receiver<()>, HashMap<i32, i64>)>
     where
-        F: FnMut(Record, &mut Wakes) + Send + 'static,
+        F: FnMut(&BorrowedMessage<'_>, &mut Wakes) + Send + 'static,
     {
         let role = format!("reader-{topic}");
         let consumer = Arc::new(super::consumer::assigned(
@@ -178,7 +206,8 @@ impl TopicReader {
         let task = tokio::spawn(async move {
             let mut stream = consumer.stream();
             let mut wakes = Wakes::default();
-            let mut hand_over = |item: rdkafka::error::KafkaResult<_>, wakes: &mut Wakes| {
+            let mut hand_over = |item: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
+                                 wakes: &mut Wakes| {
                 let m = match item {
                     Ok(m) => m,
                     Err(e) => {
@@ -187,9 +216,8 @@ impl TopicReader {
                         return;
                     }
                 };
-                let rec = Record::copy_of(&m);
-                let (p, o) = (rec.partition, rec.offset);
-                on_record(rec, wakes);
+                let (p, o) = (m.partition(), m.offset());
+                on_record(&m, wakes);
                 if targets.get(&p).is_some_and(|t| o + 1 >= *t) {
                     targets.remove(&p);
                 }
