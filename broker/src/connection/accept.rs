@@ -284,7 +284,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             acks: FuturesOrdered::new(),
             lane: Default::default(),
             last_ack: None,
-            qos0_in_kafka: None,
+            qos0: None,
             pending_qos2: HashSet::new(),
             scans_left: if o.present {
                 limits.receive_maximum as usize

@@ -80,6 +80,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             Duration::from_secs(10)
         };
         let deadline = tokio::time::Instant::now() + settle;
+        if let Some(q) = self.qos0.take() {
+            // Counted and applied (a retained QoS 0 message) as before,
+            // without holding the session up.
+            let node = self.node.clone();
+            tokio::spawn(async move {
+                let mut q = q;
+                while let Some(done) = q.next().await {
+                    super::publish::qos0_outcome(&node, done);
+                }
+            });
+        }
         while !self.acks.is_empty() {
             match tokio::time::timeout_at(deadline, self.acks.next()).await {
                 Ok(Some(done)) => {

@@ -16,6 +16,8 @@
 //! - inbound QoS 1/2 awaiting Kafka: at most `receive_maximum`; the socket is
 //!   not read past that (TCP back-pressure) and a v5 client exceeding it is
 //!   disconnected with 0x93 [MQTT-3.3.4-9];
+//! - inbound QoS 0 awaiting Kafka: at most `receive_maximum` too, then the
+//!   socket waits (a publisher cannot queue more than that in the broker);
 //! - outbound QoS 1/2 in flight: the client's Receive Maximum (v5) or
 //!   `max_inflight_out`; the rest waits in the session's bounded mailbox;
 //! - a write blocked for `write_timeout_s` closes the connection.
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures::stream::FuturesOrdered;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::StreamExt;
 use lodestream_mqtt::codec::{reason_allowed_in, DecodeError, Decoder};
 use lodestream_mqtt::topic::SharedFilter;
@@ -122,6 +124,10 @@ const PERSIST_EVERY: Duration = Duration::from_secs(5);
 const PERSIST_AFTER_ACKS: usize = 16;
 
 type AckFuture = Pin<Box<dyn Future<Output = AckDone> + Send>>;
+
+/// A QoS 0 PUBLISH's Kafka write: the message once written.
+type Qos0Done = Result<Arc<Message>, ProduceError>;
+type Qos0Future = Pin<Box<dyn Future<Output = Qos0Done> + Send>>;
 
 /// A QoS 1/2 PUBLISH whose Kafka write finished.
 struct AckDone {
@@ -247,9 +253,9 @@ struct Conn<S> {
     /// When the last PUBACK/PUBREC was sent (a client that publishes right
     /// after it waits for each one).
     last_ack: Option<Instant>,
-    /// QoS 0 writes in flight (nobody awaits them; counted for `lane`),
-    /// allocated at the first QoS 0 PUBLISH.
-    qos0_in_kafka: Option<Arc<std::sync::atomic::AtomicU32>>,
+    /// QoS 0 writes in flight (for `lane`, the bound and their outcome),
+    /// allocated at the first QoS 0 PUBLISH: one pointer while unused.
+    qos0: Option<Box<FuturesUnordered<Qos0Future>>>,
     /// QoS 2 ids whose Kafka write is still in progress.
     pending_qos2: HashSet<u16>,
     /// Retransmitted QoS 2 ids the restored state does not know that may
@@ -351,7 +357,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     // Packets already buffered while paused.
                     Box::pin(self.on_bytes()).await
                 },
-                r = self.io.fill(), if self.acks.len() < recv_max && self.throttled_until.is_none() => match r {
+                Some(done) = next_qos0(&mut self.qos0), if self.qos0_in_kafka() > 0 => {
+                    self.on_qos0_written(done);
+                    // Packets buffered while at the bound.
+                    Box::pin(self.on_bytes()).await
+                },
+                r = self.io.fill(), if self.acks.len() < recv_max && self.qos0_in_kafka() < recv_max && self.throttled_until.is_none() => match r {
                     Ok(true) => Box::pin(self.on_bytes()).await,
                     Ok(false) => Err(End::Io("closed by peer".into())),
                     Err(e) => Err(End::Io(e)),
@@ -424,8 +435,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     /// Decodes and handles every complete packet in the read buffer.
     async fn on_bytes(&mut self) -> Result<(), End> {
+        let qos0_max = self.node.config().mqtt.receive_maximum as usize;
         loop {
-            if self.throttled_until.is_some() {
+            // Paused: by the rate limit, or at the bound of QoS 0 writes
+            // awaiting Kafka (what is buffered waits for one to finish).
+            if self.throttled_until.is_some() || self.qos0_in_kafka() >= qos0_max {
                 return Ok(());
             }
             // The rate limit is checked before a PUBLISH is decoded (its type
@@ -577,6 +591,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
     match rx {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_qos0(q: &mut Option<Box<FuturesUnordered<Qos0Future>>>) -> Option<Qos0Done> {
+    match q {
+        Some(q) => q.next().await,
         None => std::future::pending().await,
     }
 }

@@ -186,27 +186,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if qos == QoS::AtMostOnce {
             match sent {
                 Ok(futs) => {
-                    let node = self.node.clone();
-                    let in_kafka = self
-                        .qos0_in_kafka
+                    // Nobody waits for a QoS 0 write, but its outcome is
+                    // still counted, and it counts against the bound.
+                    self.qos0
                         .get_or_insert_with(Default::default)
-                        .clone();
-                    in_kafka.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                    // Nobody waits for a QoS 0 write, but its outcome is still counted.
-                    tokio::spawn(async move {
-                        let mut ok = true;
-                        for f in futs {
-                            if Producer::delivered(f).await.is_err() {
-                                node.metrics().kafka_produce_errors.inc();
-                                ok = false;
-                                break;
+                        .push(Box::pin(async move {
+                            for f in futs {
+                                Producer::delivered(f).await?;
                             }
-                        }
-                        in_kafka.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                        if ok && msg.retain {
-                            node.retained().apply(msg);
-                        }
-                    });
+                            Ok(msg)
+                        }));
                 }
                 Err(e) => {
                     self.node.metrics().kafka_produce_errors.inc();
@@ -246,11 +235,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// The lane of the next Kafka write: the current one while any write of
     /// this connection is in flight (order), else the node's choice.
     fn lane_for_next_write(&mut self, now: Instant) -> crate::kafka::Lane {
-        let qos0_busy = self
-            .qos0_in_kafka
-            .as_ref()
-            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0);
-        if self.acks.is_empty() && !qos0_busy {
+        if self.acks.is_empty() && self.qos0_in_kafka() == 0 {
             self.lane = self.node.lanes().choose(now, self.last_ack);
         }
         self.lane
@@ -323,6 +308,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         Ok(())
     }
 
+    /// QoS 0 writes this connection has in flight.
+    pub(super) fn qos0_in_kafka(&self) -> usize {
+        self.qos0.as_ref().map_or(0, |q| q.len())
+    }
+
+    /// A QoS 0 write finished, and any others already finished with it.
+    pub(super) fn on_qos0_written(&mut self, first: Qos0Done) {
+        qos0_outcome(&self.node, first);
+        while let Some(Some(done)) = self.qos0.as_mut().and_then(|q| q.next().now_or_never()) {
+            qos0_outcome(&self.node, done);
+        }
+    }
+
     fn on_kafka_ack(&mut self, done: AckDone) -> Result<(), End> {
         let id = done.packet_id;
         if done.qos == QoS::ExactlyOnce {
@@ -387,5 +385,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 }
             }
         }
+    }
+}
+
+/// What is left to do once a QoS 0 write is over: a retained message joins
+/// the retained store (read-your-writes), a failure is counted.
+pub(super) fn qos0_outcome(node: &Node, done: Qos0Done) {
+    match done {
+        Ok(msg) if msg.retain => node.retained().apply(msg),
+        Ok(_) => {}
+        Err(_) => node.metrics().kafka_produce_errors.inc(),
     }
 }

@@ -35,6 +35,10 @@ use tokio::sync::watch;
 /// would make every timing here meaningless on a small machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// `mqtt.receive_maximum` in the slow-Kafka test: also the bound on a
+/// connection's QoS 0 writes awaiting Kafka.
+const QOS0_BOUND: u16 = 8;
+
 const SLOW_KAFKA_PORT: u16 = 19692;
 const PROXY_PORT: u16 = 19694;
 const FD_MQTT_PORT: u16 = 19695;
@@ -209,6 +213,7 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
     let mut c = common::test_config(&[]);
     c.kafka.bootstrap_servers = bootstrap.clone();
     c.kafka.delivery_timeout_ms = delivery_timeout.as_millis() as u32;
+    c.mqtt.receive_maximum = QOS0_BOUND;
     let b = common::start_with(c).await;
     let topic = "faults/slow";
 
@@ -270,7 +275,22 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
     let mut eo = raw::Raw::connect(b.addr()).await;
     eo.send(&persistent(true)).await;
     assert!(matches!(eo.recv().await, Some(Packet::ConnAck(_))));
+    let mut q0 = client(b.addr(), ProtocolVersion::V311, &common::unique("slow-q0")).await;
     mode_tx.send_replace(Mode::Stall);
+    // Bounded: QoS 0 writes awaiting Kafka count against receive_maximum
+    // like QoS 1/2 ones; past it the socket is not read, so a PINGREQ
+    // behind them is answered only once the writes are over (here: failed
+    // at the delivery timeout, counted, nothing acknowledged).
+    for i in 0..=QOS0_BOUND {
+        let p = packets::publish(topic, QoS::AtMostOnce, None, format!("stalled-qos0-{i}"));
+        q0.send(&p.packet()).await;
+    }
+    q0.send(&Packet::PingReq).await;
+    assert_eq!(
+        q0.recv_within(Duration::from_secs(1)).await,
+        None,
+        "past receive_maximum QoS 0 writes awaiting Kafka, the socket is not read"
+    );
     eo.send(&publish(
         QoS::ExactlyOnce,
         7,
@@ -311,6 +331,11 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
         "persistent QoS 2 publisher: DISCONNECT 0x80, got {eo_answer:?}"
     );
     assert!(eo.closed_within(Duration::from_secs(5)).await);
+    assert_eq!(
+        q0.recv_within(limit).await,
+        Some(Packet::PingResp),
+        "once the QoS 0 writes are over the socket is read again"
+    );
 
     // Fast again: the broker recovers by itself; the 3.1.1 client
     // reconnects and retransmits, as it must.
