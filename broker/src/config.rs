@@ -135,6 +135,8 @@ pub struct MqttLimits {
     pub max_packet_size: u32,
     /// Inbound QoS 1/2 PUBLISHes a client may have unacknowledged; advertised
     /// as MQTT 5 Receive Maximum, exceeding it is a protocol error (0x93).
+    /// Also the bound on a connection's QoS 0 writes awaiting Kafka: past
+    /// it the connection's socket is not read until one is over.
     pub receive_maximum: u16,
     /// Outbound QoS 1/2 deliveries in flight per client when the client does
     /// not ask for less (v3 clients get this many).
