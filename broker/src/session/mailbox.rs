@@ -84,33 +84,28 @@ impl Drop for Wakes {
 impl<T> Sender<T> {
     /// Queues `v` unless the queue is full or the receiver is gone.
     pub fn try_send(&self, v: T) -> Result<(), TrySendError<T>> {
-        {
-            let mut s = self.0.lock();
-            if !s.receiver_alive {
-                return Err(TrySendError::Closed(v));
-            }
-            if s.items.len() >= self.0.bound {
-                return Err(TrySendError::Full(v));
-            }
-            s.items.push_back(v);
-        }
+        self.push(v)?;
         self.0.waker.wake();
+        Ok(())
+    }
+
+    /// Queues `v` without waking anyone.
+    fn push(&self, v: T) -> Result<(), TrySendError<T>> {
+        let mut s = self.0.lock();
+        if !s.receiver_alive {
+            return Err(TrySendError::Closed(v));
+        }
+        if s.items.len() >= self.0.bound {
+            return Err(TrySendError::Full(v));
+        }
+        s.items.push_back(v);
         Ok(())
     }
 
     /// Queues `v` like `try_send`, but leaves waking the receiver to
     /// `wakes`: a receiver sent several messages of one batch is woken once.
     pub fn try_send_deferred(&self, v: T, wakes: &mut Wakes) -> Result<(), TrySendError<T>> {
-        {
-            let mut s = self.0.lock();
-            if !s.receiver_alive {
-                return Err(TrySendError::Closed(v));
-            }
-            if s.items.len() >= self.0.bound {
-                return Err(TrySendError::Full(v));
-            }
-            s.items.push_back(v);
-        }
+        self.push(v)?;
         // Taken: later sends of the batch find no waker, so each receiver
         // is in `wakes` at most once. It registers again when it next waits.
         if let Some(w) = self.0.waker.take() {
