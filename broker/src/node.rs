@@ -613,16 +613,6 @@ impl Node {
         }
     }
 
-    /// Puts a session's subscriptions back into the index (a local take-over
-    /// raced with the close).
-    pub fn restore_subscriptions(&self, session: &Session) {
-        for (inner, key, entry) in index_entries(session) {
-            if self.subs.insert(&inner, key, entry).is_ok() {
-                self.metrics.subscriptions.inc();
-            }
-        }
-    }
-
     /// Ends a session for good.
     pub fn discard_session(&self, session: Box<Session>) {
         self.drop_subscriptions(&session);

@@ -81,17 +81,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // so what it dispatches from now on is not missed either.
         let mut from = node.fan_out_positions(&topics);
         let mut given_back = skips.first.clone();
-        while let Ok(d) = self.session.inbox.try_recv() {
-            match &d.source {
-                Some(src) => lower_offset(
-                    &mut given_back,
-                    (src.topic.clone(), src.partition),
-                    src.offset,
-                ),
-                // Not from Kafka (a retained message requeued): kept.
-                None => self.backlog.push_back(d),
-            }
-        }
+        // Not from Kafka (a retained message requeued): kept.
+        let kept = self.session.give_back_to_kafka(&mut given_back);
+        self.backlog.extend(kept);
         for (k, offset) in given_back {
             lower_offset(&mut from, k, offset);
         }

@@ -86,7 +86,8 @@ pub async fn claim(
     // Known before anything is written, so records of older epochs still
     // in flight in the sessions topic cannot kick this connection.
     node.registry().set_epoch(client_id, conn_id, epoch);
-    let from_record = existing.is_none() && !clean_start;
+    // A session out of fan-out reads what it missed from Kafka too.
+    let from_record = existing.as_ref().is_none_or(|s| s.left_fan_out) && !clean_start;
     let source = match (&existing, prev.filter(|r| !r.expired(now_ms()))) {
         (None, Some(r)) => Some(take_over_remote(node, client_id, conn_id, epoch, r).await?),
         _ => None,
@@ -113,6 +114,7 @@ pub async fn claim(
         }
     };
     session.epoch = epoch;
+    session.left_fan_out = false;
     Ok(Claimed {
         session,
         present,

@@ -137,15 +137,20 @@ pub async fn release(node: &Arc<Node>, mut leaving: Leaving, end: SessionEnd) {
             if let Some(w) = will {
                 node.publish_will(&client_id, w).await;
             }
-            if persistent {
-                node.restore_subscriptions(&session);
-            }
+            // Not put back into fan-out: what it dispatched since the
+            // session left, and what it skipped before, would be missed.
+            // The new connection reads them from `offsets` (catch-up).
+            let mut session = session;
+            session.left_fan_out = true;
+            // What is queued is read again with the rest, once.
+            let mut offsets = std::mem::take(&mut session.offsets);
+            let kept = session.give_back_to_kafka(&mut offsets);
+            session.offsets = offsets;
+            session.inbox.requeue_front(kept.into());
             let mut ctrl = leaving.ctrl;
             let wait = tokio::time::timeout(Duration::from_secs(5), ctrl.recv()).await;
             if let Ok(Some(Control::TakeOver { reply, .. })) = wait {
                 let _ = reply.send(Some(session));
-            } else {
-                node.drop_subscriptions(&session);
             }
         }
     }

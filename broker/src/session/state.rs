@@ -290,6 +290,11 @@ pub struct Session {
     pub offsets: Offsets,
     /// Epoch of this node's claim in the sessions topic.
     pub epoch: u64,
+    /// Out of fan-out, handed on while its connection was closing (a local
+    /// take-over raced with the close): whoever continues it reads what it
+    /// missed from Kafka, from `offsets`, as a session resumed from its
+    /// record does. Never stored.
+    pub left_fan_out: bool,
 }
 
 impl Session {
@@ -309,7 +314,22 @@ impl Session {
             will: None,
             offsets: Offsets::new(),
             epoch: 0,
+            left_fan_out: false,
         }
+    }
+
+    /// Empties the mailbox for a read of Kafka: each queued delivery that
+    /// came from Kafka lowers `lowest` to its offset (the read delivers it
+    /// again); the others (retained messages) are returned, in order.
+    pub fn give_back_to_kafka(&mut self, lowest: &mut Offsets) -> Vec<Delivery> {
+        let mut kept = Vec::new();
+        while let Ok(d) = self.inbox.try_recv() {
+            match &d.source {
+                Some(src) => lower_offset(lowest, (src.topic.clone(), src.partition), src.offset),
+                None => kept.push(d),
+            }
+        }
+        kept
     }
 
     pub fn take_overflow(&self) -> bool {
