@@ -54,8 +54,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if skips.qos12 == 0 {
             return Ok(());
         }
-        // A resume re-reads what was dropped.
+        // A resume re-reads what was dropped: the offsets stay where the
+        // skips began, even once nothing else is queued.
         skips.keep_resume_point(&mut self.session.offsets);
+        self.session.left_fan_out = true;
         Err(End::Server(
             ReasonCode::QuotaExceeded,
             "session queue full and mqtt.max_lagging_sessions reached: QoS 1/2 messages dropped"

@@ -254,7 +254,7 @@ fn advance_offsets_if_drained(node: &Node, leaving: &mut Leaving) {
         skips.keep_resume_point(&mut session.offsets);
         return;
     }
-    if leaving.catching_up || !session.inbox.is_empty() {
+    if leaving.catching_up || session.left_fan_out || !session.inbox.is_empty() {
         return;
     }
     let topics: Vec<&str> = session

@@ -290,10 +290,12 @@ pub struct Session {
     pub offsets: Offsets,
     /// Epoch of this node's claim in the sessions topic.
     pub epoch: u64,
-    /// Out of fan-out, handed on while its connection was closing (a local
-    /// take-over raced with the close): whoever continues it reads what it
-    /// missed from Kafka, from `offsets`, as a session resumed from its
-    /// record does. Never stored.
+    /// Out of fan-out with messages it was not given: skipped ones it could
+    /// not read back (past `mqtt.max_lagging_sessions`), or those dispatched
+    /// while it was handed on during a close (a local take-over raced with
+    /// it). Its offsets are never advanced to fan-out's, and whoever
+    /// continues it reads what it missed from Kafka, from `offsets`, as a
+    /// session resumed from its record does. Never stored.
     pub left_fan_out: bool,
 }
 

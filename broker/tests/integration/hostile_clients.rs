@@ -1160,13 +1160,29 @@ async fn persistent_session_closed_after_its_queue_overflowed_resumes_with_every
     let _g = PROCESS.read().await;
     const N: u16 = 100;
     let b = small_queue_node(0).await;
-    let topic = common::unique("resume-skipped");
+    // Unacknowledged: 8 in flight, 16 queued, the rest skipped; 3.1.1 has
+    // no DISCONNECT to tell, the connection just ends.
+    let (first, all) = skipped_then_resumed(&b, "resume-skipped", N, Duration::ZERO).await;
+    eprintln!("skipped then resumed: {first} before the close, {all}/{N} distinct after resuming");
+    assert_eq!(all, N as usize);
+}
+
+/// A persistent 3.1.1 QoS 1 subscriber that acknowledges nothing gets `n`
+/// messages, is closed when fan-out skips it, reconnects after `pause` and
+/// acknowledges from then on: how many distinct messages it had before the
+/// close, and in all (panics if one is missing 10 s after the last).
+async fn skipped_then_resumed(
+    b: &common::Broker,
+    name: &str,
+    n: u16,
+    pause: Duration,
+) -> (usize, usize) {
+    let topic = common::unique(name);
     let id = common::unique("skipped");
-    let v3 = ProtocolVersion::V311;
     let persistent = || {
         Connect {
             clean_start: false,
-            ..packets::connect(v3, &id)
+            ..packets::connect(ProtocolVersion::V311, &id)
         }
         .packet()
     };
@@ -1174,23 +1190,22 @@ async fn persistent_session_closed_after_its_queue_overflowed_resumes_with_every
     sub.send(&persistent()).await;
     assert!(matches!(sub.recv().await, Some(Packet::ConnAck(_))));
     subscribed(&mut sub, &format!("{topic}/#"), QoS::AtLeastOnce).await;
-    let mut publ = connected(&b, v3, 0).await;
-    publish_numbered(&mut publ, &format!("{topic}/x"), N).await;
-    // Unacknowledged: 8 in flight, 16 queued, the rest skipped; 3.1.1 has
-    // no DISCONNECT to tell, the connection just ends.
+    let mut publ = connected(b, ProtocolVersion::V311, 0).await;
+    publish_numbered(&mut publ, &format!("{topic}/x"), n).await;
     let mut got = std::collections::BTreeSet::new();
     while let Some(Packet::Publish(p)) = sub.recv_within(Duration::from_secs(2)).await {
         got.insert(String::from_utf8_lossy(&p.payload).into_owned());
     }
     drop(sub);
     let first = got.len();
+    tokio::time::sleep(pause).await;
     let mut sub = Raw::connect(b.addr()).await;
     sub.send(&persistent()).await;
     match sub.recv().await {
         Some(Packet::ConnAck(a)) => assert!(a.session_present, "session resumed"),
         other => panic!("expected CONNACK, got {other:?}"),
     }
-    while got.len() < N as usize {
+    while got.len() < n as usize {
         match sub.recv_within(Duration::from_secs(10)).await {
             Some(Packet::Publish(p)) => {
                 got.insert(String::from_utf8_lossy(&p.payload).into_owned());
@@ -1199,13 +1214,36 @@ async fn persistent_session_closed_after_its_queue_overflowed_resumes_with_every
                 }
             }
             other => panic!(
-                "after {} of {N}: expected PUBLISH, got {other:?}",
+                "after {} of {n}: expected PUBLISH, got {other:?}",
                 got.len()
             ),
         }
     }
-    eprintln!("skipped then resumed: {first} before the close, {N}/{N} distinct after resuming");
-    assert_eq!(got.len(), N as usize);
+    (first, got.len())
+}
+
+/// As above, but the subscriber's window (64) is larger than its queue
+/// (16): its connection has delivered everything queued by the time the
+/// skip closes it, so nothing is left in its mailbox. Its offsets must
+/// still stay where the skips began (not advance to fan-out's position at
+/// the close), and the resumed session gets every message
+/// [MQTT-4.4.0-1].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_closed_with_an_empty_queue_after_skips_resumes_with_everything() {
+    let _g = PROCESS.read().await;
+    const N: u16 = 100;
+    let mut c = common::test_config(&[]);
+    c.mqtt.session_queue = 16;
+    c.mqtt.max_inflight_out = 64;
+    c.mqtt.max_lagging_sessions = 0;
+    let b = common::start_with(c).await;
+    // After the close has been dealt with (not the hand-off race).
+    let pause = Duration::from_millis(500);
+    let (first, all) = skipped_then_resumed(&b, "resume-empty-queue", N, pause).await;
+    eprintln!(
+        "skipped with an empty queue, then resumed: {first} before the close, {all}/{N} after"
+    );
+    assert_eq!(all, N as usize);
 }
 
 /// The same subscriber that never acknowledges, on a node with
