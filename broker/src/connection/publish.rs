@@ -293,8 +293,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
     }
 
-    /// Kafka answered for a QoS 1/2 PUBLISH: acknowledge it now, in the order
-    /// received [MQTT-4.6.0-2] (FuturesOrdered keeps that order).
     /// Handles `first` and every acknowledgement already in after it: Kafka
     /// acknowledges a whole batch at once, and its PUBACKs then leave in
     /// one socket write, not one each (which cost a `writev` per message).
@@ -321,6 +319,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
     }
 
+    /// Kafka answered for a QoS 1/2 PUBLISH: acknowledge it now, in the order
+    /// received [MQTT-4.6.0-2] (FuturesOrdered keeps that order).
     fn on_kafka_ack(&mut self, done: AckDone) -> Result<(), End> {
         let id = done.packet_id;
         if done.qos == QoS::ExactlyOnce {
