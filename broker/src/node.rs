@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lodestream_mqtt::{LastWill, ReasonCode};
+use rdkafka::Message as _;
 use tokio::sync::{watch, Mutex};
 
 use crate::config::{Config, Validated};
@@ -26,7 +27,6 @@ use crate::session::registry::{Control, Registry};
 use crate::session::store::{Applied, SessionStore};
 use crate::session::{Delivery, Session, Source};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
-use rdkafka::Message as _;
 
 pub struct Node {
     config: Config,
