@@ -285,7 +285,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             lane: Default::default(),
             last_ack: None,
             qos0: None,
-            pending_qos2: HashSet::new(),
             scans_left: if o.present {
                 limits.receive_maximum as usize
             } else {
@@ -296,8 +295,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             held_needs_sync: false,
             sync_wanted: false,
             syncing: None,
-            aliases_in: HashMap::new(),
-            aliases_out: HashMap::new(),
             client_alias_max: if v5 {
                 c.properties.topic_alias_maximum.unwrap_or(0)
             } else {
@@ -311,20 +308,18 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .unwrap_or(usize::MAX),
             backlog: VecDeque::new(),
             catchup: None,
-            catchup_removed: Arc::new(std::sync::Mutex::new(Vec::new())),
-            replays: replay::Replays::default(),
-            shares: shared::Shares::default(),
+            rare: None,
             dirty: false,
             acked_since_sync: 0,
             unsaved: 0,
             unsaved_max: limits.max_unsaved_deliveries,
             landed_outbound: 0,
             bucket: (limits.max_publish_rate > 0).then(|| {
-                TokenBucket::new(
+                Box::new(TokenBucket::new(
                     limits.max_publish_rate,
                     limits.max_publish_rate,
                     Instant::now(),
-                )
+                ))
             }),
             throttled_until: None,
             prepaid: false,

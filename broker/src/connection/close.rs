@@ -117,10 +117,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         self.close_socket(&end).await;
         // Before the session is released: no replay may hand a filter to
         // fan-out after `release` has taken the session's out.
-        self.replays.stop(&node).await;
-        // Their open deliveries go to the groups' other members.
-        self.shares
-            .leave_all(&node, self.conn_id, &mut self.backlog);
+        if let Some(r) = &mut self.rare {
+            r.replays.stop(&node).await;
+            // Their open deliveries go to the groups' other members.
+            r.shares.leave_all(&node, self.conn_id, &mut self.backlog);
+        }
         self.settle_acks(&end).await;
         self.requeue_backlog();
         let leaving = Leaving {

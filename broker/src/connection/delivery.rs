@@ -29,7 +29,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let node = self.node.clone();
         // Unsubscribes during an earlier catch-up do not concern this one:
         // `entries` are the subscriptions as they are now.
-        self.catchup_removed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let removed = Arc::new(std::sync::Mutex::new(Vec::new()));
         let plain = entries
             .iter()
             .filter(|(_, key, _)| key.share_group.is_none())
@@ -40,12 +40,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             from,
             subscriptions: plain,
             entries: entries.clone(),
-            removed: self.catchup_removed.clone(),
+            removed: removed.clone(),
             pace: None,
             wait_drained: false,
         };
         let (tx, rx) = mpsc::channel(node.config().mqtt.session_queue.max(1));
-        self.catchup = Some(rx);
+        self.catchup = Some(super::CatchUpRead { rx, removed });
         tokio::spawn(async move {
             let _permit = permit;
             let started = Instant::now();
@@ -86,7 +86,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 // loop turn (and flush) per record held a catch-up to a
                 // few thousand records a second.
                 None if self.catchup.is_some() => {
-                    match self.catchup.as_mut().map(|c| c.try_recv()) {
+                    match self.catchup.as_mut().map(|c| c.rx.try_recv()) {
                         Some(Ok(d)) => d,
                         // Empty, or closed (the event loop sees that).
                         _ => return,
@@ -181,7 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             (Some((id, full)), share) => {
                 self.session.outbound.start(id, full);
                 if share.is_some() {
-                    self.shares.in_flight(id, d);
+                    self.rare().shares.in_flight(id, d);
                 }
             }
             // QoS 0 is done once written.
@@ -203,12 +203,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if self.client_alias_max == 0 {
             return;
         }
-        if let Some(a) = self.aliases_out.get(&wire.topic) {
+        let max = self.client_alias_max as usize;
+        let aliases = &mut self.rare().aliases_out;
+        if let Some(a) = aliases.get(&wire.topic) {
             wire.properties.topic_alias = Some(*a);
             wire.topic = String::new();
-        } else if self.aliases_out.len() < self.client_alias_max as usize {
-            let a = self.aliases_out.len() as u16 + 1;
-            self.aliases_out.insert(wire.topic.clone(), a);
+        } else if aliases.len() < max {
+            let a = aliases.len() as u16 + 1;
+            aliases.insert(wire.topic.clone(), a);
             wire.properties.topic_alias = Some(a);
         }
     }

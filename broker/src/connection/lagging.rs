@@ -20,7 +20,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// filter. Fan-out keeps skipping meanwhile, and the first skipped
     /// offsets stay.
     pub(super) fn skips_wait(&mut self) -> bool {
-        self.catchup.is_some() || self.replays.active() > 0
+        self.catchup.is_some() || self.replays_active() > 0
     }
 
     /// Deals with what fan-out skipped since the last loop step, if anything.

@@ -256,8 +256,6 @@ struct Conn<S> {
     /// QoS 0 writes in flight (for `lane`, the bound and their outcome),
     /// allocated at the first QoS 0 PUBLISH: one pointer while unused.
     qos0: Option<Box<FuturesUnordered<Qos0Future>>>,
-    /// QoS 2 ids whose Kafka write is still in progress.
-    pending_qos2: HashSet<u16>,
     /// Retransmitted QoS 2 ids the restored state does not know that may
     /// still be checked against Kafka (`kafka/qos2_scan.rs`): a resumed
     /// session's client resends at most Receive Maximum of them.
@@ -273,24 +271,17 @@ struct Conn<S> {
     /// A session write is wanted (periodic progress, subscriptions).
     sync_wanted: bool,
     syncing: Option<Syncing>,
-    /// Inbound topic aliases [MQTT-3.3.2-7]: per connection.
-    aliases_in: HashMap<u16, String>,
-    aliases_out: HashMap<String, u16>,
     client_alias_max: u16,
     client_receive_max: usize,
     client_max_packet: usize,
     /// Deliveries taken from the mailbox (or retained) waiting for window.
     backlog: VecDeque<Delivery>,
     will_delay: u32,
-    /// Deliveries of a resumed session's catch-up read; drained before the
-    /// mailbox, which fan-out only fills once the catch-up has finished.
-    catchup: Option<mpsc::Receiver<Delivery>>,
-    catchup_removed: Arc<std::sync::Mutex<Vec<String>>>,
-    /// Replays on subscribe (`replay.rs`): unlike a catch-up they do not
-    /// hold back live deliveries of the other subscriptions.
-    replays: replay::Replays,
-    /// Members of cluster-wide shared subscriptions (`shared.rs`).
-    shares: shared::Shares,
+    /// A resumed session's catch-up read; drained before the mailbox,
+    /// which fan-out only fills once the catch-up has finished.
+    catchup: Option<CatchUpRead>,
+    /// Allocated at first use (`Conn::rare`).
+    rare: Option<Box<Rare>>,
     /// Session state changed since it was last written to Kafka.
     dirty: bool,
     /// Deliveries acknowledged by the client since the last session write.
@@ -303,15 +294,63 @@ struct Conn<S> {
     /// the session over resends them, so they count against the bound.
     landed_outbound: usize,
     /// `mqtt.max_publish_rate`, and until when reading is paused by it.
-    bucket: Option<TokenBucket>,
+    bucket: Option<Box<TokenBucket>>,
     throttled_until: Option<Instant>,
     /// A token was taken for the PUBLISH at the head of the read buffer.
     prepaid: bool,
 }
 
+/// The parts of a connection most clients never use, allocated at first
+/// use: inline they were 376 of `Conn`'s 944 bytes on every connection, idle
+/// ones included (docs/benchmarks.md, memory per idle connection).
+#[derive(Default)]
+struct Rare {
+    /// Inbound topic aliases [MQTT-3.3.2-7]: per connection.
+    aliases_in: HashMap<u16, String>,
+    aliases_out: HashMap<String, u16>,
+    /// QoS 2 ids whose Kafka write is still in progress.
+    pending_qos2: HashSet<u16>,
+    /// Replays on subscribe (`replay.rs`): unlike a catch-up they do not
+    /// hold back live deliveries of the other subscriptions.
+    replays: replay::Replays,
+    /// Members of cluster-wide shared subscriptions (`shared.rs`).
+    shares: shared::Shares,
+}
+
+/// A resumed session's catch-up read in progress (`delivery.rs`).
+struct CatchUpRead {
+    rx: mpsc::Receiver<Delivery>,
+    /// Filters unsubscribed meanwhile: the read must not hand them to
+    /// fan-out when it finishes.
+    removed: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     fn v5(&self) -> bool {
         self.version.is_v5()
+    }
+
+    /// The seldom-used state, allocated now if it was not yet.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Packet `id` was a shared-subscription delivery: the group may hand
+    /// its member another.
+    fn share_finished(&mut self, id: u16) {
+        if let Some(r) = &mut self.rare {
+            r.shares.finished(id);
+        }
+    }
+
+    fn qos2_pending(&self, id: u16) -> bool {
+        self.rare
+            .as_ref()
+            .is_some_and(|r| r.pending_qos2.contains(&id))
+    }
+
+    fn replays_active(&mut self) -> usize {
+        self.rare.as_mut().map_or(0, |r| r.replays.active())
     }
 
     async fn run(mut self: Box<Self>) {
@@ -328,14 +367,26 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             if let Err(e) = self.io.flush().await {
                 break End::Io(e);
             }
-            // Keep alive and the periodic session write share one timer: a
-            // timer is 112 bytes of every idle connection.
+            // Keep alive, the periodic session write and the rate limit's
+            // pause share one timer: a timer is 136 bytes of every idle
+            // connection's event loop.
             let ka_at = self.keep_alive.map(|ka| self.last_recv + ka);
             let persist_at = (self.session.expiry_s > 0).then_some(next_persist);
-            let timer = [ka_at, persist_at].into_iter().flatten().min();
+            let timer = [ka_at, persist_at, self.throttled_until]
+                .into_iter()
+                .flatten()
+                .min();
             let can_deliver =
                 self.backlog.is_empty() && self.window_open() && self.held_len() < HELD_MAX;
             let live = can_deliver && self.catchup.is_none();
+            let qos0_in_kafka = self.qos0_in_kafka();
+            let skips_wait = self.skips_wait();
+            // Borrowed apart from `self` for the select below.
+            let (shares_rx, replays_rx) = match self.rare.as_deref_mut() {
+                Some(r) => (r.shares.rx.as_mut(), r.replays.rx.as_mut()),
+                None => (None, None),
+            };
+            let (has_shares, has_replays) = (shares_rx.is_some(), replays_rx.is_some());
             let step = tokio::select! {
                 biased;
                 c = self.ctrl.recv() => match c {
@@ -352,22 +403,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     self.on_synced();
                     Ok(())
                 },
-                _ = sleep_until(self.throttled_until.map(tokio::time::Instant::from_std)), if self.throttled_until.is_some() => {
-                    self.throttled_until = None;
-                    // Packets already buffered while paused.
-                    Box::pin(self.on_bytes()).await
-                },
-                Some(done) = next_qos0(&mut self.qos0), if self.qos0_in_kafka() > 0 => {
+                Some(done) = next_qos0(&mut self.qos0), if qos0_in_kafka > 0 => {
                     self.on_qos0_written(done);
                     // Packets buffered while at the bound.
                     Box::pin(self.on_bytes()).await
                 },
-                r = self.io.fill(), if self.acks.len() < recv_max && self.qos0_in_kafka() < recv_max && self.throttled_until.is_none() => match r {
+                r = self.io.fill(), if self.acks.len() < recv_max && qos0_in_kafka < recv_max && self.throttled_until.is_none() => match r {
                     Ok(true) => Box::pin(self.on_bytes()).await,
                     Ok(false) => Err(End::Io("closed by peer".into())),
                     Err(e) => Err(End::Io(e)),
                 },
-                d = recv_opt(&mut self.catchup), if can_deliver && self.catchup.is_some() => {
+                d = recv_opt(self.catchup.as_mut().map(|c| &mut c.rx)), if can_deliver && self.catchup.is_some() => {
                     match d {
                         Some(d) => self.backlog.push_back(d),
                         None => self.catchup = None,
@@ -380,14 +426,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     }
                     Ok(())
                 },
-                d = recv_opt(&mut self.shares.rx), if can_deliver && self.shares.rx.is_some() => {
+                d = recv_opt(shares_rx), if can_deliver && has_shares => {
                     // The connection keeps a sender: the channel stays open.
                     if let Some(d) = d {
                         self.backlog.push_back(d);
                     }
                     Ok(())
                 },
-                d = recv_opt(&mut self.replays.rx), if can_deliver && self.replays.rx.is_some() => {
+                d = recv_opt(replays_rx), if can_deliver && has_replays => {
                     // The connection keeps a sender: the channel stays open.
                     if let Some(d) = d {
                         self.backlog.push_back(d);
@@ -396,22 +442,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 },
                 // Fan-out skipped this session (its mailbox is full): decided
                 // below (`on_skipped`).
-                _ = std::future::poll_fn(|cx| self.session.mailbox.poll_skipped(cx)), if !self.skips_wait() => Ok(()),
+                _ = std::future::poll_fn(|cx| self.session.mailbox.poll_skipped(cx)), if !skips_wait => Ok(()),
                 _ = sleep_until(timer.map(tokio::time::Instant::from_std)), if timer.is_some() => {
-                    let now = Instant::now();
-                    if ka_at.is_some_and(|t| t <= now) {
-                        // [MQTT-3.1.2-22/24] 1.5 x keep alive without a packet.
-                        Err(End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout".into()))
-                    } else {
-                        if persist_at.is_some_and(|t| t <= now) {
-                            next_persist = now + PERSIST_EVERY;
-                            // Bounds what a node crash can make a session re-read.
-                            if self.dirty {
-                                self.persist_soon();
-                            }
-                        }
-                        Ok(())
-                    }
+                    self.on_timer(persist_at.map(|t| (t, &mut next_persist))).await
                 }
             };
             if let Err(end) = step {
@@ -431,6 +464,36 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
         };
         Box::pin((*self).finish(end)).await;
+    }
+
+    /// The loop's one timer fired: the rate limit's pause is over, the
+    /// periodic session write is due (`persist`: when, and the next time to
+    /// set) or keep alive has run out.
+    async fn on_timer(&mut self, persist: Option<(Instant, &mut Instant)>) -> Result<(), End> {
+        let now = Instant::now();
+        if let Some((at, next)) = persist {
+            if at <= now {
+                *next = now + PERSIST_EVERY;
+                // Bounds what a node crash can make a session re-read.
+                if self.dirty {
+                    self.persist_soon();
+                }
+            }
+        }
+        if self.throttled_until.is_some_and(|t| t <= now) {
+            self.throttled_until = None;
+            // Packets already buffered while paused (keep alive is checked
+            // after them: they count as received).
+            Box::pin(self.on_bytes()).await?;
+        }
+        if self.keep_alive.is_some_and(|ka| self.last_recv + ka <= now) {
+            // [MQTT-3.1.2-22/24] 1.5 x keep alive without a packet.
+            return Err(End::Server(
+                ReasonCode::KeepAliveTimeout,
+                "keep alive timeout".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Decodes and handles every complete packet in the read buffer.
@@ -490,7 +553,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         match p {
             Packet::Publish(p) => self.on_publish(p).await,
             Packet::PubAck(a) => {
-                self.shares.finished(a.packet_id);
+                self.share_finished(a.packet_id);
                 if self.session.outbound.puback(a.packet_id) {
                     self.acked_since_sync += 1;
                 } else {
@@ -508,7 +571,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     // not the PUBLISH the client has already released.
                     Some(true) => self.emit(Packet::PubRel(Ack::new(a.packet_id)), true),
                     // The client refused it: done with, as far as the group goes.
-                    Some(false) => self.shares.finished(a.packet_id),
+                    Some(false) => self.share_finished(a.packet_id),
                     None if self.v5() => self.emit(
                         Packet::PubRel(ack_with(
                             a.packet_id,
@@ -522,7 +585,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 Ok(())
             }
             Packet::PubComp(a) => {
-                self.shares.finished(a.packet_id);
+                self.share_finished(a.packet_id);
                 if self.session.outbound.pubcomp(a.packet_id) {
                     self.acked_since_sync += 1;
                 }
@@ -535,7 +598,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     // for reuse: see `inbound_qos2.rs`.
                     self.dirty = true;
                     self.emit(Packet::PubComp(Ack::new(id)), true);
-                } else if self.pending_qos2.contains(&id) {
+                } else if self.qos2_pending(id) {
                     // PUBREL before our PUBREC: the PUBCOMP follows the Kafka ack.
                     return Err(End::Server(
                         ReasonCode::ProtocolError,
@@ -588,7 +651,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 }
 
-async fn recv_opt(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
+async fn recv_opt(rx: Option<&mut mpsc::Receiver<Delivery>>) -> Option<Delivery> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -51,7 +51,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 ));
             }
             if p.topic.is_empty() {
-                match self.aliases_in.get(&alias) {
+                match self.rare.as_ref().and_then(|r| r.aliases_in.get(&alias)) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         return Err(End::Server(
@@ -61,7 +61,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     }
                 }
             } else {
-                self.aliases_in.insert(alias, p.topic.clone());
+                self.rare().aliases_in.insert(alias, p.topic.clone());
             }
         } else if p.topic.is_empty() {
             return Err(End::Server(
@@ -129,7 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     ) -> Result<Option<Qos2Flow>, End> {
         let packet_id = p.packet_id.unwrap_or(0);
         // [MQTT-4.3.3-9/10] a known id is a retransmission: never written twice.
-        if self.pending_qos2.contains(&packet_id) {
+        if self.qos2_pending(packet_id) {
             return Ok(None);
         }
         if self.session.inbound_qos2.is_received(packet_id) {
@@ -205,7 +205,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             return;
         }
         if qos == QoS::ExactlyOnce {
-            self.pending_qos2.insert(packet_id);
+            self.rare().pending_qos2.insert(packet_id);
         }
         self.acks.push_back(Box::pin(async move {
             let result = match sent {
@@ -323,8 +323,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// received [MQTT-4.6.0-2] (FuturesOrdered keeps that order).
     fn on_kafka_ack(&mut self, done: AckDone) -> Result<(), End> {
         let id = done.packet_id;
-        if done.qos == QoS::ExactlyOnce {
-            self.pending_qos2.remove(&id);
+        if let (QoS::ExactlyOnce, Some(r)) = (done.qos, &mut self.rare) {
+            r.pending_qos2.remove(&id);
         }
         match done.result {
             Ok(()) if done.duplicate => {

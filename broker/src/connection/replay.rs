@@ -100,7 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let node = self.node.clone();
         let limits = &node.config().mqtt;
         let max = limits.replay_max_concurrent;
-        if self.replays.active() >= max {
+        if self.replays_active() >= max {
             return Err(ReplayError::TooMany { max });
         }
         let lookback_s = limits.replay_max_lookback_s;
@@ -149,19 +149,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// Starts the read from `from`; the filter goes to fan-out when it has
     /// reached live delivery (or live at once if the read fails).
     pub(super) fn spawn_replay(&mut self, inner: &str, key: SubKey, entry: SubEntry, plan: Plan) {
-        let limits = &self.node.config().mqtt;
-        if self.replays.tx.is_none() {
+        let node = self.node.clone();
+        let limits = &node.config().mqtt;
+        let replays = &mut self.rare().replays;
+        if replays.tx.is_none() {
             let (tx, rx) = mpsc::channel(limits.session_queue.max(1));
-            self.replays.tx = Some(tx);
-            self.replays.rx = Some(rx);
+            replays.tx = Some(tx);
+            replays.rx = Some(rx);
         }
-        if self.replays.bucket.is_none() && limits.replay_rate > 0 {
+        if replays.bucket.is_none() && limits.replay_rate > 0 {
             let bucket = TokenBucket::new(limits.replay_rate, limits.replay_rate, Instant::now());
-            self.replays.bucket = Some(Arc::new(Mutex::new(bucket)));
+            replays.bucket = Some(Arc::new(Mutex::new(bucket)));
         }
-        let Some(tx) = self.replays.tx.clone() else {
+        let Some(tx) = replays.tx.clone() else {
             return;
         };
+        let pace = replays.bucket.clone();
         let removed = Arc::new(Mutex::new(Vec::new()));
         let entries = vec![(inner.to_string(), key, entry)];
         let job = crate::kafka::catchup::CatchUp {
@@ -173,13 +176,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .collect(),
             entries: entries.clone(),
             removed: removed.clone(),
-            pace: self.replays.bucket.clone().map(|bucket| Pace {
+            pace: pace.map(|bucket| Pace {
                 bucket,
                 until: plan.until,
             }),
             wait_drained: true,
         };
-        let node = self.node.clone();
         let live = entries.clone();
         let handle = tokio::spawn(async move {
             let probe = tx.clone();
@@ -201,7 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let Some(entry) = entries.into_iter().next() else {
             return;
         };
-        self.replays.running.push(Running {
+        self.rare().replays.running.push(Running {
             filter: inner.to_string(),
             handle,
             entry,

@@ -96,14 +96,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         identifier: Option<u32>,
     ) -> Result<(), JoinError> {
         let node = self.node.clone();
+        let conn_id = self.conn_id;
+        let shares = &mut self.rare().shares;
         // A re-SUBSCRIBE replaces the member (new options).
-        self.shares.leave(&node, filter, self.conn_id);
-        let tx = match &self.shares.tx {
+        shares.leave(&node, filter, conn_id);
+        let tx = match &shares.tx {
             Some(tx) => tx.clone(),
             None => {
                 let (tx, rx) = mpsc::channel(node.config().mqtt.session_queue.max(1));
-                self.shares.rx = Some(rx);
-                self.shares.tx = Some(tx.clone());
+                shares.rx = Some(rx);
+                shares.tx = Some(tx.clone());
                 tx
             }
         };
@@ -116,7 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             tx,
         };
         node.join_shared(key.clone(), slot).await?;
-        self.shares.joined.insert(filter.to_string(), key);
+        self.rare().shares.joined.insert(filter.to_string(), key);
         Ok(())
     }
 

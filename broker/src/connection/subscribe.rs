@@ -127,10 +127,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             // The replay registers the filter with fan-out when it reaches
             // live; a live entry of the same filter would deliver twice.
             self.node.unindex_subscription(inner, &key);
-            if self.catchup.is_some() {
+            if let Some(c) = &self.catchup {
                 // A resumed session still catching up: the replay, not the
                 // catch-up, hands this filter to fan-out.
-                self.catchup_removed
+                c.removed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(filter.clone());
@@ -261,14 +261,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             };
             if self.session.subscriptions.remove(&filter).is_some() {
                 // Told before the index changes (see `register_if_caught_up`).
-                if self.catchup.is_some() {
-                    self.catchup_removed
+                if let Some(c) = &self.catchup {
+                    c.removed
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(filter.clone());
                 }
-                self.replays.unsubscribed(&filter);
-                self.shares.leave(&self.node, &filter, self.conn_id);
+                if let Some(r) = &mut self.rare {
+                    r.replays.unsubscribed(&filter);
+                    r.shares.leave(&self.node, &filter, self.conn_id);
+                }
                 let (key, inner) = sub_key(&self.session.client_id, &filter);
                 self.node.unindex_subscription(inner, &key);
                 reasons.push(ReasonCode::Success);
