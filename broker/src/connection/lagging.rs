@@ -75,6 +75,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         for (inner, key, _) in &entries {
             node.unindex_subscription(inner, key);
         }
+        // Fan-out may have skipped the session again between `take_skips`
+        // and its removal (the mailbox was still full). This read covers
+        // those too: left in the flags, they would start another read from
+        // there once this one ends, re-delivering what it delivered.
+        let late = self.session.mailbox.flags.take_skips();
         let topics: Vec<&str> = entries
             .iter()
             .flat_map(|(inner, _, _)| node.mapping().kafka_topics_for_filter(inner))
@@ -83,6 +88,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // so what it dispatches from now on is not missed either.
         let mut from = node.fan_out_positions(&topics);
         let mut given_back = skips.first.clone();
+        for (k, offset) in late.into_iter().flat_map(|l| l.first) {
+            lower_offset(&mut given_back, k, offset);
+        }
         // Not from Kafka (a retained message requeued): kept.
         let kept = self.session.give_back_to_kafka(&mut given_back);
         self.backlog.extend(kept);
