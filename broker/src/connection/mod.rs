@@ -325,6 +325,17 @@ struct CatchUpRead {
     removed: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+impl CatchUpRead {
+    /// The client unsubscribed from `filter` (or a replay of it took over):
+    /// the read must not hand it to fan-out.
+    fn unsubscribed(&self, filter: &str) {
+        self.removed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(filter.to_string());
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     fn v5(&self) -> bool {
         self.version.is_v5()

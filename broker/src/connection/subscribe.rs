@@ -130,10 +130,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             if let Some(c) = &self.catchup {
                 // A resumed session still catching up: the replay, not the
                 // catch-up, hands this filter to fan-out.
-                c.removed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(filter.clone());
+                c.unsubscribed(&filter);
             }
             self.spawn_replay(inner, key, entry, plan);
             self.node
@@ -262,10 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             if self.session.subscriptions.remove(&filter).is_some() {
                 // Told before the index changes (see `register_if_caught_up`).
                 if let Some(c) = &self.catchup {
-                    c.removed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(filter.clone());
+                    c.unsubscribed(&filter);
                 }
                 if let Some(r) = &mut self.rare {
                     r.replays.unsubscribed(&filter);
