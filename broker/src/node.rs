@@ -322,7 +322,7 @@ impl Node {
 
     /// Changes to true when the node shuts down.
     pub fn shutting_down(&self) -> watch::Receiver<bool> {
-        self.shutdown_tx.subscribe()
+        shutdown_receiver(&self.shutdown_tx)
     }
 
     /// Checks a login (password, JWT or client certificate).
@@ -776,7 +776,7 @@ impl crate::session::cluster::Member for Node {
     }
 
     fn shutting_down(&self) -> watch::Receiver<bool> {
-        self.shutdown_tx.subscribe()
+        shutdown_receiver(&self.shutdown_tx)
     }
 
     fn live_nodes(&self, timeout: Duration) -> Vec<String> {
@@ -896,6 +896,18 @@ fn topic_specs(
     topics
 }
 
+/// A receiver of the shutdown flag whose `changed()` resolves at once when
+/// shutdown has already begun: a connection that registers after
+/// `Node::shutdown` sent its Close requests would otherwise wait for a
+/// change that never comes, and miss its DISCONNECT 0x8B.
+fn shutdown_receiver(tx: &watch::Sender<bool>) -> watch::Receiver<bool> {
+    let mut rx = tx.subscribe();
+    if *rx.borrow() {
+        rx.mark_changed();
+    }
+    rx
+}
+
 /// The producer of session records, claims and tombstones: no linger. They
 /// are few and small, and their latency is the window a node's death
 /// re-delivers (issue #18) and part of every CONNACK.
@@ -993,5 +1005,32 @@ pub fn sub_key<'a>(client_id: &Arc<str>, filter: &'a str) -> (SubKey, &'a str) {
             },
             filter,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_receiver_made_after_shutdown_began_sees_it_at_once() {
+        let (tx, _) = watch::channel(false);
+        let mut before = shutdown_receiver(&tx);
+        let _ = tx.send(true);
+        let mut after = shutdown_receiver(&tx);
+        let at_once = Duration::from_millis(100);
+        for rx in [&mut before, &mut after] {
+            let changed = tokio::time::timeout(at_once, rx.changed()).await;
+            assert!(matches!(changed, Ok(Ok(()))), "changed() must resolve");
+            assert!(*rx.borrow());
+        }
+    }
+
+    #[tokio::test]
+    async fn before_shutdown_a_receiver_waits() {
+        let (tx, _) = watch::channel(false);
+        let mut rx = shutdown_receiver(&tx);
+        let waited = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+        assert!(waited.is_err(), "no shutdown, no change");
     }
 }
