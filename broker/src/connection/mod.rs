@@ -253,6 +253,9 @@ struct Conn<S> {
     /// When the last PUBACK/PUBREC was sent (a client that publishes right
     /// after it waits for each one).
     last_ack: Option<Instant>,
+    /// Most writes in flight when a PUBLISH came, since the last lane
+    /// choice (`lane_for_next_write`).
+    peak_in_flight: u16,
     /// QoS 0 writes in flight (for `lane`, the bound and their outcome),
     /// allocated at the first QoS 0 PUBLISH: one pointer while unused.
     qos0: Option<Box<FuturesUnordered<Qos0Future>>>,

@@ -235,9 +235,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// The lane of the next Kafka write: the current one while any write of
     /// this connection is in flight (order), else the node's choice.
     fn lane_for_next_write(&mut self, now: Instant) -> crate::kafka::Lane {
-        if self.acks.is_empty() && self.qos0_in_kafka() == 0 {
-            self.lane = self.node.lanes().choose(now, self.last_ack);
+        let in_flight = self.acks.len() + self.qos0_in_kafka();
+        if in_flight == 0 {
+            let waits = crate::kafka::lanes::paced_by_acks(self.peak_in_flight.into());
+            let last_ack = if waits { self.last_ack } else { None };
+            self.lane = self.node.lanes().choose(now, last_ack);
+            self.peak_in_flight = 0;
         }
+        let seen = u16::try_from(in_flight).unwrap_or(u16::MAX);
+        self.peak_in_flight = self.peak_in_flight.max(seen);
         self.lane
     }
 
