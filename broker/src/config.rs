@@ -107,7 +107,7 @@ pub struct KafkaConfig {
     /// The batch lane's linger (ms): a batching window each record waits
     /// out. PUBLISHes take the fast lane instead (no linger, one request in
     /// flight) while the node publishes under `fast_lane_below` msg/s, or
-    /// when their client waits for each acknowledgement (`kafka/lanes.rs`).
+    /// when their client is paced by the acknowledgements (`kafka/lanes.rs`).
     pub linger_ms: u32,
     /// The batch lane's produce requests in flight per Kafka broker
     /// connection (librdkafka `max.in.flight.requests.per.connection`, 1-5
