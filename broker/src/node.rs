@@ -739,7 +739,8 @@ impl Node {
 
     /// Graceful shutdown: v5 clients get DISCONNECT 0x8B, then Kafka is flushed.
     pub async fn shutdown(&self, grace: Duration) {
-        let _ = self.shutdown_tx.send(true);
+        // Stored even with no receiver yet: one made later must see it.
+        self.shutdown_tx.send_replace(true);
         for ctrl in self.registry.connected() {
             let _ = ctrl.try_send(Control::Close(ReasonCode::ServerShuttingDown));
         }
@@ -1016,7 +1017,7 @@ mod tests {
     async fn a_receiver_made_after_shutdown_began_sees_it_at_once() {
         let (tx, _) = watch::channel(false);
         let mut before = shutdown_receiver(&tx);
-        let _ = tx.send(true);
+        tx.send_replace(true);
         let mut after = shutdown_receiver(&tx);
         let at_once = Duration::from_millis(100);
         for rx in [&mut before, &mut after] {
@@ -1024,6 +1025,17 @@ mod tests {
             assert!(matches!(changed, Ok(Ok(()))), "changed() must resolve");
             assert!(*rx.borrow());
         }
+    }
+
+    #[tokio::test]
+    async fn shutdown_with_no_receiver_yet_is_seen_by_the_next_one() {
+        let (tx, rx) = watch::channel(false);
+        drop(rx);
+        tx.send_replace(true);
+        let mut later = shutdown_receiver(&tx);
+        let changed = tokio::time::timeout(Duration::from_millis(100), later.changed()).await;
+        assert!(matches!(changed, Ok(Ok(()))), "changed() must resolve");
+        assert!(*later.borrow());
     }
 
     #[tokio::test]
