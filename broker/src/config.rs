@@ -124,6 +124,10 @@ pub struct KafkaConfig {
     /// not add latency; a short wait only makes idle readers poll more
     /// (measured: same end-to-end p50/p99 at 20 and 500 ms).
     pub fetch_wait_max_ms: u32,
+    /// Fan-out readers use the broker's own fetch client (`kafka/fetch/`)
+    /// when Kafka is reached over plaintext; `false` keeps librdkafka's
+    /// consumer for them too. TLS or SASL to Kafka always uses librdkafka.
+    pub native_fetch: bool,
     /// Extra librdkafka properties, applied to producer and consumers.
     pub properties: BTreeMap<String, String>,
 }
@@ -244,6 +248,7 @@ impl Default for KafkaConfig {
             fast_lane_below: 2000,
             delivery_timeout_ms: 30_000,
             fetch_wait_max_ms: 500,
+            native_fetch: true,
             properties: BTreeMap::new(),
         }
     }

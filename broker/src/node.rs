@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lodestream_mqtt::{LastWill, ReasonCode};
-use rdkafka::Message as _;
 use tokio::sync::{watch, Mutex};
 
 use crate::config::{Config, Validated};
@@ -460,27 +459,27 @@ impl Node {
             let reader_topic = topic.clone();
             let source_topic: Arc<str> = Arc::from(topic.as_str());
             let mapping = self.mapping.clone();
-            let (reader, _, starts) = TopicReader::start(
+            let (reader, starts) = TopicReader::start_fanout(
                 &self.config.kafka,
                 &self.config.node_id,
                 &topic,
-                kafka::StartAt::End,
                 &self.metrics,
-                move |rec, wakes| {
+                mapping,
+                move |(partition, offset, msg), wakes| {
                     counter.inc();
                     // The record key (or `mqtt.topic`) gives the MQTT topic;
                     // records without a valid one cannot be delivered.
-                    let msg = match kafka::message_of(rec, Some(&mapping)) {
+                    let msg = match msg {
                         Ok(m) => m,
                         Err(e) => {
-                            tracing::debug!(topic = %reader_topic, offset = rec.offset(), error = %e, "record skipped");
+                            tracing::debug!(topic = %reader_topic, offset, error = %e, "record skipped");
                             return;
                         }
                     };
                     let source = Source {
                         topic: source_topic.clone(),
-                        partition: rec.partition(),
-                        offset: rec.offset(),
+                        partition,
+                        offset,
                     };
                     subs.dispatch(&Arc::new(msg), Some(source), wakes);
                 },

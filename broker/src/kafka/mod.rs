@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod catchup;
 mod consumer;
+mod fetch;
 pub mod lanes;
 mod producer;
 pub mod qos2_scan;

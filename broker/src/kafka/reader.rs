@@ -149,6 +149,117 @@ fn start_offsets(c: &StreamConsumer, topic: &str, from: StartAt) -> anyhow::Resu
     Ok((tpl, targets, starts))
 }
 
+/// A consumer for `topic` and where `from` puts each partition
+/// (`start_offsets`), retried for up to 10 s: right after topic creation a
+/// partition may have no leader yet.
+async fn positions(
+    cfg: &KafkaConfig,
+    node_id: &str,
+    topic: &str,
+    from: StartAt,
+    metrics: &Metrics,
+) -> anyhow::Result<(
+    Arc<StreamConsumer>,
+    TopicPartitionList,
+    HashMap<i32, i64>,
+    HashMap<i32, i64>,
+)> {
+    let role = format!("reader-{topic}");
+    let consumer = Arc::new(super::consumer::assigned(
+        cfg,
+        &role,
+        node_id,
+        cfg.fetch_wait_max_ms,
+    )?);
+    let retry = Retry::fixed(
+        "reader_start",
+        40,
+        Duration::from_millis(250),
+        &metrics.retry_give_ups,
+    );
+    let (tpl, targets, starts) = retry
+        .run(topic, || {
+            let (c, t) = (consumer.clone(), topic.to_string());
+            // Metadata and watermark calls block; keep them off the runtime threads.
+            async move {
+                tokio::task::spawn_blocking(move || start_offsets(&c, &t, from))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r)
+            }
+        })
+        .await?;
+    Ok((consumer, tpl, targets, starts))
+}
+
+/// The MQTT message a record read by the own fetch client carries. The
+/// payload is copied: a slice would pin the whole fetch response (up to
+/// 16 MiB) for as long as any subscriber's queue holds the message.
+pub fn message_of_fetched(
+    r: &super::fetch::Fetched,
+    kafka_topic: &str,
+    mapping: Option<&Mapping>,
+) -> Result<Message, NotAMessage> {
+    Message::try_from_record(
+        r.key.as_deref(),
+        r.value
+            .as_deref()
+            .map(Bytes::copy_from_slice)
+            .unwrap_or_default(),
+        r.timestamp,
+        // A header name that is not UTF-8 is dropped, as librdkafka's
+        // `Headers::try_get` does with a bad one.
+        r.headers
+            .iter()
+            .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, v.as_deref()))),
+        |key| topic_of_key(mapping, kafka_topic, key),
+    )
+}
+
+/// What a fan-out reader hands over: partition, offset and the message (or
+/// why the record carries none).
+pub type FanoutRecord = (i32, i64, Result<Message, NotAMessage>);
+
+impl TopicReader {
+    /// Reads a data topic for fan-out from its end: with the own fetch
+    /// client when it can reach Kafka (`kafka::fetch::usable`), else with
+    /// librdkafka. Returns the reader and each partition's start offset.
+    pub async fn start_fanout<F>(
+        cfg: &KafkaConfig,
+        node_id: &str,
+        topic: &str,
+        metrics: &Metrics,
+        mapping: Mapping,
+        mut on_record: F,
+    ) -> anyhow::Result<(TopicReader, HashMap<i32, i64>)>
+    where
+        F: FnMut(FanoutRecord, &mut Wakes) + Send + 'static,
+    {
+        if !super::fetch::usable(cfg) {
+            let (reader, _, starts) = Self::start(
+                cfg,
+                node_id,
+                topic,
+                StartAt::End,
+                metrics,
+                move |m, wakes| {
+                    let msg = message_of(m, Some(&mapping));
+                    on_record((m.partition(), m.offset(), msg), wakes);
+                },
+            )
+            .await?;
+            return Ok((reader, starts));
+        }
+        let (_, _, _, starts) = positions(cfg, node_id, topic, StartAt::End, metrics).await?;
+        let kafka_topic = topic.to_string();
+        let task = super::fetch::spawn(cfg, node_id, topic, starts.clone(), move |p, r, wakes| {
+            let msg = message_of_fetched(r, &kafka_topic, Some(&mapping));
+            on_record((p, r.offset, msg), wakes);
+        });
+        Ok((TopicReader { task }, starts))
+    }
+}
+
 impl TopicReader {
     /// Assigns all partitions of `topic` and starts reading. Returns after
     /// the start offsets are fixed, plus a signal fired once the reader has
@@ -167,33 +278,8 @@ impl TopicReader {
     where
         F: FnMut(&BorrowedMessage<'_>, &mut Wakes) + Send + 'static,
     {
-        let role = format!("reader-{topic}");
-        let consumer = Arc::new(super::consumer::assigned(
-            cfg,
-            &role,
-            node_id,
-            cfg.fetch_wait_max_ms,
-        )?);
-        // Right after topic creation a partition may have no leader yet:
-        // retry for up to 10 s before giving up.
-        let retry = Retry::fixed(
-            "reader_start",
-            40,
-            Duration::from_millis(250),
-            &metrics.retry_give_ups,
-        );
-        let (tpl, mut targets, starts) = retry
-            .run(topic, || {
-                let (c, t) = (consumer.clone(), topic.to_string());
-                // Metadata and watermark calls block; keep them off the runtime threads.
-                async move {
-                    tokio::task::spawn_blocking(move || start_offsets(&c, &t, from))
-                        .await
-                        .map_err(anyhow::Error::from)
-                        .and_then(|r| r)
-                }
-            })
-            .await?;
+        let (consumer, tpl, mut targets, starts) =
+            positions(cfg, node_id, topic, from, metrics).await?;
         consumer.assign(&tpl)?;
         let (caught_up_tx, caught_up_rx) = oneshot::channel();
         let mut caught_up_tx = Some(caught_up_tx);

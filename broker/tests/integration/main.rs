@@ -23,6 +23,7 @@ mod clean_session_discard;
 mod cluster;
 mod exactly_once;
 mod example_config;
+mod fanout_reader;
 mod faults;
 mod hostile_clients;
 mod interop_clients;

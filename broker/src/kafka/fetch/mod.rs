@@ -1,0 +1,348 @@
+//! The fan-out reader's own Kafka fetch client: fetch requests on the
+//! tokio worker, records handed over straight from the response buffer.
+//!
+//! Why not librdkafka here: its consumer parses each fetch on its broker
+//! thread, queues every record as an op, and our task pops them one by one
+//! and has each record's headers parsed into a list again; at one record per
+//! fetch that was ~25k instructions a record across the two threads
+//! (docs/benchmarks.md). The other readers (sessions, retained, nodes,
+//! catch-up) keep librdkafka: they read little once loaded.
+//!
+//! Used when Kafka is reached over plaintext (`usable`); TLS or SASL to
+//! Kafka, which only librdkafka's properties configure, keep the librdkafka
+//! reader. Reads `read_committed`, as librdkafka does by default.
+
+mod batches;
+mod wire;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::fetch_response::PartitionData;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::{FetchRequest, MetadataRequest, MetadataResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use tokio::task::JoinSet;
+
+use crate::config::KafkaConfig;
+use crate::session::mailbox::Wakes;
+pub(crate) use batches::Fetched;
+use batches::{Committed, Verdict};
+use wire::KafkaConn;
+
+const FETCH_VERSION: i16 = 12;
+const METADATA_VERSION: i16 = 12;
+/// Per fetch and per partition, as librdkafka's `fetch.max.bytes` /
+/// `max.partition.fetch.bytes` bound its prefetch: one response in memory.
+const FETCH_MAX_BYTES: i32 = 16 << 20;
+const PARTITION_MAX_BYTES: i32 = 1 << 20;
+/// How long Kafka may take beyond the fetch's own wait.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// A partition without a leader is looked up again this often.
+const LEADERLESS_RECHECK: Duration = Duration::from_secs(1);
+
+const OFFSET_OUT_OF_RANGE: i16 = 1;
+
+/// Whether this client can reach Kafka as configured: plaintext only.
+pub(crate) fn usable(cfg: &KafkaConfig) -> bool {
+    cfg.native_fetch
+        && cfg.properties.iter().all(|(k, v)| {
+            let k = k.to_ascii_lowercase();
+            if k == "security.protocol" {
+                v.eq_ignore_ascii_case("plaintext")
+            } else {
+                !(k.starts_with("ssl.") || k.starts_with("sasl."))
+            }
+        })
+}
+
+/// Reads every partition of `topic` from `starts` on, forever (abort the
+/// handle to stop), calling `on_record(partition, record, wakes)` for each
+/// committed record; `wakes` is flushed after each fetch response.
+pub(crate) fn spawn<F>(
+    cfg: &KafkaConfig,
+    node_id: &str,
+    topic: &str,
+    starts: HashMap<i32, i64>,
+    on_record: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut(i32, &Fetched, &mut Wakes) + Send + 'static,
+{
+    let ctx = Arc::new(Ctx {
+        bootstrap: cfg
+            .bootstrap_servers
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        client_id: format!("lodestream-reader-{topic}-{node_id}"),
+        topic: topic.to_string(),
+        wait_ms: i32::try_from(cfg.fetch_wait_max_ms).unwrap_or(i32::MAX),
+    });
+    let shared = Arc::new(Mutex::new(Reading {
+        offsets: starts,
+        on_record,
+        wakes: Wakes::default(),
+    }));
+    tokio::spawn(run(ctx, shared))
+}
+
+struct Ctx {
+    bootstrap: Vec<String>,
+    client_id: String,
+    topic: String,
+    wait_ms: i32,
+}
+
+/// What the fetch loops of one topic share: the next offset of each
+/// partition and the callback. Updated only between awaits, so an aborted
+/// loop never leaves an offset past what was handed over.
+struct Reading<F> {
+    offsets: HashMap<i32, i64>,
+    on_record: F,
+    wakes: Wakes,
+}
+
+/// Looks up the leaders, runs one fetch loop per leader until one of them
+/// fails (a connection lost, a leader moved), then starts over.
+async fn run<F>(ctx: Arc<Ctx>, shared: Arc<Mutex<Reading<F>>>)
+where
+    F: FnMut(i32, &Fetched, &mut Wakes) + Send + 'static,
+{
+    let mut delay = RETRY_MIN;
+    loop {
+        let began = Instant::now();
+        let partitions: Vec<i32> = lock(&shared).offsets.keys().copied().collect();
+        match leaders(&ctx, &partitions).await {
+            Ok((by_leader, leaderless)) => {
+                let mut set = JoinSet::new();
+                for (addr, parts) in by_leader {
+                    set.spawn(fetch_loop(ctx.clone(), addr, parts, shared.clone()));
+                }
+                if leaderless {
+                    set.spawn(async {
+                        tokio::time::sleep(LEADERLESS_RECHECK).await;
+                        anyhow::anyhow!("a partition had no leader")
+                    });
+                }
+                if let Some(Ok(e)) = set.join_next().await {
+                    tracing::warn!(topic = %ctx.topic, error = %e, "Kafka fetch interrupted; looking up leaders again");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(topic = %ctx.topic, error = %e, "Kafka metadata lookup failed");
+            }
+        }
+        delay = if began.elapsed() > Duration::from_secs(10) {
+            RETRY_MIN
+        } else {
+            (delay * 2).min(RETRY_MAX)
+        };
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn lock<F>(m: &Mutex<Reading<F>>) -> std::sync::MutexGuard<'_, Reading<F>> {
+    // A panic in a callback must not stop the topic's delivery for good.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Leaders = (HashMap<String, Vec<i32>>, bool);
+
+/// The partitions grouped by their leader's address, and whether any
+/// partition had none.
+async fn leaders(ctx: &Ctx, partitions: &[i32]) -> anyhow::Result<Leaders> {
+    let md = metadata(ctx).await?;
+    let topic = md
+        .topics
+        .iter()
+        .find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == ctx.topic))
+        .ok_or_else(|| anyhow::anyhow!("no metadata for Kafka topic {}", ctx.topic))?;
+    if topic.error_code != 0 {
+        anyhow::bail!("Kafka topic {}: error {}", ctx.topic, topic.error_code);
+    }
+    let addrs: HashMap<i32, String> = md
+        .brokers
+        .iter()
+        .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+        .collect();
+    let leader_of: HashMap<i32, i32> = topic
+        .partitions
+        .iter()
+        .map(|p| (p.partition_index, p.leader_id.0))
+        .collect();
+    let (mut by_leader, mut leaderless) = (HashMap::<String, Vec<i32>>::new(), false);
+    for &p in partitions {
+        match leader_of.get(&p).and_then(|l| addrs.get(l)) {
+            Some(addr) => by_leader.entry(addr.clone()).or_default().push(p),
+            None => leaderless = true,
+        }
+    }
+    Ok((by_leader, leaderless))
+}
+
+/// Metadata for the topic from the first bootstrap server that answers.
+async fn metadata(ctx: &Ctx) -> anyhow::Result<MetadataResponse> {
+    let req = MetadataRequest::default()
+        .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(
+            TopicName(StrBytes::from_string(ctx.topic.clone())),
+        ))]))
+        .with_allow_auto_topic_creation(false);
+    let mut last = anyhow::anyhow!("no bootstrap server configured");
+    for addr in &ctx.bootstrap {
+        let answer = async {
+            let mut conn = KafkaConn::connect(addr, &ctx.client_id).await?;
+            conn.request(&req, METADATA_VERSION, REQUEST_TIMEOUT).await
+        };
+        match answer.await {
+            Ok(md) => return Ok(md),
+            Err(e) => last = e.into(),
+        }
+    }
+    Err(last)
+}
+
+/// Fetches `parts` from one leader until something goes wrong.
+async fn fetch_loop<F>(
+    ctx: Arc<Ctx>,
+    addr: String,
+    parts: Vec<i32>,
+    shared: Arc<Mutex<Reading<F>>>,
+) -> anyhow::Error
+where
+    F: FnMut(i32, &Fetched, &mut Wakes) + Send + 'static,
+{
+    let mut conn = match KafkaConn::connect(&addr, &ctx.client_id).await {
+        Ok(c) => c,
+        Err(e) => return e.into(),
+    };
+    let timeout = REQUEST_TIMEOUT + Duration::from_millis(ctx.wait_ms.unsigned_abs().into());
+    // Built once; each turn only moves its offsets.
+    let mut req = fetch_request(&ctx, &parts);
+    loop {
+        {
+            let offsets = &lock(&shared).offsets;
+            for p in req.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                p.fetch_offset = offsets.get(&p.partition).copied().unwrap_or(p.fetch_offset);
+            }
+        }
+        let resp = match conn.request(&req, FETCH_VERSION, timeout).await {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        if resp.error_code != 0 {
+            return anyhow::anyhow!("fetch from {addr}: Kafka error {}", resp.error_code);
+        }
+        let mut reading = lock(&shared);
+        for p in resp.responses.into_iter().flat_map(|t| t.partitions) {
+            if let Err(e) = reading.take(&ctx.topic, p) {
+                return e;
+            }
+        }
+        reading.wakes.flush();
+    }
+}
+
+fn fetch_request(ctx: &Ctx, parts: &[i32]) -> FetchRequest {
+    let partitions = parts
+        .iter()
+        .map(|&p| {
+            FetchPartition::default()
+                .with_partition(p)
+                .with_partition_max_bytes(PARTITION_MAX_BYTES)
+        })
+        .collect();
+    FetchRequest::default()
+        .with_max_wait_ms(ctx.wait_ms)
+        .with_min_bytes(1)
+        .with_max_bytes(FETCH_MAX_BYTES)
+        .with_isolation_level(1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(StrBytes::from_string(ctx.topic.clone())))
+            .with_partitions(partitions)])
+}
+
+impl<F> Reading<F>
+where
+    F: FnMut(i32, &Fetched, &mut Wakes),
+{
+    /// Hands over one partition's committed records from its fetch offset
+    /// on, and moves the offset past them. An error asks for the leaders
+    /// again.
+    fn take(&mut self, topic: &str, p: PartitionData) -> anyhow::Result<()> {
+        let part = p.partition_index;
+        let Some(&offset) = self.offsets.get(&part) else {
+            return Ok(());
+        };
+        match p.error_code {
+            0 => {}
+            OFFSET_OUT_OF_RANGE => {
+                // Behind the log start (retention): resume there, as the
+                // librdkafka readers do (`auto.offset.reset = earliest`).
+                // Past the end (a truncated log): resume at its end.
+                let to = if offset < p.log_start_offset {
+                    p.log_start_offset
+                } else {
+                    p.high_watermark.max(0)
+                };
+                tracing::warn!(
+                    topic,
+                    partition = part,
+                    offset,
+                    resume = to,
+                    "fetch offset out of range"
+                );
+                self.offsets.insert(part, to);
+                return Ok(());
+            }
+            code => anyhow::bail!("partition {part}: Kafka error {code}"),
+        }
+        let Some(records) = p.records else {
+            return Ok(());
+        };
+        let aborted = p.aborted_transactions.unwrap_or_default();
+        let mut committed =
+            Committed::new(aborted.iter().map(|a| (a.producer_id.0, a.first_offset)));
+        let mut next = offset;
+        for (header, batch) in batches::split(records)? {
+            next = next.max(header.last_offset + 1);
+            if header.last_offset < offset {
+                continue;
+            }
+            self.batch(topic, part, offset, &header, batch, &mut committed);
+        }
+        self.offsets.insert(part, next);
+        Ok(())
+    }
+
+    fn batch(
+        &mut self,
+        topic: &str,
+        part: i32,
+        offset: i64,
+        header: &batches::Header,
+        batch: bytes::Bytes,
+        committed: &mut Committed,
+    ) {
+        let decoded = match batches::decode(header, batch) {
+            Ok(r) => r,
+            Err(e) => {
+                // A batch that fails its CRC cannot be delivered; say so
+                // loudly and go on, as re-fetching it would fail forever.
+                tracing::error!(topic, partition = part, error = %e, "record batch skipped");
+                return;
+            }
+        };
+        if committed.judge(header, || batches::is_abort_marker(&decoded)) == Verdict::Skip {
+            return;
+        }
+        for r in decoded.iter().filter(|r| r.offset >= offset) {
+            (self.on_record)(part, r, &mut self.wakes);
+        }
+    }
+}

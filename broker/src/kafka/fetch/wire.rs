@@ -1,0 +1,138 @@
+//! One plaintext connection to a Kafka broker: a request, then its
+//! response (one at a time, which is all a fetch loop needs).
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, FetchRequest, FetchResponse, MetadataRequest, MetadataResponse, RequestHeader,
+    ResponseHeader,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Largest response accepted: a fetch answers at most `FETCH_MAX_BYTES`
+/// (plus one oversized batch, KIP-74); anything past this is a protocol
+/// error rather than memory we would hold.
+const MAX_FRAME: usize = 128 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request this client sends, and its response (`kafka_protocol`'s own
+/// `Request` pairing needs its server-side half compiled in too).
+pub trait Call: Encodable + HeaderVersion {
+    const KEY: ApiKey;
+    type Response: Decodable + HeaderVersion;
+}
+
+impl Call for FetchRequest {
+    const KEY: ApiKey = ApiKey::Fetch;
+    type Response = FetchResponse;
+}
+
+impl Call for MetadataRequest {
+    const KEY: ApiKey = ApiKey::Metadata;
+    type Response = MetadataResponse;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connecting to Kafka at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("Kafka connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Kafka protocol: {0}")]
+    Protocol(String),
+    #[error("Kafka did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+pub struct KafkaConn {
+    stream: BufReader<TcpStream>,
+    client_id: StrBytes,
+    next_id: i32,
+    out: BytesMut,
+}
+
+impl KafkaConn {
+    pub async fn connect(addr: &str, client_id: &str) -> Result<KafkaConn, WireError> {
+        let connect_err = |reason: String| WireError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_err("timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        stream.set_nodelay(true)?;
+        Ok(KafkaConn {
+            stream: BufReader::with_capacity(64 << 10, stream),
+            client_id: StrBytes::from_string(client_id.to_string()),
+            next_id: 0,
+            out: BytesMut::new(),
+        })
+    }
+
+    /// Sends `req` at `version` and waits up to `timeout` for its response.
+    pub async fn request<R: Call>(
+        &mut self,
+        req: &R,
+        version: i16,
+        timeout: Duration,
+    ) -> Result<R::Response, WireError> {
+        tokio::time::timeout(timeout, self.round_trip(req, version))
+            .await
+            .map_err(|_| WireError::Timeout(timeout))?
+    }
+
+    async fn round_trip<R: Call>(
+        &mut self,
+        req: &R,
+        version: i16,
+    ) -> Result<R::Response, WireError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let header = RequestHeader::default()
+            .with_request_api_key(R::KEY as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(id)
+            .with_client_id(Some(self.client_id.clone()));
+        self.out.clear();
+        self.out.put_i32(0);
+        header
+            .encode(&mut self.out, R::header_version(version))
+            .and_then(|()| req.encode(&mut self.out, version))
+            .map_err(|e| WireError::Protocol(e.to_string()))?;
+        let len = i32::try_from(self.out.len() - 4)
+            .map_err(|_| WireError::Protocol("request too large".into()))?;
+        self.out[..4].copy_from_slice(&len.to_be_bytes());
+        self.stream.get_mut().write_all(&self.out).await?;
+        let mut frame = self.read_frame().await?;
+        let rh = ResponseHeader::decode(&mut frame, R::Response::header_version(version))
+            .map_err(|e| WireError::Protocol(e.to_string()))?;
+        if rh.correlation_id != id {
+            return Err(WireError::Protocol(format!(
+                "response to request {} where {id} was expected",
+                rh.correlation_id
+            )));
+        }
+        R::Response::decode(&mut frame, version).map_err(|e| WireError::Protocol(e.to_string()))
+    }
+
+    async fn read_frame(&mut self) -> Result<Bytes, WireError> {
+        let len = self.stream.read_i32().await?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= MAX_FRAME)
+            .ok_or_else(|| WireError::Protocol(format!("response length {len}")))?;
+        let mut buf = BytesMut::zeroed(len);
+        self.stream.read_exact(&mut buf).await?;
+        let frame = buf.freeze();
+        if frame.remaining() < 4 {
+            return Err(WireError::Protocol(
+                "response shorter than its header".into(),
+            ));
+        }
+        Ok(frame)
+    }
+}
