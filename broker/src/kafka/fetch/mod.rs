@@ -74,12 +74,7 @@ where
     F: FnMut(i32, &Fetched, &mut Wakes) + Send + 'static,
 {
     let ctx = Arc::new(Ctx {
-        bootstrap: cfg
-            .bootstrap_servers
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
+        bootstrap: bootstrap_addrs(&cfg.bootstrap_servers),
         client_id: format!("lodestream-reader-{topic}-{node_id}"),
         topic: topic.to_string(),
         wait_ms: i32::try_from(cfg.fetch_wait_max_ms).unwrap_or(i32::MAX),
@@ -90,6 +85,25 @@ where
         wakes: Wakes::default(),
     }));
     tokio::spawn(run(ctx, shared))
+}
+
+/// `bootstrap.servers` as librdkafka reads it: comma-separated
+/// `host:port`, each optionally with a `plaintext://` scheme.
+fn bootstrap_addrs(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|s| s.trim())
+        .map(|s| s.split_once("://").map_or(s, |(_, rest)| rest).to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A broker's address from metadata; an IPv6 literal needs brackets.
+fn host_port(host: &str, port: i32) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 struct Ctx {
@@ -169,7 +183,7 @@ async fn leaders(ctx: &Ctx, partitions: &[i32]) -> anyhow::Result<Leaders> {
     let addrs: HashMap<i32, String> = md
         .brokers
         .iter()
-        .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+        .map(|b| (b.node_id.0, host_port(b.host.as_str(), b.port)))
         .collect();
     let leader_of: HashMap<i32, i32> = topic
         .partitions
@@ -344,5 +358,39 @@ where
         for r in decoded.iter().filter(|r| r.offset >= offset) {
             (self.on_record)(part, r, &mut self.wakes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_lists_and_broker_addresses_parse_as_librdkafka_reads_them() {
+        assert_eq!(
+            bootstrap_addrs(" a:9092, PLAINTEXT://b:9093,,"),
+            ["a:9092", "b:9093"]
+        );
+        assert_eq!(host_port("k1", 9092), "k1:9092");
+        assert_eq!(host_port("::1", 9092), "[::1]:9092");
+    }
+
+    #[test]
+    fn tls_or_sasl_to_kafka_keeps_librdkafka() {
+        let mut cfg = KafkaConfig::default();
+        assert!(usable(&cfg));
+        cfg.properties
+            .insert("security.protocol".into(), "PLAINTEXT".into());
+        assert!(usable(&cfg));
+        cfg.properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        assert!(!usable(&cfg));
+        cfg.properties.clear();
+        cfg.properties
+            .insert("ssl.ca.location".into(), "/ca.pem".into());
+        assert!(!usable(&cfg));
+        cfg.properties.clear();
+        cfg.native_fetch = false;
+        assert!(!usable(&cfg));
     }
 }
