@@ -5,7 +5,7 @@
 pub mod admin;
 pub mod catchup;
 mod consumer;
-mod fetch;
+pub mod fetch;
 pub mod lanes;
 mod producer;
 pub mod qos2_scan;

@@ -10,8 +10,12 @@ use crate::common::raw::Raw;
 use std::time::Duration;
 
 use lodestream_mqtt::{Packet, ProtocolVersion, QoS};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 async fn start(native_fetch: bool, topic: &str) -> common::Broker {
     let mut c = common::test_config(&[format!("{topic}:fleet/#")]);
@@ -124,4 +128,72 @@ async fn aborted_transactions_never_reach_subscribers_own_fetch_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_transactions_never_reach_subscribers_librdkafka() {
     only_committed_transactions_are_delivered(false).await;
+}
+
+/// The offsets the own fetch client hands over, read from `start`.
+fn read_from(topic: &str, start: i64) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<i64>>>) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let cfg = common::test_config(&[]).kafka;
+    let task = lodestream_broker::kafka::fetch::spawn(
+        &cfg,
+        "fanout-test",
+        topic,
+        HashMap::from([(0, start)]),
+        move |_, r, _| g.lock().expect("lock").push(r.offset),
+    );
+    (task, got)
+}
+
+async fn offsets_seen(got: &Mutex<Vec<i64>>, want: &[i64]) -> Vec<i64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        if got.lock().expect("lock").len() >= want.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    got.lock().expect("lock").clone()
+}
+
+/// A fetch offset behind the log start (records deleted, as retention
+/// does) resumes at the log start; one past the log end (a truncated log)
+/// resumes at the end. Neither re-reads the partition from 0 nor spins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offset_out_of_range_resumes_at_the_log_start_or_end() {
+    let topic = common::unique("fanoutRange");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", common::kafka())
+        .create()
+        .expect("admin");
+    let opts = AdminOptions::new();
+    admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await
+        .expect("create topic");
+    let p = producer(&[]);
+    for i in 0..5 {
+        send(&p, &topic, &format!("m{i}")).await;
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(3))
+        .expect("partition");
+    admin
+        .delete_records(&tpl, &opts)
+        .await
+        .expect("delete records");
+
+    let (behind, got_behind) = read_from(&topic, 0);
+    let (ahead, got_ahead) = read_from(&topic, 100);
+    assert_eq!(offsets_seen(&got_behind, &[3, 4]).await, [3, 4]);
+    // Let the reader that was ahead find the end before the next record.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    send(&p, &topic, "m5").await;
+    assert_eq!(offsets_seen(&got_ahead, &[5]).await, [5]);
+    assert_eq!(offsets_seen(&got_behind, &[3, 4, 5]).await, [3, 4, 5]);
+    behind.abort();
+    ahead.abort();
 }

@@ -21,19 +21,26 @@ use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::fetch_response::PartitionData;
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-use kafka_protocol::messages::{FetchRequest, MetadataRequest, MetadataResponse, TopicName};
+use kafka_protocol::messages::{
+    BrokerId, FetchRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, TopicName,
+};
 use kafka_protocol::protocol::StrBytes;
 use tokio::task::JoinSet;
 
 use crate::config::KafkaConfig;
 use crate::session::mailbox::Wakes;
-pub(crate) use batches::Fetched;
+pub use batches::Fetched;
 use batches::{Committed, Verdict};
 use wire::KafkaConn;
 
 const FETCH_VERSION: i16 = 12;
 const METADATA_VERSION: i16 = 12;
+const LIST_OFFSETS_VERSION: i16 = 7;
+/// ListOffsets timestamps meaning "log start" and "log end".
+const EARLIEST: i64 = -2;
+const LATEST: i64 = -1;
 /// Per fetch and per partition, as librdkafka's `fetch.max.bytes` /
 /// `max.partition.fetch.bytes` bound its prefetch: one response in memory.
 const FETCH_MAX_BYTES: i32 = 16 << 20;
@@ -63,7 +70,7 @@ pub(crate) fn usable(cfg: &KafkaConfig) -> bool {
 /// Reads every partition of `topic` from `starts` on, forever (abort the
 /// handle to stop), calling `on_record(partition, record, wakes)` for each
 /// committed record; `wakes` is flushed after each fetch response.
-pub(crate) fn spawn<F>(
+pub fn spawn<F>(
     cfg: &KafkaConfig,
     node_id: &str,
     topic: &str,
@@ -252,14 +259,80 @@ where
         if resp.error_code != 0 {
             return anyhow::anyhow!("fetch from {addr}: Kafka error {}", resp.error_code);
         }
-        let mut reading = lock(&shared);
-        for p in resp.responses.into_iter().flat_map(|t| t.partitions) {
-            if let Err(e) = reading.take(&ctx.topic, p) {
+        let mut out_of_range = Vec::new();
+        {
+            let mut reading = lock(&shared);
+            for p in resp.responses.into_iter().flat_map(|t| t.partitions) {
+                match reading.take(&ctx.topic, p) {
+                    Ok(Taken::Records) => {}
+                    Ok(Taken::OutOfRange(part)) => out_of_range.push(part),
+                    Err(e) => return e,
+                }
+            }
+            reading.wakes.flush();
+        }
+        for part in out_of_range {
+            if let Err(e) = resume_in_range(&ctx, &mut conn, part, &shared).await {
                 return e;
             }
         }
-        reading.wakes.flush();
     }
+}
+
+/// A fetch offset Kafka no longer (or not yet) has: behind the log start
+/// (retention) it resumes there, as the librdkafka readers do
+/// (`auto.offset.reset = earliest`); past the log end (a truncated log) at
+/// the end. Asked of the leader: an out-of-range answer carries neither.
+async fn resume_in_range<F>(
+    ctx: &Ctx,
+    conn: &mut KafkaConn,
+    part: i32,
+    shared: &Mutex<Reading<F>>,
+) -> anyhow::Result<()> {
+    let earliest = list_offset(ctx, conn, part, EARLIEST).await?;
+    let latest = list_offset(ctx, conn, part, LATEST).await?;
+    let mut reading = lock(shared);
+    if let Some(offset) = reading.offsets.get_mut(&part) {
+        let resume = (*offset).clamp(earliest, latest.max(earliest));
+        tracing::warn!(topic = %ctx.topic, partition = part, offset = *offset, resume, "fetch offset out of range");
+        *offset = resume;
+    }
+    Ok(())
+}
+
+async fn list_offset(
+    ctx: &Ctx,
+    conn: &mut KafkaConn,
+    part: i32,
+    timestamp: i64,
+) -> anyhow::Result<i64> {
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![ListOffsetsTopic::default()
+            .with_name(TopicName(StrBytes::from_string(ctx.topic.clone())))
+            .with_partitions(vec![ListOffsetsPartition::default()
+                .with_partition_index(part)
+                .with_timestamp(timestamp)])]);
+    let resp = conn
+        .request(&req, LIST_OFFSETS_VERSION, REQUEST_TIMEOUT)
+        .await?;
+    let p = resp
+        .topics
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .find(|p| p.partition_index == part)
+        .ok_or_else(|| anyhow::anyhow!("no offset for partition {part}"))?;
+    if p.error_code != 0 {
+        anyhow::bail!("offsets of partition {part}: Kafka error {}", p.error_code);
+    }
+    Ok(p.offset)
+}
+
+/// What `take` did with a partition's answer.
+enum Taken {
+    Records,
+    /// The fetch offset is out of range: look up where to resume.
+    OutOfRange(i32),
 }
 
 fn fetch_request(ctx: &Ctx, parts: &[i32]) -> FetchRequest {
@@ -288,36 +361,18 @@ where
     /// Hands over one partition's committed records from its fetch offset
     /// on, and moves the offset past them. An error asks for the leaders
     /// again.
-    fn take(&mut self, topic: &str, p: PartitionData) -> anyhow::Result<()> {
+    fn take(&mut self, topic: &str, p: PartitionData) -> anyhow::Result<Taken> {
         let part = p.partition_index;
         let Some(&offset) = self.offsets.get(&part) else {
-            return Ok(());
+            return Ok(Taken::Records);
         };
         match p.error_code {
             0 => {}
-            OFFSET_OUT_OF_RANGE => {
-                // Behind the log start (retention): resume there, as the
-                // librdkafka readers do (`auto.offset.reset = earliest`).
-                // Past the end (a truncated log): resume at its end.
-                let to = if offset < p.log_start_offset {
-                    p.log_start_offset
-                } else {
-                    p.high_watermark.max(0)
-                };
-                tracing::warn!(
-                    topic,
-                    partition = part,
-                    offset,
-                    resume = to,
-                    "fetch offset out of range"
-                );
-                self.offsets.insert(part, to);
-                return Ok(());
-            }
+            OFFSET_OUT_OF_RANGE => return Ok(Taken::OutOfRange(part)),
             code => anyhow::bail!("partition {part}: Kafka error {code}"),
         }
         let Some(records) = p.records else {
-            return Ok(());
+            return Ok(Taken::Records);
         };
         let aborted = p.aborted_transactions.unwrap_or_default();
         let mut committed =
@@ -331,7 +386,7 @@ where
             self.batch(topic, part, offset, &header, batch, &mut committed);
         }
         self.offsets.insert(part, next);
-        Ok(())
+        Ok(Taken::Records)
     }
 
     fn batch(

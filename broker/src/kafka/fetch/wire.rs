@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, FetchRequest, FetchResponse, MetadataRequest, MetadataResponse, RequestHeader,
-    ResponseHeader,
+    ApiKey, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+    MetadataResponse, RequestHeader, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -28,6 +28,11 @@ pub trait Call: Encodable + HeaderVersion {
 impl Call for FetchRequest {
     const KEY: ApiKey = ApiKey::Fetch;
     type Response = FetchResponse;
+}
+
+impl Call for ListOffsetsRequest {
+    const KEY: ApiKey = ApiKey::ListOffsets;
+    type Response = ListOffsetsResponse;
 }
 
 impl Call for MetadataRequest {
