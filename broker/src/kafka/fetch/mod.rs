@@ -291,11 +291,19 @@ async fn resume_in_range<F>(
 ) -> anyhow::Result<()> {
     let earliest = list_offset(ctx, conn, part, EARLIEST).await?;
     let latest = list_offset(ctx, conn, part, LATEST).await?;
-    let mut reading = lock(shared);
-    if let Some(offset) = reading.offsets.get_mut(&part) {
+    let unchanged = {
+        let mut reading = lock(shared);
+        let Some(offset) = reading.offsets.get_mut(&part) else {
+            return Ok(());
+        };
         let resume = (*offset).clamp(earliest, latest.max(earliest));
         tracing::warn!(topic = %ctx.topic, partition = part, offset = *offset, resume, "fetch offset out of range");
-        *offset = resume;
+        std::mem::replace(offset, resume) == resume
+    };
+    if unchanged {
+        // In range by the leader's own list (a race with retention, or a
+        // new leader catching up): try again shortly rather than at once.
+        tokio::time::sleep(RETRY_MIN).await;
     }
     Ok(())
 }
