@@ -193,6 +193,10 @@ enum Compression {
     Zstd,
 }
 
+/// Largest raw snappy block accepted (Kafka's own limit on a batch is
+/// `message.max.bytes`, 1 MiB by default, compressed).
+const MAX_DECOMPRESSED: usize = 128 << 20;
+
 /// The header of Java's (xerial) framed snappy.
 const XERIAL_MAGIC: &[u8] = b"\x82SNAPPY\x00";
 
@@ -204,7 +208,10 @@ fn decompress(buf: &mut Bytes, c: Compression) -> anyhow::Result<Bytes> {
     match c {
         Compression::Snappy if !buf.starts_with(XERIAL_MAGIC) => {
             let raw = all(buf)?;
-            let mut out = vec![0; snap::raw::decompress_len(&raw)?];
+            let len = snap::raw::decompress_len(&raw)?;
+            // The length is the batch's word: do not let it size memory.
+            anyhow::ensure!(len <= MAX_DECOMPRESSED, "snappy block of {len} bytes");
+            let mut out = vec![0; len];
             snap::raw::Decoder::new().decompress(&raw, &mut out)?;
             Ok(out.into())
         }
@@ -428,6 +435,14 @@ mod tests {
         let got = split(Bytes::from(b)).expect("split");
         let recs = decode(&got[0].0, got[0].1.clone()).expect("decode");
         assert_eq!(recs[0].key.as_deref(), Some(&b"k"[..]));
+    }
+
+    #[test]
+    fn a_raw_snappy_length_beyond_the_bound_is_refused_before_allocating() {
+        // Varint 1 GiB, then nothing: decompress_len believes the header.
+        let mut claim = Bytes::from_static(&[0x80, 0x80, 0x80, 0x80, 0x04, 0x00]);
+        let err = super::decompress(&mut claim, super::Compression::Snappy).expect_err("bounded");
+        assert!(err.to_string().contains("snappy block"), "{err}");
     }
 
     #[test]
