@@ -149,6 +149,17 @@ fn start_offsets(c: &StreamConsumer, topic: &str, from: StartAt) -> anyhow::Resu
     Ok((tpl, targets, starts))
 }
 
+/// A reader's start offsets are retried for up to 10 s: right after topic
+/// creation a partition may have no leader yet.
+fn start_retry(metrics: &Metrics) -> Retry {
+    Retry::fixed(
+        "reader_start",
+        40,
+        Duration::from_millis(250),
+        &metrics.retry_give_ups,
+    )
+}
+
 /// A consumer for `topic` and where `from` puts each partition
 /// (`start_offsets`), retried for up to 10 s: right after topic creation a
 /// partition may have no leader yet.
@@ -171,13 +182,7 @@ async fn positions(
         node_id,
         cfg.fetch_wait_max_ms,
     )?);
-    let retry = Retry::fixed(
-        "reader_start",
-        40,
-        Duration::from_millis(250),
-        &metrics.retry_give_ups,
-    );
-    let (tpl, targets, starts) = retry
+    let (tpl, targets, starts) = start_retry(metrics)
         .run(topic, || {
             let (c, t) = (consumer.clone(), topic.to_string());
             // Metadata and watermark calls block; keep them off the runtime threads.
@@ -250,7 +255,9 @@ impl TopicReader {
             .await?;
             return Ok((reader, starts));
         }
-        let (_, _, _, starts) = positions(cfg, node_id, topic, StartAt::End, metrics).await?;
+        let starts = start_retry(metrics)
+            .run(topic, || super::fetch::end_offsets(cfg, node_id, topic))
+            .await?;
         let kafka_topic = topic.to_string();
         let task = super::fetch::spawn(cfg, node_id, topic, starts.clone(), move |p, r, wakes| {
             let msg = message_of_fetched(r, &kafka_topic, Some(&mapping));

@@ -197,3 +197,72 @@ async fn an_offset_out_of_range_resumes_at_the_log_start_or_end() {
     behind.abort();
     ahead.abort();
 }
+
+/// A reader starts at each partition's last stable offset, not its high
+/// watermark: a transaction still open when the node starts is delivered
+/// whole once committed, its records from before the start included, as
+/// a `read_committed` Kafka consumer reset to "latest" would see it.
+async fn a_transaction_open_at_start_is_delivered_whole(native_fetch: bool) {
+    let topic = common::unique("fanoutOpenTxn");
+    let plain = producer(&[]);
+    send(&plain, &topic, "before-start").await;
+    let txn = producer(&[("transactional.id", &common::unique("fanout-open"))]);
+    let t = Duration::from_secs(10);
+    txn.init_transactions(t).expect("init transactions");
+    txn.begin_transaction().expect("begin");
+    send(&txn, &topic, "open-1").await;
+    let b = start(native_fetch, &topic).await;
+    let mut s = subscriber(&b).await;
+    send(&txn, &topic, "open-2").await;
+    txn.commit_transaction(t).expect("commit");
+    send(&plain, &topic, "after-commit").await;
+    assert_eq!(
+        received(&mut s, Duration::from_secs(2)).await,
+        ["open-1", "open-2", "after-commit"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_at_start_is_delivered_whole_own_fetch_client() {
+    a_transaction_open_at_start_is_delivered_whole(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_at_start_is_delivered_whole_librdkafka() {
+    a_transaction_open_at_start_is_delivered_whole(false).await;
+}
+
+/// The own client's start offsets are the ends librdkafka reports for
+/// every partition, once no transaction is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_offsets_match_the_high_watermarks_of_every_partition() {
+    let topic = common::unique("fanoutEnds");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", common::kafka())
+        .create()
+        .expect("admin");
+    admin
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    let p = producer(&[]);
+    for i in 0..7 {
+        p.send(
+            FutureRecord::to(&topic)
+                .partition(i % 3)
+                .key("k")
+                .payload("v"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce");
+    }
+    let cfg = common::test_config(&[]).kafka;
+    let ends = lodestream_broker::kafka::fetch::end_offsets(&cfg, "ends-test", &topic)
+        .await
+        .expect("end offsets");
+    assert_eq!(ends, HashMap::from([(0, 3), (1, 2), (2, 2)]));
+}

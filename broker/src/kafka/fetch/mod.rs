@@ -53,6 +53,10 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const LEADERLESS_RECHECK: Duration = Duration::from_secs(1);
 
 const OFFSET_OUT_OF_RANGE: i16 = 1;
+/// ListOffsets isolation levels: the high watermark, or the last stable
+/// offset (no record of an open transaction at or past it).
+const READ_UNCOMMITTED: i8 = 0;
+const READ_COMMITTED: i8 = 1;
 
 /// Whether this client can reach Kafka as configured: plaintext only.
 pub(crate) fn usable(cfg: &KafkaConfig) -> bool {
@@ -80,18 +84,38 @@ pub fn spawn<F>(
 where
     F: FnMut(i32, &Fetched, &mut Wakes) + Send + 'static,
 {
-    let ctx = Arc::new(Ctx {
-        bootstrap: bootstrap_addrs(&cfg.bootstrap_servers),
-        client_id: format!("lodestream-reader-{topic}-{node_id}"),
-        topic: topic.to_string(),
-        wait_ms: i32::try_from(cfg.fetch_wait_max_ms).unwrap_or(i32::MAX),
-    });
+    let ctx = Arc::new(Ctx::new(cfg, node_id, topic));
     let shared = Arc::new(Mutex::new(Reading {
         offsets: starts,
         on_record,
         wakes: Wakes::default(),
     }));
     tokio::spawn(run(ctx, shared))
+}
+
+/// Each partition of `topic` and its end as a `read_committed` reader sees
+/// it (the last stable offset), asked of the partition's leader: where a
+/// reader starts that must miss nothing written from now on. Fails while a
+/// partition has no leader (right after the topic's creation); callers retry.
+pub async fn end_offsets(
+    cfg: &KafkaConfig,
+    node_id: &str,
+    topic: &str,
+) -> anyhow::Result<HashMap<i32, i64>> {
+    let ctx = Ctx::new(cfg, node_id, topic);
+    let (by_leader, leaderless) = leaders(&ctx, None).await?;
+    if leaderless {
+        anyhow::bail!("a partition of Kafka topic {topic} has no leader");
+    }
+    if by_leader.is_empty() {
+        anyhow::bail!("Kafka topic {topic} has no partitions");
+    }
+    let mut ends = HashMap::new();
+    for (addr, parts) in by_leader {
+        let mut conn = KafkaConn::connect(&addr, &ctx.client_id).await?;
+        ends.extend(list_offsets(&ctx, &mut conn, &parts, LATEST, READ_COMMITTED).await?);
+    }
+    Ok(ends)
 }
 
 /// `bootstrap.servers` as librdkafka reads it: comma-separated
@@ -120,6 +144,17 @@ struct Ctx {
     wait_ms: i32,
 }
 
+impl Ctx {
+    fn new(cfg: &KafkaConfig, node_id: &str, topic: &str) -> Ctx {
+        Ctx {
+            bootstrap: bootstrap_addrs(&cfg.bootstrap_servers),
+            client_id: format!("lodestream-reader-{topic}-{node_id}"),
+            topic: topic.to_string(),
+            wait_ms: i32::try_from(cfg.fetch_wait_max_ms).unwrap_or(i32::MAX),
+        }
+    }
+}
+
 /// What the fetch loops of one topic share: the next offset of each
 /// partition and the callback. Updated only between awaits, so an aborted
 /// loop never leaves an offset past what was handed over.
@@ -139,7 +174,7 @@ where
     loop {
         let began = Instant::now();
         let partitions: Vec<i32> = lock(&shared).offsets.keys().copied().collect();
-        match leaders(&ctx, &partitions).await {
+        match leaders(&ctx, Some(&partitions)).await {
             Ok((by_leader, leaderless)) => {
                 let mut set = JoinSet::new();
                 for (addr, parts) in by_leader {
@@ -175,9 +210,9 @@ fn lock<F>(m: &Mutex<Reading<F>>) -> std::sync::MutexGuard<'_, Reading<F>> {
 
 type Leaders = (HashMap<String, Vec<i32>>, bool);
 
-/// The partitions grouped by their leader's address, and whether any
-/// partition had none.
-async fn leaders(ctx: &Ctx, partitions: &[i32]) -> anyhow::Result<Leaders> {
+/// `partitions` (all of the topic's when `None`) grouped by their leader's
+/// address, and whether any partition had none.
+async fn leaders(ctx: &Ctx, partitions: Option<&[i32]>) -> anyhow::Result<Leaders> {
     let md = metadata(ctx).await?;
     let topic = md
         .topics
@@ -197,8 +232,9 @@ async fn leaders(ctx: &Ctx, partitions: &[i32]) -> anyhow::Result<Leaders> {
         .iter()
         .map(|p| (p.partition_index, p.leader_id.0))
         .collect();
+    let all: Vec<i32> = leader_of.keys().copied().collect();
     let (mut by_leader, mut leaderless) = (HashMap::<String, Vec<i32>>::new(), false);
-    for &p in partitions {
+    for &p in partitions.unwrap_or(&all) {
         match leader_of.get(&p).and_then(|l| addrs.get(l)) {
             Some(addr) => by_leader.entry(addr.clone()).or_default().push(p),
             None => leaderless = true,
@@ -289,8 +325,10 @@ async fn resume_in_range<F>(
     part: i32,
     shared: &Mutex<Reading<F>>,
 ) -> anyhow::Result<()> {
-    let earliest = list_offset(ctx, conn, part, EARLIEST).await?;
-    let latest = list_offset(ctx, conn, part, LATEST).await?;
+    let (earliest, latest) = (
+        list_offset(ctx, conn, part, EARLIEST).await?,
+        list_offset(ctx, conn, part, LATEST).await?,
+    );
     let unchanged = {
         let mut reading = lock(shared);
         let Some(offset) = reading.offsets.get_mut(&part) else {
@@ -308,32 +346,61 @@ async fn resume_in_range<F>(
     Ok(())
 }
 
+/// Where `timestamp` puts `part`, by its high watermark for `LATEST`.
 async fn list_offset(
     ctx: &Ctx,
     conn: &mut KafkaConn,
     part: i32,
     timestamp: i64,
 ) -> anyhow::Result<i64> {
+    let offsets = list_offsets(ctx, conn, &[part], timestamp, READ_UNCOMMITTED).await?;
+    offsets
+        .get(&part)
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("no offset for partition {part}"))
+}
+
+/// Where `timestamp` (`EARLIEST`, `LATEST`) puts each of `parts`, all led
+/// by the broker behind `conn`.
+async fn list_offsets(
+    ctx: &Ctx,
+    conn: &mut KafkaConn,
+    parts: &[i32],
+    timestamp: i64,
+    isolation_level: i8,
+) -> anyhow::Result<HashMap<i32, i64>> {
+    let partitions = parts
+        .iter()
+        .map(|&p| {
+            ListOffsetsPartition::default()
+                .with_partition_index(p)
+                .with_timestamp(timestamp)
+        })
+        .collect();
     let req = ListOffsetsRequest::default()
         .with_replica_id(BrokerId(-1))
+        .with_isolation_level(isolation_level)
         .with_topics(vec![ListOffsetsTopic::default()
             .with_name(TopicName(StrBytes::from_string(ctx.topic.clone())))
-            .with_partitions(vec![ListOffsetsPartition::default()
-                .with_partition_index(part)
-                .with_timestamp(timestamp)])]);
+            .with_partitions(partitions)]);
     let resp = conn
         .request(&req, LIST_OFFSETS_VERSION, REQUEST_TIMEOUT)
         .await?;
-    let p = resp
-        .topics
-        .iter()
-        .flat_map(|t| &t.partitions)
-        .find(|p| p.partition_index == part)
-        .ok_or_else(|| anyhow::anyhow!("no offset for partition {part}"))?;
-    if p.error_code != 0 {
-        anyhow::bail!("offsets of partition {part}: Kafka error {}", p.error_code);
+    let mut offsets = HashMap::new();
+    for p in resp.topics.iter().flat_map(|t| &t.partitions) {
+        if p.error_code != 0 {
+            anyhow::bail!(
+                "offsets of partition {}: Kafka error {}",
+                p.partition_index,
+                p.error_code
+            );
+        }
+        offsets.insert(p.partition_index, p.offset);
     }
-    Ok(p.offset)
+    if let Some(p) = parts.iter().find(|p| !offsets.contains_key(p)) {
+        anyhow::bail!("no offset for partition {p}");
+    }
+    Ok(offsets)
 }
 
 /// What `take` did with a partition's answer.
@@ -356,7 +423,7 @@ fn fetch_request(ctx: &Ctx, parts: &[i32]) -> FetchRequest {
         .with_max_wait_ms(ctx.wait_ms)
         .with_min_bytes(1)
         .with_max_bytes(FETCH_MAX_BYTES)
-        .with_isolation_level(1)
+        .with_isolation_level(READ_COMMITTED)
         .with_topics(vec![FetchTopic::default()
             .with_topic(TopicName(StrBytes::from_string(ctx.topic.clone())))
             .with_partitions(partitions)])
