@@ -323,6 +323,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 ))
             }),
             throttled_until: None,
+            timer: Default::default(),
             prepaid: false,
             will_delay: o.will_delay,
             io,

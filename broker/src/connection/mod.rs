@@ -66,6 +66,7 @@ mod replay;
 mod shared;
 mod subscribe;
 mod sync;
+mod timer;
 
 use io::*;
 
@@ -299,6 +300,8 @@ struct Conn<S> {
     /// `mqtt.max_publish_rate`, and until when reading is paused by it.
     bucket: Option<Box<TokenBucket>>,
     throttled_until: Option<Instant>,
+    /// The loop's one timer, for the earliest of the three deadlines.
+    timer: timer::LoopTimer,
     /// A token was taken for the PUBLISH at the head of the read buffer.
     prepaid: bool,
 }
@@ -368,7 +371,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 
     async fn run(mut self: Box<Self>) {
-        let mut shutdown = self.node.shutting_down();
+        let shutdown = self.node.shutting_down();
         let recv_max = self.node.config().mqtt.receive_maximum as usize;
         // Due at once, like an interval's first tick.
         let mut next_persist = Instant::now();
@@ -381,15 +384,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             if let Err(e) = self.io.flush().await {
                 break End::Io(e);
             }
-            // Keep alive, the periodic session write and the rate limit's
-            // pause share one timer: a timer is 136 bytes of every idle
-            // connection's event loop.
-            let ka_at = self.keep_alive.map(|ka| self.last_recv + ka);
-            let persist_at = (self.session.expiry_s > 0).then_some(next_persist);
-            let timer = [ka_at, persist_at, self.throttled_until]
-                .into_iter()
-                .flatten()
-                .min();
+            // No waiter of its own on the shutdown signal at every turn (a
+            // lock to enter and one to leave a list every connection shares):
+            // `Node::shutdown` sends every registered connection a
+            // `Control::Close`, which wakes it, and one registered later, or
+            // whose control queue was full, finds the signal here.
+            if shutdown.has_changed().unwrap_or(true) {
+                break End::Server(
+                    ReasonCode::ServerShuttingDown,
+                    "server shutting down".into(),
+                );
+            }
+            let (due, persist_at) = self.timer_due(next_persist);
+            let timer_armed = self.timer.arm(due);
             let can_deliver =
                 self.backlog.is_empty() && self.window_open() && self.held_len() < HELD_MAX;
             let live = can_deliver && self.catchup.is_none();
@@ -411,7 +418,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     Some(Control::TakenOverRemote { epoch }) => Err(End::TakenOverRemote(epoch)),
                     None => Ok(()),
                 },
-                _ = shutdown.changed() => Err(End::Server(ReasonCode::ServerShuttingDown, "server shutting down".into())),
                 Some(done) = self.acks.next(), if !self.acks.is_empty() => self.on_kafka_acks(done),
                 _ = sync_done(&mut self.syncing), if self.syncing.is_some() => {
                     self.on_synced();
@@ -457,7 +463,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 // Fan-out skipped this session (its mailbox is full): decided
                 // below (`on_skipped`).
                 _ = std::future::poll_fn(|cx| self.session.mailbox.poll_skipped(cx)), if !skips_wait => Ok(()),
-                _ = sleep_until(timer.map(tokio::time::Instant::from_std)), if timer.is_some() => {
+                _ = self.timer.fired(), if timer_armed => {
                     self.on_timer(persist_at.map(|t| (t, &mut next_persist))).await
                 }
             };
@@ -478,6 +484,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
         };
         Box::pin((*self).finish(end)).await;
+    }
+
+    /// Keep alive, the periodic session write and the rate limit's pause
+    /// share one timer (`timer.rs`): the earliest of them, and when the
+    /// session write is due (none for a session that ends with the
+    /// connection).
+    fn timer_due(&self, next_persist: Instant) -> (Option<Instant>, Option<Instant>) {
+        let ka_at = self.keep_alive.map(|ka| self.last_recv + ka);
+        let persist_at = (self.session.expiry_s > 0).then_some(next_persist);
+        let due = [ka_at, persist_at, self.throttled_until]
+            .into_iter()
+            .flatten()
+            .min();
+        (due, persist_at)
     }
 
     /// The loop's one timer fired: the rate limit's pause is over, the
@@ -682,13 +702,6 @@ async fn next_qos0(q: &mut Option<Box<FuturesUnordered<Qos0Future>>>) -> Option<
 async fn sync_done(s: &mut Option<Syncing>) {
     match s {
         Some(s) => s.write.as_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }
