@@ -12,8 +12,14 @@
 //! with 30,000 levels cannot overflow a thread stack.
 
 use crate::topic::{self, TopicError};
+use smallvec::SmallVec;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+
+/// A node's literal children by level. Levels come from clients' topics,
+/// so the hash is seeded per process (foldhash's `RandomState`), but not
+/// SipHash: that was most of a match's cost (docs/benchmarks.md).
+type Children = HashMap<Box<str>, usize, foldhash::fast::RandomState>;
 
 const ROOT: usize = 0;
 
@@ -23,7 +29,7 @@ struct Node<K, V> {
     /// This node's level in its parent (`+` for the parent's `plus` child),
     /// so pruning removes it from the parent without a scan.
     level: Box<str>,
-    children: HashMap<Box<str>, usize>,
+    children: Children,
     plus: Option<usize>,
     /// Filters ending exactly at this node.
     exact: HashMap<K, V>,
@@ -37,7 +43,7 @@ impl<K, V> Node<K, V> {
         Node {
             parent,
             level: level.into(),
-            children: HashMap::new(),
+            children: Children::default(),
             plus: None,
             exact: HashMap::new(),
             multi: HashMap::new(),
@@ -190,34 +196,38 @@ impl<K: Eq + Hash + Clone, V> TopicTrie<K, V> {
         F: FnMut(&'a K, &'a V),
     {
         let dollar = topic.starts_with('$');
-        let levels: Vec<&str> = topic.split('/').collect();
-        let mut stack: Vec<(usize, usize)> = vec![(ROOT, 0)];
-        while let Some((idx, depth)) = stack.pop() {
+        // (node, where the topic's next level starts; `None` past the last
+        // level). Inline: a match allocates nothing for up to 8 branches.
+        let mut stack: SmallVec<[(usize, Option<usize>); 8]> = SmallVec::new();
+        stack.push((ROOT, Some(0)));
+        while let Some((idx, at)) = stack.pop() {
             let Some(node) = self.nodes.get(idx) else {
                 continue;
             };
             // Wildcards at the first level never match `$` topics.
-            let wild_ok = !(depth == 0 && dollar);
+            let wild_ok = !(idx == ROOT && dollar);
             if wild_ok {
                 for (k, v) in &node.multi {
                     f(k, v);
                 }
             }
-            match levels.get(depth) {
-                None => {
-                    for (k, v) in &node.exact {
-                        f(k, v);
-                    }
+            let Some(start) = at else {
+                for (k, v) in &node.exact {
+                    f(k, v);
                 }
-                Some(level) => {
-                    if let Some(&child) = node.children.get(*level) {
-                        stack.push((child, depth + 1));
-                    }
-                    if wild_ok {
-                        if let Some(plus) = node.plus {
-                            stack.push((plus, depth + 1));
-                        }
-                    }
+                continue;
+            };
+            let rest = topic.get(start..).unwrap_or_default();
+            let (level, next) = match rest.find('/') {
+                Some(i) => (&rest[..i], Some(start + i + 1)),
+                None => (rest, None),
+            };
+            if let Some(&child) = node.children.get(level) {
+                stack.push((child, next));
+            }
+            if wild_ok {
+                if let Some(plus) = node.plus {
+                    stack.push((plus, next));
                 }
             }
         }
