@@ -13,18 +13,17 @@
 //! reader. Reads `read_committed`, as librdkafka does by default.
 
 mod batches;
+mod fetch_codec;
 mod wire;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::fetch_response::PartitionData;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{
-    BrokerId, FetchRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, TopicName,
+    BrokerId, ListOffsetsRequest, MetadataRequest, MetadataResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use tokio::task::JoinSet;
@@ -33,9 +32,9 @@ use crate::config::KafkaConfig;
 use crate::session::mailbox::Wakes;
 pub use batches::Fetched;
 use batches::{Committed, Verdict};
+use fetch_codec::{FetchSpec, PartitionAnswer};
 use wire::KafkaConn;
 
-const FETCH_VERSION: i16 = 12;
 const METADATA_VERSION: i16 = 12;
 const LIST_OFFSETS_VERSION: i16 = 7;
 /// ListOffsets timestamps meaning "log start" and "log end".
@@ -279,26 +278,34 @@ where
         Err(e) => return e.into(),
     };
     let timeout = REQUEST_TIMEOUT + Duration::from_millis(ctx.wait_ms.unsigned_abs().into());
-    // Built once; each turn only moves its offsets.
-    let mut req = fetch_request(&ctx, &parts);
+    // Each turn only moves the offsets.
+    let mut positions: Vec<(i32, i64)> = parts.iter().map(|&p| (p, 0)).collect();
     loop {
         {
             let offsets = &lock(&shared).offsets;
-            for p in req.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
-                p.fetch_offset = offsets.get(&p.partition).copied().unwrap_or(p.fetch_offset);
+            for (p, at) in positions.iter_mut() {
+                *at = offsets.get(p).copied().unwrap_or(*at);
             }
         }
-        let resp = match conn.request(&req, FETCH_VERSION, timeout).await {
+        let spec = FetchSpec {
+            wait_ms: ctx.wait_ms,
+            max_bytes: FETCH_MAX_BYTES,
+            partition_max_bytes: PARTITION_MAX_BYTES,
+            isolation_level: READ_COMMITTED,
+            topic: &ctx.topic,
+            partitions: &positions,
+        };
+        let (error_code, answers) = match conn.fetch(&spec, timeout).await {
             Ok(r) => r,
             Err(e) => return e.into(),
         };
-        if resp.error_code != 0 {
-            return anyhow::anyhow!("fetch from {addr}: Kafka error {}", resp.error_code);
+        if error_code != 0 {
+            return anyhow::anyhow!("fetch from {addr}: Kafka error {error_code}");
         }
         let mut out_of_range = Vec::new();
         {
             let mut reading = lock(&shared);
-            for p in resp.responses.into_iter().flat_map(|t| t.partitions) {
+            for p in answers {
                 match reading.take(&ctx.topic, p) {
                     Ok(Taken::Records) => {}
                     Ok(Taken::OutOfRange(part)) => out_of_range.push(part),
@@ -410,25 +417,6 @@ enum Taken {
     OutOfRange(i32),
 }
 
-fn fetch_request(ctx: &Ctx, parts: &[i32]) -> FetchRequest {
-    let partitions = parts
-        .iter()
-        .map(|&p| {
-            FetchPartition::default()
-                .with_partition(p)
-                .with_partition_max_bytes(PARTITION_MAX_BYTES)
-        })
-        .collect();
-    FetchRequest::default()
-        .with_max_wait_ms(ctx.wait_ms)
-        .with_min_bytes(1)
-        .with_max_bytes(FETCH_MAX_BYTES)
-        .with_isolation_level(READ_COMMITTED)
-        .with_topics(vec![FetchTopic::default()
-            .with_topic(TopicName(StrBytes::from_string(ctx.topic.clone())))
-            .with_partitions(partitions)])
-}
-
 impl<F> Reading<F>
 where
     F: FnMut(i32, &Fetched, &mut Wakes),
@@ -436,8 +424,8 @@ where
     /// Hands over one partition's committed records from its fetch offset
     /// on, and moves the offset past them. An error asks for the leaders
     /// again.
-    fn take(&mut self, topic: &str, p: PartitionData) -> anyhow::Result<Taken> {
-        let part = p.partition_index;
+    fn take(&mut self, topic: &str, p: PartitionAnswer) -> anyhow::Result<Taken> {
+        let part = p.partition;
         let Some(&offset) = self.offsets.get(&part) else {
             return Ok(Taken::Records);
         };
@@ -449,9 +437,7 @@ where
         let Some(records) = p.records else {
             return Ok(Taken::Records);
         };
-        let aborted = p.aborted_transactions.unwrap_or_default();
-        let mut committed =
-            Committed::new(aborted.iter().map(|a| (a.producer_id.0, a.first_offset)));
+        let mut committed = Committed::new(p.aborted.iter().copied());
         let mut next = offset;
         for (header, batch) in batches::split(records)? {
             next = next.max(header.last_offset + 1);

@@ -12,6 +12,8 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use super::fetch_codec::{self, FetchSpec, PartitionAnswer};
+
 /// Largest response accepted: a fetch answers at most `FETCH_MAX_BYTES`
 /// (plus one oversized batch, KIP-74); anything past this is a protocol
 /// error rather than memory we would hold.
@@ -23,11 +25,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub trait Call: Encodable + HeaderVersion {
     const KEY: ApiKey;
     type Response: Decodable + HeaderVersion;
-}
-
-impl Call for FetchRequest {
-    const KEY: ApiKey = ApiKey::Fetch;
-    type Response = FetchResponse;
 }
 
 impl Call for ListOffsetsRequest {
@@ -95,25 +92,73 @@ impl KafkaConn {
         req: &R,
         version: i16,
     ) -> Result<R::Response, WireError> {
+        let id = self
+            .send(R::KEY, version, R::header_version(version), |out| {
+                req.encode(out, version)
+                    .map_err(|e| WireError::Protocol(e.to_string()))
+            })
+            .await?;
+        let mut body = self
+            .response(id, R::Response::header_version(version))
+            .await?;
+        R::Response::decode(&mut body, version).map_err(|e| WireError::Protocol(e.to_string()))
+    }
+
+    /// One Fetch v12 round trip, written and read by `fetch_codec`: the
+    /// top-level error code and each partition's answer.
+    pub async fn fetch(
+        &mut self,
+        spec: &FetchSpec<'_>,
+        timeout: Duration,
+    ) -> Result<(i16, Vec<PartitionAnswer>), WireError> {
+        let v = fetch_codec::VERSION;
+        let exchange = async {
+            let id = self
+                .send(ApiKey::Fetch, v, FetchRequest::header_version(v), |out| {
+                    fetch_codec::encode_request(spec, out);
+                    Ok(())
+                })
+                .await?;
+            let body = self.response(id, FetchResponse::header_version(v)).await?;
+            fetch_codec::decode_response(body).map_err(|e| WireError::Protocol(e.to_string()))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| WireError::Timeout(timeout))?
+    }
+
+    /// Writes one request (header, then what `body` puts); its correlation id.
+    async fn send(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        header_version: i16,
+        body: impl FnOnce(&mut BytesMut) -> Result<(), WireError>,
+    ) -> Result<i32, WireError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let header = RequestHeader::default()
-            .with_request_api_key(R::KEY as i16)
+            .with_request_api_key(key as i16)
             .with_request_api_version(version)
             .with_correlation_id(id)
             .with_client_id(Some(self.client_id.clone()));
         self.out.clear();
         self.out.put_i32(0);
         header
-            .encode(&mut self.out, R::header_version(version))
-            .and_then(|()| req.encode(&mut self.out, version))
+            .encode(&mut self.out, header_version)
             .map_err(|e| WireError::Protocol(e.to_string()))?;
+        body(&mut self.out)?;
         let len = i32::try_from(self.out.len() - 4)
             .map_err(|_| WireError::Protocol("request too large".into()))?;
         self.out[..4].copy_from_slice(&len.to_be_bytes());
         self.stream.get_mut().write_all(&self.out).await?;
+        Ok(id)
+    }
+
+    /// The body of the response to request `id`.
+    async fn response(&mut self, id: i32, header_version: i16) -> Result<Bytes, WireError> {
         let mut frame = self.read_frame().await?;
-        let rh = ResponseHeader::decode(&mut frame, R::Response::header_version(version))
+        let rh = ResponseHeader::decode(&mut frame, header_version)
             .map_err(|e| WireError::Protocol(e.to_string()))?;
         if rh.correlation_id != id {
             return Err(WireError::Protocol(format!(
@@ -121,7 +166,7 @@ impl KafkaConn {
                 rh.correlation_id
             )));
         }
-        R::Response::decode(&mut frame, version).map_err(|e| WireError::Protocol(e.to_string()))
+        Ok(frame)
     }
 
     async fn read_frame(&mut self) -> Result<Bytes, WireError> {
