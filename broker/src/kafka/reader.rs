@@ -161,8 +161,7 @@ fn start_retry(metrics: &Metrics) -> Retry {
 }
 
 /// A consumer for `topic` and where `from` puts each partition
-/// (`start_offsets`), retried for up to 10 s: right after topic creation a
-/// partition may have no leader yet.
+/// (`start_offsets`), retried as `start_retry` says.
 async fn positions(
     cfg: &KafkaConfig,
     node_id: &str,

@@ -175,13 +175,21 @@ fn take(b: &mut Bytes, n: usize) -> Option<Bytes> {
 
 /// A zig-zag varint (Kafka's `ByteUtils.readVarlong`), at most 10 bytes.
 fn varint(b: &mut Bytes) -> Option<i64> {
+    let raw = uvarint(b, 10)?;
+    Some((raw >> 1) as i64 ^ -((raw & 1) as i64))
+}
+
+/// An unsigned varint of at most `max_len` bytes; `None` when truncated or
+/// longer. Record fields (zig-zag, 10 bytes) and the protocol's compact
+/// lengths and tags (5 bytes, `fetch_codec`) share it.
+pub(super) fn uvarint(b: &mut Bytes, max_len: usize) -> Option<u64> {
     let mut raw = 0u64;
-    for i in 0..10 {
+    for i in 0..max_len {
         let byte = *b.first()?;
         b.advance(1);
         raw |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
-            return Some((raw >> 1) as i64 ^ -((raw & 1) as i64));
+            return Some(raw);
         }
     }
     None

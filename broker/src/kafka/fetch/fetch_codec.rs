@@ -123,17 +123,9 @@ fn need(b: &Bytes, n: usize, what: &'static str) -> Result<(), Malformed> {
     Ok(())
 }
 
+/// An unsigned varint of at most 5 bytes (a 32-bit length or tag).
 fn uvarint(b: &mut Bytes) -> Result<u64, Malformed> {
-    let mut v = 0u64;
-    for shift in (0..35).step_by(7) {
-        need(b, 1, "varint")?;
-        let byte = b.get_u8();
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err(Malformed("varint longer than 5 bytes"))
+    super::batches::uvarint(b, 5).ok_or(Malformed("varint truncated or longer than 5 bytes"))
 }
 
 /// A compact array's or bytes' length; `None` for null (encoded 0).

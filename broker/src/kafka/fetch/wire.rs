@@ -82,9 +82,7 @@ impl KafkaConn {
         version: i16,
         timeout: Duration,
     ) -> Result<R::Response, WireError> {
-        tokio::time::timeout(timeout, self.round_trip(req, version))
-            .await
-            .map_err(|_| WireError::Timeout(timeout))?
+        within(timeout, self.round_trip(req, version)).await
     }
 
     async fn round_trip<R: Call>(
@@ -122,9 +120,7 @@ impl KafkaConn {
             let body = self.response(id, FetchResponse::header_version(v)).await?;
             fetch_codec::decode_response(body).map_err(|e| WireError::Protocol(e.to_string()))
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| WireError::Timeout(timeout))?
+        within(timeout, exchange).await
     }
 
     /// Writes one request (header, then what `body` puts); its correlation id.
@@ -185,4 +181,14 @@ impl KafkaConn {
         }
         Ok(frame)
     }
+}
+
+/// `exchange`, or `WireError::Timeout` once `timeout` has passed.
+async fn within<T>(
+    timeout: Duration,
+    exchange: impl std::future::Future<Output = Result<T, WireError>>,
+) -> Result<T, WireError> {
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| WireError::Timeout(timeout))?
 }
