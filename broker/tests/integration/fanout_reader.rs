@@ -97,6 +97,31 @@ async fn every_compression_codec_reaches_subscribers_librdkafka() {
     every_codec_is_delivered(false).await;
 }
 
+/// Records arriving at 4 MiB/s or more make the next fetch wait for more
+/// records (`kafka/fetch/pace.rs`): a burst still arrives whole and in
+/// order, and the lone record after it is not held back for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_arrives_whole_and_in_order_and_the_record_after_it_too() {
+    let topic = common::unique("fanoutBusy");
+    let mut c = common::test_config(&[format!("{topic}:fleet/#")]);
+    // Empty fetches end every 20 ms, so a 400 KB burst lands in a fetch
+    // measured over at most 20 ms: far above the busy rate (4 MiB/s).
+    c.kafka.fetch_wait_max_ms = 20;
+    c.kafka.fetch_busy_wait_ms = 10;
+    let b = common::start_with(c).await;
+    let mut s = subscriber(&b).await;
+    let p = producer(&[("linger.ms", "50")]);
+    let pad = "x".repeat(1000);
+    let burst: Vec<String> = (0..400).map(|i| format!("{i:03}-{pad}")).collect();
+    // One key, so one partition: Kafka keeps the order.
+    futures::future::join_all(burst.iter().map(|m| send(&p, &topic, m))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(&p, &topic, "tail").await;
+    let mut want = burst;
+    want.push("tail".into());
+    assert_eq!(received(&mut s, Duration::from_secs(2)).await, want);
+}
+
 async fn only_committed_transactions_are_delivered(native_fetch: bool) {
     let topic = common::unique("fanoutTxn");
     let b = start(native_fetch, &topic).await;

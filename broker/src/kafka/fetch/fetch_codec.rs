@@ -16,6 +16,7 @@ pub const VERSION: i16 = 12;
 /// What one fetch asks of a leader: one topic, each partition from an offset.
 pub struct FetchSpec<'a> {
     pub wait_ms: i32,
+    pub min_bytes: i32,
     pub max_bytes: i32,
     pub partition_max_bytes: i32,
     /// 0 read_uncommitted, 1 read_committed.
@@ -29,7 +30,7 @@ pub struct FetchSpec<'a> {
 pub fn encode_request(spec: &FetchSpec<'_>, out: &mut BytesMut) {
     out.put_i32(-1); // replica_id: a consumer
     out.put_i32(spec.wait_ms);
-    out.put_i32(1); // min_bytes
+    out.put_i32(spec.min_bytes);
     out.put_i32(spec.max_bytes);
     out.put_i8(spec.isolation_level);
     out.put_i32(0); // session_id: no fetch session
@@ -61,6 +62,13 @@ pub struct PartitionAnswer {
     /// `(producer_id, first_offset)` of transactions aborted in range.
     pub aborted: Vec<(i64, i64)>,
     pub records: Option<Bytes>,
+}
+
+impl PartitionAnswer {
+    /// Size of the record batches returned.
+    pub fn record_bytes(&self) -> usize {
+        self.records.as_ref().map_or(0, Bytes::len)
+    }
 }
 
 /// A response body Kafka should not have sent (or a truncated one).
@@ -175,6 +183,7 @@ mod tests {
     fn the_request_reads_back_as_kafka_protocols_fetch_v12() {
         let spec = FetchSpec {
             wait_ms: 500,
+            min_bytes: 1 << 10,
             max_bytes: 16 << 20,
             partition_max_bytes: 1 << 20,
             isolation_level: 1,
@@ -196,7 +205,7 @@ mod tests {
             .collect();
         let want = FetchRequest::default()
             .with_max_wait_ms(500)
-            .with_min_bytes(1)
+            .with_min_bytes(1 << 10)
             .with_max_bytes(16 << 20)
             .with_isolation_level(1)
             .with_topics(vec![FetchTopic::default()

@@ -14,6 +14,7 @@
 
 mod batches;
 mod fetch_codec;
+mod pace;
 mod wire;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::session::mailbox::Wakes;
 pub use batches::Fetched;
 use batches::{Committed, Verdict};
 use fetch_codec::{FetchSpec, PartitionAnswer};
+use pace::FetchPace;
 use wire::KafkaConn;
 
 const METADATA_VERSION: i16 = 12;
@@ -140,7 +142,8 @@ struct Ctx {
     bootstrap: Vec<String>,
     client_id: String,
     topic: String,
-    wait_ms: i32,
+    idle_wait_ms: i32,
+    busy_wait_ms: i32,
 }
 
 impl Ctx {
@@ -149,7 +152,8 @@ impl Ctx {
             bootstrap: bootstrap_addrs(&cfg.bootstrap_servers),
             client_id: format!("lodestream-reader-{topic}-{node_id}"),
             topic: topic.to_string(),
-            wait_ms: i32::try_from(cfg.fetch_wait_max_ms).unwrap_or(i32::MAX),
+            idle_wait_ms: i32::try_from(cfg.fetch_wait_max_ms).unwrap_or(i32::MAX),
+            busy_wait_ms: i32::try_from(cfg.fetch_busy_wait_ms).unwrap_or(i32::MAX),
         }
     }
 }
@@ -277,10 +281,12 @@ where
         Ok(c) => c,
         Err(e) => return e.into(),
     };
-    let timeout = REQUEST_TIMEOUT + Duration::from_millis(ctx.wait_ms.unsigned_abs().into());
     // Each turn only moves the offsets.
     let mut positions: Vec<(i32, i64)> = parts.iter().map(|&p| (p, 0)).collect();
+    let mut pace = FetchPace::new(ctx.idle_wait_ms, ctx.busy_wait_ms, Instant::now());
     loop {
+        let ask = pace.ask();
+        let timeout = REQUEST_TIMEOUT + Duration::from_millis(ask.wait_ms.unsigned_abs().into());
         {
             let offsets = &lock(&shared).offsets;
             for (p, at) in positions.iter_mut() {
@@ -288,7 +294,8 @@ where
             }
         }
         let spec = FetchSpec {
-            wait_ms: ctx.wait_ms,
+            wait_ms: ask.wait_ms,
+            min_bytes: ask.min_bytes,
             max_bytes: FETCH_MAX_BYTES,
             partition_max_bytes: PARTITION_MAX_BYTES,
             isolation_level: READ_COMMITTED,
@@ -302,6 +309,8 @@ where
         if error_code != 0 {
             return anyhow::anyhow!("fetch from {addr}: Kafka error {error_code}");
         }
+        let record_bytes = answers.iter().map(PartitionAnswer::record_bytes).sum();
+        pace.answered(record_bytes, Instant::now());
         let mut out_of_range = Vec::new();
         {
             let mut reading = lock(&shared);
