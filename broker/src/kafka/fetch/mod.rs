@@ -90,6 +90,7 @@ where
         offsets: starts,
         on_record,
         wakes: Wakes::default(),
+        decoded: Vec::new(),
     }));
     tokio::spawn(run(ctx, shared))
 }
@@ -165,7 +166,13 @@ struct Reading<F> {
     offsets: HashMap<i32, i64>,
     on_record: F,
     wakes: Wakes,
+    /// One batch's records at a time (`batches::decode_into`).
+    decoded: Vec<Fetched>,
 }
+
+/// Records' room kept between batches (a batch has at most 4,096 records
+/// reserved ahead, about 400 KiB).
+const KEEP_DECODED: usize = 1024;
 
 /// Looks up the leaders, runs one fetch loop per leader until one of them
 /// fails (a connection lost, a leader moved), then starts over.
@@ -468,21 +475,26 @@ where
         batch: bytes::Bytes,
         committed: &mut Committed,
     ) {
-        let decoded = match batches::decode(header, batch) {
-            Ok(r) => r,
-            Err(e) => {
-                // A batch that fails its CRC cannot be delivered; say so
-                // loudly and go on, as re-fetching it would fail forever.
-                tracing::error!(topic, partition = part, error = %e, "record batch skipped");
-                return;
+        // Taken out for the callbacks below (they borrow `self`), put back
+        // emptied: its records hold parts of the response.
+        let mut decoded = std::mem::take(&mut self.decoded);
+        match batches::decode_into(header, batch, &mut decoded) {
+            Ok(()) => {
+                if committed.judge(header, || batches::is_abort_marker(&decoded)) != Verdict::Skip {
+                    for r in decoded.iter().filter(|r| r.offset >= offset) {
+                        (self.on_record)(part, r, &mut self.wakes);
+                    }
+                }
             }
-        };
-        if committed.judge(header, || batches::is_abort_marker(&decoded)) == Verdict::Skip {
-            return;
+            // A batch that fails its CRC cannot be delivered; say so loudly
+            // and go on, as re-fetching it would fail forever.
+            Err(e) => tracing::error!(topic, partition = part, error = %e, "record batch skipped"),
         }
-        for r in decoded.iter().filter(|r| r.offset >= offset) {
-            (self.on_record)(part, r, &mut self.wakes);
+        decoded.clear();
+        if decoded.capacity() > KEEP_DECODED {
+            decoded = Vec::new();
         }
+        self.decoded = decoded;
     }
 }
 
