@@ -60,8 +60,8 @@ pub struct KafkaConn {
     /// Responses are read into it and split off: once a fetch's records
     /// have been handed over, its memory is reused (`reserve` reclaims an
     /// allocation no `Bytes` holds any more) and never zeroed. A fresh
-    /// zeroed buffer per response cost 7 % of the read path at 16,000
-    /// msg/s (docs/benchmarks.md).
+    /// zeroed buffer per response was 5-7 % of the read path's profile
+    /// samples at 16,000 msg/s (docs/benchmarks.md).
     inbuf: BytesMut,
     client_id: StrBytes,
     next_id: i32,
