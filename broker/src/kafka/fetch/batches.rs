@@ -104,7 +104,8 @@ pub fn decode(header: &Header, batch: Bytes) -> Result<Vec<Fetched>, BatchError>
 }
 
 /// The records of one batch (CRC checked, decompressed), put in `out`
-/// (emptied first; on an error it holds no record).
+/// (emptied first; after an error it may hold the records read before it,
+/// which the caller drops).
 ///
 /// Why into a vector the caller keeps: a batch's records in a new vector
 /// each time is an allocation of several KiB, and glibc consolidates its
@@ -116,14 +117,6 @@ pub fn decode_into(
     out: &mut Vec<Fetched>,
 ) -> Result<(), BatchError> {
     out.clear();
-    let result = records_into(header, batch, out);
-    if result.is_err() {
-        out.clear();
-    }
-    result
-}
-
-fn records_into(header: &Header, batch: Bytes, out: &mut Vec<Fetched>) -> Result<(), BatchError> {
     let err = |reason: String| BatchError::Decode {
         offset: header.base_offset,
         reason,

@@ -462,6 +462,7 @@ where
             }
             self.batch(topic, part, offset, &header, batch, &mut committed);
         }
+        self.release_decoded();
         self.offsets.insert(part, next);
         Ok(Taken::Records)
     }
@@ -475,26 +476,34 @@ where
         batch: bytes::Bytes,
         committed: &mut Committed,
     ) {
-        // Taken out for the callbacks below (they borrow `self`), put back
-        // emptied: its records hold parts of the response.
-        let mut decoded = std::mem::take(&mut self.decoded);
-        match batches::decode_into(header, batch, &mut decoded) {
-            Ok(()) => {
-                if committed.judge(header, || batches::is_abort_marker(&decoded)) != Verdict::Skip {
-                    for r in decoded.iter().filter(|r| r.offset >= offset) {
-                        (self.on_record)(part, r, &mut self.wakes);
-                    }
-                }
-            }
+        let Reading {
+            decoded,
+            on_record,
+            wakes,
+            ..
+        } = self;
+        if let Err(e) = batches::decode_into(header, batch, decoded) {
             // A batch that fails its CRC cannot be delivered; say so loudly
             // and go on, as re-fetching it would fail forever.
-            Err(e) => tracing::error!(topic, partition = part, error = %e, "record batch skipped"),
+            tracing::error!(topic, partition = part, error = %e, "record batch skipped");
+            return;
         }
-        decoded.clear();
-        if decoded.capacity() > KEEP_DECODED {
-            decoded = Vec::new();
+        if committed.judge(header, || batches::is_abort_marker(decoded)) == Verdict::Skip {
+            return;
         }
-        self.decoded = decoded;
+        for r in decoded.iter().filter(|r| r.offset >= offset) {
+            on_record(part, r, wakes);
+        }
+    }
+
+    /// Empties `decoded` once a partition's batches are handed over: its
+    /// records hold parts of the response, whose buffer the next fetch
+    /// reuses only when nothing holds it.
+    fn release_decoded(&mut self) {
+        self.decoded.clear();
+        if self.decoded.capacity() > KEEP_DECODED {
+            self.decoded = Vec::new();
+        }
     }
 }
 

@@ -180,7 +180,7 @@ impl KafkaConn {
 
     async fn read_frame(&mut self) -> Result<Bytes, WireError> {
         self.fill_to(4).await?;
-        let len = i32::from_be_bytes([self.inbuf[0], self.inbuf[1], self.inbuf[2], self.inbuf[3]]);
+        let len = (&self.inbuf[..4]).get_i32();
         let len = usize::try_from(len)
             .ok()
             .filter(|&l| (4..=MAX_FRAME).contains(&l))
