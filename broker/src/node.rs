@@ -24,7 +24,7 @@ use crate::retry::Retry;
 use crate::session::record::SessionRecord;
 use crate::session::registry::{Control, Registry};
 use crate::session::store::{Applied, SessionStore};
-use crate::session::{Delivery, Session, Source};
+use crate::session::{Delivery, Session};
 use crate::subscriptions::{SubKey, SubscriptionIndex};
 
 pub struct Node {
@@ -465,23 +465,22 @@ impl Node {
                 &topic,
                 &self.metrics,
                 mapping,
-                move |(partition, offset, msg), wakes| {
-                    counter.inc();
+                move |partition, records, wakes| {
+                    let mut read = 0;
                     // The record key (or `mqtt.topic`) gives the MQTT topic;
                     // records without a valid one cannot be delivered.
-                    let msg = match msg {
-                        Ok(m) => m,
-                        Err(e) => {
-                            tracing::debug!(topic = %reader_topic, offset, error = %e, "record skipped");
-                            return;
+                    let msgs = records.filter_map(|(offset, msg)| {
+                        read += 1;
+                        match msg {
+                            Ok(m) => Some((offset, Arc::new(m))),
+                            Err(e) => {
+                                tracing::debug!(topic = %reader_topic, offset, error = %e, "record skipped");
+                                None
+                            }
                         }
-                    };
-                    let source = Source {
-                        topic: source_topic.clone(),
-                        partition,
-                        offset,
-                    };
-                    subs.dispatch(&Arc::new(msg), Some(source), wakes);
+                    });
+                    subs.dispatch(&source_topic, partition, msgs, wakes);
+                    counter.inc_by(read);
                 },
             )
             .await

@@ -7,7 +7,6 @@
 //! (`connection/lagging.rs`), so a slow client never stalls the others and,
 //! within `mqtt.max_lagging_sessions`, loses nothing.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use lodestream_mqtt::trie::TopicTrie;
@@ -101,11 +100,6 @@ impl Grant {
     }
 }
 
-struct Pending {
-    mailbox: Mailbox,
-    grant: Option<Grant>,
-}
-
 impl SubscriptionIndex {
     pub fn new(metrics: Arc<Metrics>) -> SubscriptionIndex {
         SubscriptionIndex {
@@ -183,78 +177,109 @@ impl SubscriptionIndex {
         Ok(())
     }
 
-    /// Delivers `msg` to every matching local session, once per session with
-    /// the highest matching QoS and every subscription identifier
-    /// [MQTT-3.3.4-2..5]. The sessions' wake-ups are left to `wakes`.
-    pub fn dispatch(&self, msg: &Arc<Message>, source: Option<Source>, wakes: &mut Wakes) {
-        let mut direct: HashMap<Arc<str>, Pending> = HashMap::new();
-        {
-            let t = self.trie.read().unwrap_or_else(|e| e.into_inner());
-            let seen_by_catch_up = |e: &SubEntry| match (&e.live_from, &source) {
-                (Some(from), Some(s)) => from
-                    .get(&(s.topic.clone(), s.partition))
-                    .is_some_and(|start| s.offset < *start),
-                _ => false,
+    /// Delivers each of one partition's `records` (offset order) to every
+    /// matching local session, once per session with the highest matching
+    /// QoS and every subscription identifier [MQTT-3.3.4-2..5], and moves
+    /// the partition's fan-out position past the last. The sessions'
+    /// wake-ups are left to `wakes`.
+    pub fn dispatch(
+        &self,
+        topic: &Arc<str>,
+        partition: i32,
+        records: impl Iterator<Item = (i64, Arc<Message>)>,
+        wakes: &mut Wakes,
+    ) {
+        // One read lock for the batch: a writer (a session leaving or
+        // joining fan-out) sees positions and mailboxes that agree, as every
+        // offer happens under it and the position moves before it is let go.
+        let t = self.trie.read().unwrap_or_else(|e| e.into_inner());
+        let mut matched = Vec::new();
+        let mut next = None;
+        for (offset, msg) in records {
+            let source = Source {
+                topic: topic.clone(),
+                partition,
+                offset,
             };
-            t.for_each_match(&msg.topic, |key: &SubKey, e: &SubEntry| {
-                if seen_by_catch_up(e) {
-                    return;
-                }
-                // Shared subscriptions are Kafka consumer-group members
-                // (`kafka/share_group.rs`), never indexed here.
-                if key.share_group.is_some() {
-                    return;
-                }
-                let p = direct
-                    .entry(key.client_id.clone())
-                    .or_insert_with(|| Pending {
-                        mailbox: e.mailbox.clone(),
-                        grant: None,
-                    });
-                Grant::add(&mut p.grant, msg, &key.client_id, &e.options, e.identifier);
-            });
-            if let Some(s) = &source {
-                let mut pos = self.positions.lock().unwrap_or_else(|e| e.into_inner());
-                pos.insert((s.topic.clone(), s.partition), s.offset + 1);
-            }
-            // Offers happen under the read lock too: once a writer (a session
-            // leaving fan-out) holds the lock, every earlier dispatch is in
-            // the mailboxes, so positions and mailboxes agree.
-            for (_, p) in direct {
-                self.offer(msg, &source, p, wakes);
-            }
+            fan_out(&t, &msg, &source, &mut matched, wakes);
+            next = Some(offset + 1);
+        }
+        if let Some(next) = next {
+            let mut pos = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+            pos.insert((topic.clone(), partition), next);
         }
     }
+}
 
-    fn offer(&self, msg: &Arc<Message>, source: &Option<Source>, p: Pending, wakes: &mut Wakes) {
+type Matched<'t> = Vec<(&'t SubKey, &'t SubEntry)>;
+
+/// Offers `msg` to each session with a matching plain subscription.
+/// `matched` is scratch space, kept across a batch's records.
+fn fan_out<'t>(
+    trie: &'t TopicTrie<SubKey, SubEntry>,
+    msg: &Arc<Message>,
+    source: &Source,
+    matched: &mut Matched<'t>,
+    wakes: &mut Wakes,
+) {
+    matched.clear();
+    trie.for_each_match(&msg.topic, |key, e| {
+        // Shared subscriptions are Kafka consumer-group members
+        // (`kafka/share_group.rs`), never indexed here.
+        if key.share_group.is_none() && !seen_by_catch_up(e, source) {
+            matched.push((key, e));
+        }
+    });
+    // One offer per session: a client's overlapping subscriptions sort
+    // next to each other (a stable sort, so the first match's mailbox is
+    // used, as a map keyed by client would).
+    if matched.len() > 1 {
+        matched.sort_by(|a, b| a.0.client_id.cmp(&b.0.client_id));
+    }
+    for session in matched.chunk_by(|a, b| a.0.client_id == b.0.client_id) {
+        let mut grant = None;
+        for (key, e) in session {
+            Grant::add(&mut grant, msg, &key.client_id, &e.options, e.identifier);
+        }
         // No grant: every match was no-local for the publisher.
-        let Some(g) = p.grant else {
-            return;
-        };
-        let d = Delivery {
-            msg: msg.clone(),
-            source: source.clone(),
-            qos: g.qos,
-            retain: g.retain,
-            subscription_ids: g.subscription_ids,
-            share: None,
-        };
-        // Once one message is skipped every later one is too, until the
-        // connection has acted: what it takes from the mailbox meanwhile is
-        // all older than the first skip, so re-reading from there delivers
-        // nothing twice.
-        if p.mailbox.flags.skipping() {
-            return p.mailbox.skip(d.qos, source);
+        if let (Some(g), Some((_, e))) = (grant, session.first()) {
+            offer(msg, source, &e.mailbox, g, wakes);
         }
-        match p.mailbox.tx.try_send_deferred(d, wakes) {
-            Ok(()) => {}
-            // The connection decides: read Kafka from the first skipped
-            // offset instead, or drop (counted there) and, for QoS 1/2,
-            // close with 0x97 (`connection/lagging.rs`).
-            Err(TrySendError::Full(d)) => p.mailbox.skip(d.qos, source),
-            // The session ended between lookup and send: nothing to deliver to.
-            Err(TrySendError::Closed(_)) => {}
-        }
+    }
+}
+
+/// True when a resumed session's catch-up read already delivered `source`.
+fn seen_by_catch_up(e: &SubEntry, source: &Source) -> bool {
+    e.live_from.as_ref().is_some_and(|from| {
+        from.get(&(source.topic.clone(), source.partition))
+            .is_some_and(|start| source.offset < *start)
+    })
+}
+
+fn offer(msg: &Arc<Message>, source: &Source, mailbox: &Mailbox, g: Grant, wakes: &mut Wakes) {
+    let d = Delivery {
+        msg: msg.clone(),
+        source: Some(source.clone()),
+        qos: g.qos,
+        retain: g.retain,
+        subscription_ids: g.subscription_ids,
+        share: None,
+    };
+    // Once one message is skipped every later one is too, until the
+    // connection has acted: what it takes from the mailbox meanwhile is
+    // all older than the first skip, so re-reading from there delivers
+    // nothing twice.
+    if mailbox.flags.skipping() {
+        return mailbox.skip(d.qos, &d.source);
+    }
+    match mailbox.tx.try_send_deferred(d, wakes) {
+        Ok(()) => {}
+        // The connection decides: read Kafka from the first skipped
+        // offset instead, or drop (counted there) and, for QoS 1/2,
+        // close with 0x97 (`connection/lagging.rs`).
+        Err(TrySendError::Full(d)) => mailbox.skip(d.qos, &d.source),
+        // The session ended between lookup and send: nothing to deliver to.
+        Err(TrySendError::Closed(_)) => {}
     }
 }
 
@@ -274,4 +299,120 @@ pub fn delivery_for(
         }
     }
     grant
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Session;
+    use bytes::Bytes;
+
+    fn msg(topic: &str, qos: QoS, publisher: &str) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"p"),
+            qos,
+            retain: false,
+            properties: Default::default(),
+            publisher: Some(publisher.into()),
+            timestamp_ms: 0,
+        })
+    }
+
+    fn subscribe(idx: &SubscriptionIndex, s: &Session, filter: &str, qos: QoS, id: u32) {
+        let key = SubKey {
+            client_id: s.client_id.clone(),
+            share_group: None,
+        };
+        let entry = SubEntry::new(SubscriptionOptions::qos(qos), Some(id), s.mailbox.clone());
+        idx.insert(filter, key, entry).expect("valid filter");
+    }
+
+    fn received(s: &mut Session) -> Vec<Delivery> {
+        std::iter::from_fn(|| s.inbox.try_recv().ok()).collect()
+    }
+
+    fn dispatch(idx: &SubscriptionIndex, records: Vec<(i64, Arc<Message>)>) {
+        let topic: Arc<str> = Arc::from("t");
+        idx.dispatch(&topic, 0, records.into_iter(), &mut Wakes::default());
+    }
+
+    /// [MQTT-3.3.4-2..5] Overlapping subscriptions of one session get one
+    /// copy with the highest QoS and every identifier; each session gets
+    /// its own, and a batch's records arrive in order.
+    #[test]
+    fn overlapping_subscriptions_deliver_once_per_session_with_every_identifier() {
+        let idx = SubscriptionIndex::new(Arc::new(Metrics::new()));
+        let mut a = Session::new(Arc::from("a"), 16);
+        let mut b = Session::new(Arc::from("b"), 16);
+        subscribe(&idx, &a, "x/#", QoS::AtMostOnce, 1);
+        subscribe(&idx, &b, "x/y", QoS::AtLeastOnce, 3);
+        subscribe(&idx, &a, "x/+", QoS::AtLeastOnce, 2);
+        let m1 = msg("x/y", QoS::ExactlyOnce, "p");
+        let m2 = msg("x/z", QoS::ExactlyOnce, "p");
+        dispatch(&idx, vec![(7, m1), (8, m2)]);
+        let got = received(&mut a);
+        let seen: Vec<_> = got
+            .iter()
+            .map(|d| {
+                (
+                    d.msg.topic.as_str(),
+                    d.qos,
+                    d.source.as_ref().map(|s| s.offset),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("x/y", QoS::AtLeastOnce, Some(7)),
+                ("x/z", QoS::AtLeastOnce, Some(8))
+            ]
+        );
+        let mut ids = got[0].subscription_ids.clone();
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2]);
+        let got = received(&mut b);
+        assert_eq!(got.len(), 1, "b matches x/y only");
+        assert_eq!(
+            (got[0].qos, got[0].subscription_ids.as_slice()),
+            (QoS::AtLeastOnce, &[3][..])
+        );
+        let pos = idx.positions_of(&["t"]);
+        assert_eq!(
+            pos.get(&(Arc::from("t"), 0)),
+            Some(&9),
+            "position past the batch"
+        );
+    }
+
+    /// [MQTT-3.8.3-3] A no-local subscription does not get its own client's
+    /// messages; another of the client's subscriptions that matches still
+    /// does.
+    #[test]
+    fn no_local_leaves_out_only_the_publishers_own_no_local_subscriptions() {
+        let idx = SubscriptionIndex::new(Arc::new(Metrics::new()));
+        let mut a = Session::new(Arc::from("a"), 16);
+        let key = SubKey {
+            client_id: a.client_id.clone(),
+            share_group: None,
+        };
+        let mut opts = SubscriptionOptions::qos(QoS::AtLeastOnce);
+        opts.no_local = true;
+        let entry = SubEntry::new(opts, Some(1), a.mailbox.clone());
+        idx.insert("n/#", key, entry).expect("valid filter");
+        dispatch(&idx, vec![(0, msg("n/1", QoS::AtLeastOnce, "a"))]);
+        assert!(
+            received(&mut a).is_empty(),
+            "own message on a no-local subscription"
+        );
+        subscribe(&idx, &a, "n/1", QoS::AtMostOnce, 2);
+        dispatch(&idx, vec![(1, msg("n/1", QoS::AtLeastOnce, "a"))]);
+        let got = received(&mut a);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].qos, got[0].subscription_ids.as_slice()),
+            (QoS::AtMostOnce, &[2][..])
+        );
+    }
 }

@@ -220,9 +220,10 @@ pub fn message_of_fetched(
     )
 }
 
-/// What a fan-out reader hands over: partition, offset and the message (or
-/// why the record carries none).
-pub type FanoutRecord = (i32, i64, Result<Message, NotAMessage>);
+/// What a fan-out reader hands over per record: the offset and the
+/// message (or why the record carries none). One call gets one partition's
+/// records in offset order: a record batch's, or one record from librdkafka.
+pub type FanoutRecord = (i64, Result<Message, NotAMessage>);
 
 impl TopicReader {
     /// Reads a data topic for fan-out from its end: with the own fetch
@@ -234,10 +235,10 @@ impl TopicReader {
         topic: &str,
         metrics: &Metrics,
         mapping: Mapping,
-        mut on_record: F,
+        mut on_records: F,
     ) -> anyhow::Result<(TopicReader, HashMap<i32, i64>)>
     where
-        F: FnMut(FanoutRecord, &mut Wakes) + Send + 'static,
+        F: FnMut(i32, &mut dyn Iterator<Item = FanoutRecord>, &mut Wakes) + Send + 'static,
     {
         if !super::fetch::usable(cfg) {
             let (reader, _, starts) = Self::start(
@@ -248,7 +249,11 @@ impl TopicReader {
                 metrics,
                 move |m, wakes| {
                     let msg = message_of(m, Some(&mapping));
-                    on_record((m.partition(), m.offset(), msg), wakes);
+                    on_records(
+                        m.partition(),
+                        &mut std::iter::once((m.offset(), msg)),
+                        wakes,
+                    );
                 },
             )
             .await?;
@@ -258,9 +263,14 @@ impl TopicReader {
             .run(topic, || super::fetch::end_offsets(cfg, node_id, topic))
             .await?;
         let kafka_topic = topic.to_string();
-        let task = super::fetch::spawn(cfg, node_id, topic, starts.clone(), move |p, r, wakes| {
-            let msg = message_of_fetched(r, &kafka_topic, Some(&mapping));
-            on_record((p, r.offset, msg), wakes);
+        let task = super::fetch::spawn(cfg, node_id, topic, starts.clone(), move |p, rs, wakes| {
+            let mut msgs = rs.iter().map(|r| {
+                (
+                    r.offset,
+                    message_of_fetched(r, &kafka_topic, Some(&mapping)),
+                )
+            });
+            on_records(p, &mut msgs, wakes);
         });
         Ok((TopicReader { task }, starts))
     }

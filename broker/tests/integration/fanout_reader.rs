@@ -165,7 +165,7 @@ fn read_from(topic: &str, start: i64) -> (tokio::task::JoinHandle<()>, Arc<Mutex
         "fanout-test",
         topic,
         HashMap::from([(0, start)]),
-        move |_, r, _| g.lock().expect("lock").push(r.offset),
+        move |_, rs, _| g.lock().expect("lock").extend(rs.iter().map(|r| r.offset)),
     );
     (task, got)
 }

@@ -73,22 +73,23 @@ pub(crate) fn usable(cfg: &KafkaConfig) -> bool {
 }
 
 /// Reads every partition of `topic` from `starts` on, forever (abort the
-/// handle to stop), calling `on_record(partition, record, wakes)` for each
-/// committed record; `wakes` is flushed after each fetch response.
+/// handle to stop), calling `on_records(partition, records, wakes)` with
+/// each record batch's committed records from the fetch offset on (in
+/// offset order, never empty); `wakes` is flushed after each fetch response.
 pub fn spawn<F>(
     cfg: &KafkaConfig,
     node_id: &str,
     topic: &str,
     starts: HashMap<i32, i64>,
-    on_record: F,
+    on_records: F,
 ) -> tokio::task::JoinHandle<()>
 where
-    F: FnMut(i32, &Fetched, &mut Wakes) + Send + 'static,
+    F: FnMut(i32, &[Fetched], &mut Wakes) + Send + 'static,
 {
     let ctx = Arc::new(Ctx::new(cfg, node_id, topic));
     let shared = Arc::new(Mutex::new(Reading {
         offsets: starts,
-        on_record,
+        on_records,
         wakes: Wakes::default(),
         decoded: Vec::new(),
     }));
@@ -164,7 +165,7 @@ impl Ctx {
 /// loop never leaves an offset past what was handed over.
 struct Reading<F> {
     offsets: HashMap<i32, i64>,
-    on_record: F,
+    on_records: F,
     wakes: Wakes,
     /// One batch's records at a time (`batches::decode_into`).
     decoded: Vec<Fetched>,
@@ -178,7 +179,7 @@ const KEEP_DECODED: usize = 1024;
 /// fails (a connection lost, a leader moved), then starts over.
 async fn run<F>(ctx: Arc<Ctx>, shared: Arc<Mutex<Reading<F>>>)
 where
-    F: FnMut(i32, &Fetched, &mut Wakes) + Send + 'static,
+    F: FnMut(i32, &[Fetched], &mut Wakes) + Send + 'static,
 {
     let mut delay = RETRY_MIN;
     loop {
@@ -282,7 +283,7 @@ async fn fetch_loop<F>(
     shared: Arc<Mutex<Reading<F>>>,
 ) -> anyhow::Error
 where
-    F: FnMut(i32, &Fetched, &mut Wakes) + Send + 'static,
+    F: FnMut(i32, &[Fetched], &mut Wakes) + Send + 'static,
 {
     let mut conn = match KafkaConn::connect(&addr, &ctx.client_id).await {
         Ok(c) => c,
@@ -435,7 +436,7 @@ enum Taken {
 
 impl<F> Reading<F>
 where
-    F: FnMut(i32, &Fetched, &mut Wakes),
+    F: FnMut(i32, &[Fetched], &mut Wakes),
 {
     /// Hands over one partition's committed records from its fetch offset
     /// on, and moves the offset past them. An error asks for the leaders
@@ -478,7 +479,7 @@ where
     ) {
         let Reading {
             decoded,
-            on_record,
+            on_records,
             wakes,
             ..
         } = self;
@@ -491,8 +492,11 @@ where
         if committed.judge(header, || batches::is_abort_marker(decoded)) == Verdict::Skip {
             return;
         }
-        for r in decoded.iter().filter(|r| r.offset >= offset) {
-            on_record(part, r, wakes);
+        // A batch's records are in offset order; the first fetch of a
+        // batch may start inside it.
+        let from = decoded.partition_point(|r| r.offset < offset);
+        if let Some(records) = decoded.get(from..).filter(|r| !r.is_empty()) {
+            on_records(part, records, wakes);
         }
     }
 
