@@ -104,7 +104,7 @@ impl SubscriptionIndex {
     pub fn new(metrics: Arc<Metrics>) -> SubscriptionIndex {
         SubscriptionIndex {
             trie: RwLock::new(TopicTrie::new()),
-            positions: Mutex::new(Offsets::new()),
+            positions: Mutex::new(Offsets::default()),
             metrics,
         }
     }
@@ -201,7 +201,7 @@ impl SubscriptionIndex {
                 partition,
                 offset,
             };
-            fan_out(&t, &msg, &source, &mut matched, wakes);
+            fan_out(&t, &msg, source, &mut matched, wakes);
             next = Some(offset + 1);
         }
         if let Some(next) = next {
@@ -218,7 +218,7 @@ type Matched<'t> = Vec<(&'t SubKey, &'t SubEntry)>;
 fn fan_out<'t>(
     trie: &'t TopicTrie<SubKey, SubEntry>,
     msg: &Arc<Message>,
-    source: &Source,
+    source: Source,
     matched: &mut Matched<'t>,
     wakes: &mut Wakes,
 ) {
@@ -226,7 +226,7 @@ fn fan_out<'t>(
     trie.for_each_match(&msg.topic, |key, e| {
         // Shared subscriptions are Kafka consumer-group members
         // (`kafka/share_group.rs`), never indexed here.
-        if key.share_group.is_none() && !seen_by_catch_up(e, source) {
+        if key.share_group.is_none() && !seen_by_catch_up(e, &source) {
             matched.push((key, e));
         }
     });
@@ -236,14 +236,25 @@ fn fan_out<'t>(
     if matched.len() > 1 {
         matched.sort_by(|a, b| a.0.client_id.cmp(&b.0.client_id));
     }
-    for session in matched.chunk_by(|a, b| a.0.client_id == b.0.client_id) {
+    // The last session gets `source` itself: its topic's reference count,
+    // shared with every connection that drops a delivery, is touched once
+    // per session, not once more per record.
+    let mut source = Some(source);
+    let mut sessions = matched
+        .chunk_by(|a, b| a.0.client_id == b.0.client_id)
+        .peekable();
+    while let Some(session) = sessions.next() {
         let mut grant = None;
         for (key, e) in session {
             Grant::add(&mut grant, msg, &key.client_id, &e.options, e.identifier);
         }
         // No grant: every match was no-local for the publisher.
         if let (Some(g), Some((_, e))) = (grant, session.first()) {
-            offer(msg, source, &e.mailbox, g, wakes);
+            let src = match sessions.peek() {
+                Some(_) => source.clone(),
+                None => source.take(),
+            };
+            offer(msg, src, &e.mailbox, g, wakes);
         }
     }
 }
@@ -256,10 +267,16 @@ fn seen_by_catch_up(e: &SubEntry, source: &Source) -> bool {
     })
 }
 
-fn offer(msg: &Arc<Message>, source: &Source, mailbox: &Mailbox, g: Grant, wakes: &mut Wakes) {
+fn offer(
+    msg: &Arc<Message>,
+    source: Option<Source>,
+    mailbox: &Mailbox,
+    g: Grant,
+    wakes: &mut Wakes,
+) {
     let d = Delivery {
         msg: msg.clone(),
-        source: Some(source.clone()),
+        source,
         qos: g.qos,
         retain: g.retain,
         subscription_ids: g.subscription_ids,

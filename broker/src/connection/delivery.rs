@@ -112,12 +112,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// Sends one message to the client; `now` is the expiry clock.
     pub(super) fn deliver(&mut self, d: Delivery, now: i64, acl: &crate::acl::Acl) {
         if let Some(src) = &d.source {
-            let next = self
-                .session
-                .offsets
-                .entry((src.topic.clone(), src.partition))
-                .or_insert(0);
-            *next = (*next).max(src.offset + 1);
+            let key = crate::session::state::PartitionRef(&src.topic, src.partition);
+            let offsets = &mut self.session.offsets;
+            match offsets.get_mut(&key) {
+                Some(next) => *next = (*next).max(src.offset + 1),
+                None => {
+                    offsets.insert((src.topic.clone(), src.partition), src.offset + 1);
+                }
+            }
             self.dirty = true;
             self.unsaved += 1;
         }

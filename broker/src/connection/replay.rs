@@ -117,8 +117,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .await
                 .map_err(|e| ReplayError::Kafka(format!("{e:#}")))?;
         let mut starts = Vec::with_capacity(found.len());
-        let mut from = Offsets::new();
-        let mut until = Offsets::new();
+        let mut from = Offsets::default();
+        let mut until = Offsets::default();
         for f in found {
             let key = (f.topic, f.partition);
             let w = Window {

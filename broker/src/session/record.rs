@@ -6,7 +6,6 @@
 //! are added with `#[serde(default)]` so a newer broker reads older records,
 //! and unknown fields are ignored so an older broker reads newer ones.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -375,7 +374,7 @@ impl SessionRecord {
     }
 
     pub fn offsets_map(&self) -> Offsets {
-        let mut m: Offsets = HashMap::new();
+        let mut m = Offsets::default();
         for o in &self.offsets {
             m.insert((Arc::from(o.topic.as_str()), o.partition), o.offset);
         }

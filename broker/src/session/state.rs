@@ -23,7 +23,23 @@ pub struct Source {
 }
 
 /// Per Kafka partition, the next offset a session has not yet seen.
-pub type Offsets = HashMap<(Arc<str>, i32), i64>;
+/// Keyed by Kafka topic and partition, names this node reads (from the
+/// mapping rules), never a client's input: a fast hash without flood
+/// resistance will do. A delivery updates its session's offsets, so the
+/// hash runs once per message.
+pub type Offsets = hashbrown::HashMap<(Arc<str>, i32), i64, rustc_hash::FxBuildHasher>;
+
+/// A borrowed `Offsets` key: looks an entry up without taking a reference
+/// to the topic's `Arc`, whose count every connection that drops a
+/// delivery of that topic touches too.
+#[derive(Hash)]
+pub struct PartitionRef<'a>(pub &'a str, pub i32);
+
+impl hashbrown::Equivalent<(Arc<str>, i32)> for PartitionRef<'_> {
+    fn equivalent(&self, key: &(Arc<str>, i32)) -> bool {
+        *key.0 == *self.0 && key.1 == self.1
+    }
+}
 
 /// What fan-out hands a session for one matching message.
 #[derive(Debug, Clone)]
@@ -314,7 +330,7 @@ impl Session {
             outbound: Outbound::default(),
             inbound_qos2: InboundQos2::default(),
             will: None,
-            offsets: Offsets::new(),
+            offsets: Offsets::default(),
             epoch: 0,
             left_fan_out: false,
         }
@@ -344,6 +360,19 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use lodestream_mqtt::Properties;
+
+    /// A delivery's offset update finds its partition's entry through the
+    /// borrowed key: same hash and equality as the owned one.
+    #[test]
+    fn a_borrowed_partition_key_finds_the_owned_entry() {
+        let mut offsets = Offsets::default();
+        offsets.insert((Arc::from("orders"), 2), 5);
+        offsets.insert((Arc::from("orders"), 3), 9);
+        assert_eq!(offsets.get(&PartitionRef("orders", 2)), Some(&5));
+        assert_eq!(offsets.get(&PartitionRef("orders", 3)), Some(&9));
+        assert_eq!(offsets.get(&PartitionRef("orders", 4)), None);
+        assert_eq!(offsets.get(&PartitionRef("order", 2)), None);
+    }
 
     fn publish(qos: QoS) -> Publish {
         Publish {
