@@ -1486,13 +1486,15 @@ fn put_properties<S: Sink>(s: &mut S, p: &Properties, ctx: Ctx) -> Result<(), En
     put_property_list(s, p, ctx)
 }
 
+fn publish_first_byte(p: &PublishRef<'_>) -> u8 {
+    (PUBLISH << 4) | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain)
+}
+
 fn first_byte(packet: &Packet) -> u8 {
     match packet {
         Packet::Connect(_) => CONNECT << 4,
         Packet::ConnAck(_) => CONNACK << 4,
-        Packet::Publish(p) => {
-            (PUBLISH << 4) | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain)
-        }
+        Packet::Publish(p) => publish_first_byte(&p.borrowed()),
         Packet::PubAck(_) => PUBACK << 4,
         Packet::PubRec(_) => PUBREC << 4,
         Packet::PubRel(_) => (PUBREL << 4) | 0b0010,
@@ -1585,7 +1587,7 @@ fn put_connack<S: Sink>(s: &mut S, c: &ConnAck, v5: bool) -> Result<(), EncodeEr
     Ok(())
 }
 
-fn put_publish<S: Sink>(s: &mut S, p: &Publish, v5: bool) -> Result<(), EncodeError> {
+fn put_publish<S: Sink>(s: &mut S, p: &PublishRef<'_>, v5: bool) -> Result<(), EncodeError> {
     match (p.qos, p.packet_id) {
         (QoS::AtMostOnce, Some(_)) => return Err(EncodeError::UnexpectedPacketId),
         (QoS::AtMostOnce, None) if p.dup => return Err(EncodeError::DupWithQoS0),
@@ -1595,15 +1597,15 @@ fn put_publish<S: Sink>(s: &mut S, p: &Publish, v5: bool) -> Result<(), EncodeEr
     if v5 && p.topic.is_empty() && p.properties.topic_alias.is_some() {
         put_str(s, "")?;
     } else {
-        put_topic_name(s, &p.topic)?;
+        put_topic_name(s, p.topic)?;
     }
     if let Some(id) = p.packet_id {
         s.u16(nonzero(id)?);
     }
     if v5 {
-        put_properties(s, &p.properties, Ctx::Publish)?;
+        put_properties(s, p.properties, Ctx::Publish)?;
     }
-    s.emit(&p.payload);
+    s.emit(p.payload);
     Ok(())
 }
 
@@ -1737,7 +1739,7 @@ fn put_body<S: Sink>(
     match packet {
         Packet::Connect(c) => put_connect(s, c),
         Packet::ConnAck(c) => put_connack(s, c, v5),
-        Packet::Publish(p) => put_publish(s, p, v5),
+        Packet::Publish(p) => put_publish(s, &p.borrowed(), v5),
         Packet::PubAck(a) => put_ack(s, a, v5, Ctx::PubAck),
         Packet::PubRec(a) => put_ack(s, a, v5, Ctx::PubRec),
         Packet::PubRel(a) => put_ack(s, a, v5, Ctx::PubRel),
@@ -1786,11 +1788,36 @@ pub fn encode(
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
     let remaining = body_len(packet, version)?;
+    put_framed(out, first_byte(packet), remaining, |out| {
+        put_body(out, packet, version)
+    })
+}
+
+/// `encode` of a borrowed PUBLISH.
+pub fn encode_publish(
+    p: &PublishRef<'_>,
+    version: ProtocolVersion,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let v5 = version.is_v5();
+    let remaining = counted(|c| put_publish(c, p, v5))?;
+    put_framed(out, publish_first_byte(p), remaining, |out| {
+        put_publish(out, p, v5)
+    })
+}
+
+/// Appends the fixed header and the body `put` writes (`remaining` bytes
+/// long); on error nothing is appended.
+fn put_framed(
+    out: &mut BytesMut,
+    first: u8,
+    remaining: usize,
+    put: impl FnOnce(&mut BytesMut) -> Result<(), EncodeError>,
+) -> Result<(), EncodeError> {
     let start = out.len();
     out.reserve(1 + varint_len(remaining) + remaining);
-    out.emit(&[first_byte(packet)]);
-    let written = put_varint(out, remaining as u32, "remaining length")
-        .and_then(|()| put_body(out, packet, version));
+    out.emit(&[first]);
+    let written = put_varint(out, remaining as u32, "remaining length").and_then(|()| put(out));
     if written.is_err() {
         out.truncate(start);
     }
@@ -1806,7 +1833,10 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, E
 /// `encoded_len` of a PUBLISH not (yet) wrapped in a `Packet`: a broker
 /// checks a delivery's size against the client's maximum before it decides
 /// whether to keep a copy, so it need not clone the PUBLISH to ask.
-pub fn publish_encoded_len(p: &Publish, version: ProtocolVersion) -> Result<usize, EncodeError> {
+pub fn publish_encoded_len(
+    p: &PublishRef<'_>,
+    version: ProtocolVersion,
+) -> Result<usize, EncodeError> {
     let remaining = counted(|c| put_publish(c, p, version.is_v5()))?;
     Ok(1 + varint_len(remaining) + remaining)
 }

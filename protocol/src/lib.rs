@@ -9,7 +9,9 @@ pub mod packet;
 pub mod topic;
 pub mod trie;
 
-pub use codec::{encode, encoded_len, publish_encoded_len, DecodeError, Decoder, EncodeError};
+pub use codec::{
+    encode, encode_publish, encoded_len, publish_encoded_len, DecodeError, Decoder, EncodeError,
+};
 pub use packet::*;
 pub use topic::{SharedFilter, TopicError};
 pub use trie::TopicTrie;

@@ -247,6 +247,36 @@ pub struct Publish {
     pub properties: Properties,
 }
 
+/// A PUBLISH whose topic, payload and properties are borrowed: a broker
+/// encodes a delivery straight from the message its subscribers share,
+/// without an owned copy of each part per subscriber.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishRef<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    /// May be empty in v5 when a topic alias is used.
+    pub topic: &'a str,
+    pub packet_id: Option<u16>,
+    pub payload: &'a [u8],
+    pub properties: &'a Properties,
+}
+
+impl Publish {
+    /// The same PUBLISH, borrowed.
+    pub fn borrowed(&self) -> PublishRef<'_> {
+        PublishRef {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: &self.topic,
+            packet_id: self.packet_id,
+            payload: &self.payload,
+            properties: &self.properties,
+        }
+    }
+}
+
 /// PUBACK, PUBREC, PUBREL and PUBCOMP share this shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {

@@ -568,7 +568,11 @@ proptest! {
         encode(&packet, version, &mut out).unwrap();
         prop_assert_eq!(encoded_len(&packet, version).unwrap(), out.len());
         if let Packet::Publish(p) = &packet {
-            prop_assert_eq!(publish_encoded_len(p, version).unwrap(), out.len());
+            prop_assert_eq!(publish_encoded_len(&p.borrowed(), version).unwrap(), out.len());
+            // A borrowed PUBLISH encodes to the same bytes.
+            let mut borrowed = BytesMut::new();
+            encode_publish(&p.borrowed(), version, &mut borrowed).unwrap();
+            prop_assert_eq!(&borrowed, &out);
         }
         let mut d = decoder_for(&packet, version);
         let decoded = d.decode(&mut out).unwrap();

@@ -1641,7 +1641,7 @@ fn encoder_rejects_oversize_strings_and_packets() {
     );
     p.payload = Bytes::from(vec![0u8; 268_435_455 - 2]);
     assert_eq!(
-        publish_encoded_len(&p, ProtocolVersion::V311),
+        publish_encoded_len(&p.borrowed(), ProtocolVersion::V311),
         Err(EncodeError::PacketTooLarge {
             remaining_length: 268_435_456
         })

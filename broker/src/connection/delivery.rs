@@ -111,18 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     /// Sends one message to the client; `now` is the expiry clock.
     pub(super) fn deliver(&mut self, d: Delivery, now: i64, acl: &crate::acl::Acl) {
-        if let Some(src) = &d.source {
-            let key = crate::session::state::PartitionRef(&src.topic, src.partition);
-            let offsets = &mut self.session.offsets;
-            match offsets.get_mut(&key) {
-                Some(next) => *next = (*next).max(src.offset + 1),
-                None => {
-                    offsets.insert((src.topic.clone(), src.partition), src.offset + 1);
-                }
-            }
-            self.dirty = true;
-            self.unsaved += 1;
-        }
+        self.advance_offsets(&d);
         let msg = &d.msg;
         if msg.is_expired(now) {
             return self.discard(&d, "expired");
@@ -133,7 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if !acl.may_deliver(&self.identity, &msg.topic) {
             return self.discard(&d, "acl_filtered");
         }
-        let properties = if self.v5() {
+        let mut properties = if self.v5() {
             Properties {
                 message_expiry_interval: msg.remaining_expiry(now),
                 subscription_identifiers: d.subscription_ids.clone(),
@@ -153,35 +142,85 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         } else {
             None
         };
-        let mut wire = Publish {
-            dup: false,
-            qos: d.qos,
-            retain: d.retain,
-            topic: msg.topic.clone(),
-            packet_id,
-            payload: msg.payload.clone(),
-            properties,
-        };
         // Checked before the flow starts, so a discarded message never
         // holds a packet id (a topic alias only makes it shorter).
-        let dropped = match lodestream_mqtt::publish_encoded_len(&wire, self.version) {
+        if let Some(reason) = self.unsendable(&view(&d, packet_id, &msg.topic, &properties)) {
+            return self.discard(&d, reason);
+        }
+        if packet_id.is_some() || self.holding() {
+            let wire = Publish {
+                dup: false,
+                qos: d.qos,
+                retain: d.retain,
+                topic: msg.topic.clone(),
+                packet_id,
+                payload: msg.payload.clone(),
+                properties,
+            };
+            return self.deliver_owned(d, wire);
+        }
+        // QoS 0 written now: encoded from the message itself, no owned
+        // PUBLISH (its topic and payload handle were two allocations and
+        // frees per delivery on the read path).
+        let alias = self.topic_alias(&msg.topic);
+        properties.topic_alias = alias.map(|(a, _)| a);
+        let topic = match alias {
+            Some((_, false)) => "",
+            _ => msg.topic.as_str(),
+        };
+        self.io.send_publish(&view(&d, None, topic, &properties));
+        if let Some(a) = &d.share {
+            // QoS 0 is done once written.
+            a.finish();
+        }
+        self.node.metrics().delivered.inc();
+    }
+
+    /// A delivery's place in Kafka becomes the session's resume point.
+    fn advance_offsets(&mut self, d: &Delivery) {
+        let Some(src) = &d.source else {
+            return;
+        };
+        let key = crate::session::state::PartitionRef(&src.topic, src.partition);
+        let offsets = &mut self.session.offsets;
+        match offsets.get_mut(&key) {
+            Some(next) => *next = (*next).max(src.offset + 1),
+            None => {
+                offsets.insert((src.topic.clone(), src.partition), src.offset + 1);
+            }
+        }
+        self.dirty = true;
+        self.unsaved += 1;
+    }
+
+    /// Why `p` cannot be sent to this client, if it cannot.
+    fn unsendable(&self, p: &PublishRef<'_>) -> Option<&'static str> {
+        match lodestream_mqtt::publish_encoded_len(p, self.version) {
             // [MQTT-3.1.2-25] never send more than the client accepts: discard.
             Ok(size) if size > self.client_max_packet => Some("too_large_for_client"),
             Ok(_) => None,
             // Readers only pass on records that make a valid PUBLISH
             // (`Message::try_from_record`); this is the last guard.
             Err(e) => {
-                tracing::error!(topic = %msg.topic, error = %e, "delivery cannot be encoded; discarded");
+                tracing::error!(topic = %p.topic, error = %e, "delivery cannot be encoded; discarded");
                 Some("unencodable")
             }
-        };
-        if let Some(reason) = dropped {
-            return self.discard(&d, reason);
         }
+    }
+
+    /// Sends a QoS 1/2 delivery (starting its flow) or a QoS 0 one that
+    /// queues behind held packets.
+    fn deliver_owned(&mut self, d: Delivery, mut wire: Publish) {
+        let packet_id = wire.packet_id;
         // Stored without alias (aliases do not survive a reconnect); QoS 0
         // keeps no copy.
         let stored = packet_id.map(|_| wire.clone());
-        self.alias_topic(&mut wire);
+        if let Some((a, sets)) = self.topic_alias(&wire.topic) {
+            wire.properties.topic_alias = Some(a);
+            if !sets {
+                wire.topic = String::new();
+            }
+        }
         let exactly_once = d.qos == QoS::ExactlyOnce;
         match (packet_id.zip(stored), &d.share) {
             (Some((id, full)), share) => {
@@ -203,22 +242,25 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
-    /// Replaces the topic by an alias the client accepts [MQTT-3.3.2-8]:
-    /// the first PUBLISH of a topic sets it, later ones send it alone.
-    fn alias_topic(&mut self, wire: &mut Publish) {
+    /// The topic alias to send `topic` with [MQTT-3.3.2-8], if the client
+    /// accepts aliases: `(alias, true)` when this PUBLISH sets it (the
+    /// topic goes too), `(alias, false)` when it was set before (the alias
+    /// goes alone).
+    fn topic_alias(&mut self, topic: &str) -> Option<(u16, bool)> {
         if self.client_alias_max == 0 {
-            return;
+            return None;
         }
         let max = self.client_alias_max as usize;
         let aliases = &mut self.rare().aliases_out;
-        if let Some(a) = aliases.get(&wire.topic) {
-            wire.properties.topic_alias = Some(*a);
-            wire.topic = String::new();
-        } else if aliases.len() < max {
-            let a = aliases.len() as u16 + 1;
-            aliases.insert(wire.topic.clone(), a);
-            wire.properties.topic_alias = Some(a);
+        if let Some(a) = aliases.get(topic) {
+            return Some((*a, false));
         }
+        if aliases.len() >= max {
+            return None;
+        }
+        let a = aliases.len() as u16 + 1;
+        aliases.insert(topic.to_string(), a);
+        Some((a, true))
     }
 
     /// A delivery dropped by policy: counted, and finished for a shared
@@ -232,5 +274,23 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if let Some(a) = &d.share {
             a.finish();
         }
+    }
+}
+
+/// The PUBLISH that sends `d`, borrowed from its message.
+fn view<'a>(
+    d: &'a Delivery,
+    packet_id: Option<u16>,
+    topic: &'a str,
+    properties: &'a Properties,
+) -> PublishRef<'a> {
+    PublishRef {
+        dup: false,
+        qos: d.qos,
+        retain: d.retain,
+        topic,
+        packet_id,
+        payload: &d.msg.payload,
+        properties,
     }
 }

@@ -31,21 +31,28 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
     pub(super) fn send(&mut self, p: &Packet) {
         let v = self.version();
         let before = self.wbuf.len();
-        match encode(p, v, &mut self.wbuf) {
+        let written = encode(p, v, &mut self.wbuf);
+        self.count_sent(p.kind(), before, written);
+    }
+
+    /// `send` of a delivery encoded from the parts its message holds.
+    pub(super) fn send_publish(&mut self, p: &PublishRef<'_>) {
+        let v = self.version();
+        let before = self.wbuf.len();
+        let written = lodestream_mqtt::encode_publish(p, v, &mut self.wbuf);
+        self.count_sent("publish", before, written);
+    }
+
+    fn count_sent(&self, kind: &str, before: usize, written: Result<(), EncodeError>) {
+        match written {
             Ok(()) => {
-                self.node
-                    .metrics()
-                    .packets_out
-                    .with_label_values(&[p.kind()])
-                    .inc();
-                self.node
-                    .metrics()
-                    .bytes_out
-                    .inc_by((self.wbuf.len() - before) as u64);
+                let m = self.node.metrics();
+                m.packets_out.with_label_values(&[kind]).inc();
+                m.bytes_out.inc_by((self.wbuf.len() - before) as u64);
             }
             // Our own packets are built to be valid; an error here is a bug,
             // logged rather than sent malformed.
-            Err(e) => tracing::error!(packet = p.kind(), error = %e, "could not encode packet"),
+            Err(e) => tracing::error!(packet = kind, error = %e, "could not encode packet"),
         }
     }
 

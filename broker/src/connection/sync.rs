@@ -27,14 +27,18 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// when earlier packets are held (order [MQTT-4.6.0]).
     pub(super) fn emit(&mut self, p: Packet, needs_sync: bool) {
         let needs_sync = needs_sync && self.session.expiry_s > 0;
-        let waiting =
-            !self.held.is_empty() || self.syncing.as_ref().is_some_and(|s| !s.packets.is_empty());
-        if !needs_sync && !waiting {
+        if !needs_sync && !self.holding() {
             self.io.send(&p);
             return;
         }
         self.held.push(p);
         self.held_needs_sync |= needs_sync;
+    }
+
+    /// Earlier packets wait for a session write: later ones queue behind
+    /// them [MQTT-4.6.0].
+    pub(super) fn holding(&self) -> bool {
+        !self.held.is_empty() || self.syncing.as_ref().is_some_and(|s| !s.packets.is_empty())
     }
 
     pub(super) fn held_len(&self) -> usize {
