@@ -17,6 +17,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::session::mailbox::Wakes;
+use crate::session::state::PartitionRef;
 use crate::session::{Delivery, Mailbox, Offsets, Source};
 
 /// Trie key: one client can hold a plain and a shared subscription with the
@@ -262,7 +263,7 @@ fn fan_out<'t>(
 /// True when a resumed session's catch-up read already delivered `source`.
 fn seen_by_catch_up(e: &SubEntry, source: &Source) -> bool {
     e.live_from.as_ref().is_some_and(|from| {
-        from.get(&(source.topic.clone(), source.partition))
+        from.get(&PartitionRef(&source.topic, source.partition))
             .is_some_and(|start| source.offset < *start)
     })
 }
