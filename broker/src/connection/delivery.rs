@@ -162,12 +162,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // QoS 0 written now: encoded from the message itself, no owned
         // PUBLISH (its topic and payload handle were two allocations and
         // frees per delivery on the read path).
-        let alias = self.topic_alias(&msg.topic);
-        properties.topic_alias = alias.map(|(a, _)| a);
-        let topic = match alias {
-            Some((_, false)) => "",
-            _ => msg.topic.as_str(),
-        };
+        let (topic, alias) = self.aliased(&msg.topic);
+        properties.topic_alias = alias;
         self.io.send_publish(&view(&d, None, topic, &properties));
         if let Some(a) = &d.share {
             // QoS 0 is done once written.
@@ -215,12 +211,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // Stored without alias (aliases do not survive a reconnect); QoS 0
         // keeps no copy.
         let stored = packet_id.map(|_| wire.clone());
-        if let Some((a, sets)) = self.topic_alias(&wire.topic) {
-            wire.properties.topic_alias = Some(a);
-            if !sets {
-                wire.topic = String::new();
-            }
+        let (sent, alias) = self.aliased(&wire.topic);
+        if sent.is_empty() {
+            wire.topic.clear();
         }
+        wire.properties.topic_alias = alias;
         let exactly_once = d.qos == QoS::ExactlyOnce;
         match (packet_id.zip(stored), &d.share) {
             (Some((id, full)), share) => {
@@ -242,25 +237,25 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
-    /// The topic alias to send `topic` with [MQTT-3.3.2-8], if the client
-    /// accepts aliases: `(alias, true)` when this PUBLISH sets it (the
-    /// topic goes too), `(alias, false)` when it was set before (the alias
-    /// goes alone).
-    fn topic_alias(&mut self, topic: &str) -> Option<(u16, bool)> {
+    /// The topic name and topic alias a PUBLISH of `topic` carries
+    /// [MQTT-3.3.2-8]: the first PUBLISH of a topic sets an alias the client
+    /// accepts (name and alias), later ones send the alias alone (an empty
+    /// name); without one, the name alone.
+    fn aliased<'t>(&mut self, topic: &'t str) -> (&'t str, Option<u16>) {
         if self.client_alias_max == 0 {
-            return None;
+            return (topic, None);
         }
         let max = self.client_alias_max as usize;
         let aliases = &mut self.rare().aliases_out;
         if let Some(a) = aliases.get(topic) {
-            return Some((*a, false));
+            return ("", Some(*a));
         }
         if aliases.len() >= max {
-            return None;
+            return (topic, None);
         }
         let a = aliases.len() as u16 + 1;
         aliases.insert(topic.to_string(), a);
-        Some((a, true))
+        (topic, Some(a))
     }
 
     /// A delivery dropped by policy: counted, and finished for a shared
