@@ -106,11 +106,18 @@ impl Rule {
     }
 }
 
+/// What opens a key template's placeholder and a pattern's `{name}` level.
+/// Named, not written inline: brace-counting tools (function length
+/// checks) miscount an unbalanced brace in a char literal.
+const PLACEHOLDER_OPEN: char = '{';
+
 /// `pattern[:template]`: the template is the part after the last `:` when
 /// it holds a `{` and the pattern before it has a `{name}` level.
 fn split_template(rest: &str) -> (&str, Option<&str>) {
     match rest.rsplit_once(':') {
-        Some((p, t)) if t.contains('{') && p.contains('{') => (p.trim(), Some(t.trim())),
+        Some((p, t)) if t.contains(PLACEHOLDER_OPEN) && p.contains(PLACEHOLDER_OPEN) => {
+            (p.trim(), Some(t.trim()))
+        }
         _ => (rest, None),
     }
 }
