@@ -864,7 +864,15 @@ L.snapshotView = () => {
     box = box ? [Math.min(box[0], x), Math.min(box[1], y), Math.max(box[2], x), Math.max(box[3], y)] : [x, y, x, y];
     if (snap.age[i] < GONE_AFTER_S) drawable++;
   }
-  return { zoom: +map.getZoom().toFixed(2), view: map.getBounds().toArray().flat().map((v) => +v.toFixed(2)), box, drawable, showAll, tilesLoaded: map.areTilesLoaded() };
+  return {
+    zoom: +map.getZoom().toFixed(2),
+    view: map.getBounds().toArray().flat().map((v) => +v.toFixed(2)),
+    box,
+    drawable,
+    showAll,
+    tilesLoaded: map.areTilesLoaded(),
+    inSourceTiles: map.querySourceFeatures('all').length, // 0 here: the data never reached the tiles
+  };
 };
 
 /** Test hook: pretend a followed truck has been silent for `secs` seconds, then apply the fade rules. */
