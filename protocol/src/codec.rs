@@ -1806,6 +1806,29 @@ pub fn encode_publish(
     })
 }
 
+/// `encode_publish`, unless the packet would be longer than `max_len`
+/// bytes: then nothing is appended and the answer is `Ok(None)`; else the
+/// packet's length. A broker must never send a client more than its
+/// Maximum Packet Size [MQTT-3.1.2-25]; asking `publish_encoded_len` first
+/// and then encoding counted the packet twice.
+pub fn encode_publish_within(
+    p: &PublishRef<'_>,
+    version: ProtocolVersion,
+    max_len: usize,
+    out: &mut BytesMut,
+) -> Result<Option<usize>, EncodeError> {
+    let v5 = version.is_v5();
+    let remaining = counted(|c| put_publish(c, p, v5))?;
+    let len = 1 + varint_len(remaining) + remaining;
+    if len > max_len {
+        return Ok(None);
+    }
+    put_framed(out, publish_first_byte(p), remaining, |out| {
+        put_publish(out, p, v5)
+    })?;
+    Ok(Some(len))
+}
+
 /// Appends the fixed header and the body `put` writes (`remaining` bytes
 /// long); on error nothing is appended.
 fn put_framed(

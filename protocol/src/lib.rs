@@ -10,7 +10,8 @@ pub mod topic;
 pub mod trie;
 
 pub use codec::{
-    encode, encode_publish, encoded_len, publish_encoded_len, DecodeError, Decoder, EncodeError,
+    encode, encode_publish, encode_publish_within, encoded_len, publish_encoded_len, DecodeError,
+    Decoder, EncodeError,
 };
 pub use packet::*;
 pub use topic::{SharedFilter, TopicError};

@@ -573,6 +573,14 @@ proptest! {
             let mut borrowed = BytesMut::new();
             encode_publish(&p.borrowed(), version, &mut borrowed).unwrap();
             prop_assert_eq!(&borrowed, &out);
+            // Within a maximum it fits exactly: the same bytes, appended;
+            // one byte short: nothing appended [MQTT-3.1.2-25].
+            let mut within = BytesMut::from(&b"prefix"[..]);
+            let len = out.len();
+            prop_assert_eq!(encode_publish_within(&p.borrowed(), version, len, &mut within).unwrap(), Some(len));
+            prop_assert_eq!(&within[6..], &out[..]);
+            prop_assert_eq!(encode_publish_within(&p.borrowed(), version, len - 1, &mut within).unwrap(), None);
+            prop_assert_eq!(within.len(), 6 + len);
         }
         let mut d = decoder_for(&packet, version);
         let decoded = d.decode(&mut out).unwrap();

@@ -122,15 +122,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if !acl.may_deliver(&self.identity, &msg.topic) {
             return self.discard(&d, "acl_filtered");
         }
-        let mut properties = if self.v5() {
-            Properties {
-                message_expiry_interval: msg.remaining_expiry(now),
-                subscription_identifiers: d.subscription_ids.clone(),
-                ..msg.properties.clone()
-            }
-        } else {
-            Properties::default()
-        };
+        // MQTT 3.1.1 has no properties: nothing is built per delivery, and
+        // the message's own (never encoded) stand in.
+        let mut properties = self.v5().then(|| Properties {
+            message_expiry_interval: msg.remaining_expiry(now),
+            subscription_identifiers: d.subscription_ids.clone(),
+            ..msg.properties.clone()
+        });
         let packet_id = if d.qos > QoS::AtMostOnce {
             match self.session.outbound.next_packet_id() {
                 Some(id) => Some(id),
@@ -142,34 +140,79 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         } else {
             None
         };
-        // Checked before the flow starts, so a discarded message never
-        // holds a packet id (a topic alias only makes it shorter).
-        if let Some(reason) = self.unsendable(&view(&d, packet_id, &msg.topic, &properties)) {
-            return self.discard(&d, reason);
-        }
         if packet_id.is_some() || self.holding() {
-            let wire = Publish {
-                dup: false,
-                qos: d.qos,
-                retain: d.retain,
-                topic: msg.topic.clone(),
-                packet_id,
-                payload: msg.payload.clone(),
-                properties,
-            };
-            return self.deliver_owned(d, wire);
+            return self.deliver_checked(d, packet_id, properties);
         }
         // QoS 0 written now: encoded from the message itself, no owned
         // PUBLISH (its topic and payload handle were two allocations and
-        // frees per delivery on the read path).
-        let (topic, alias) = self.aliased(&msg.topic);
-        properties.topic_alias = alias;
-        self.io.send_publish(&view(&d, None, topic, &properties));
+        // frees per delivery on the read path), and sized as it is encoded.
+        let (topic, alias, new_alias) = self.alias_for(&msg.topic);
+        if let Some(p) = properties.as_mut() {
+            p.topic_alias = alias;
+        }
+        let props = properties.as_ref().unwrap_or(&msg.properties);
+        let max = self.client_max_packet;
+        match self
+            .io
+            .send_publish_within(&view(&d, None, topic, props), max)
+        {
+            Ok(true) => {}
+            Ok(false) => return self.discard(&d, "too_large_for_client"),
+            Err(e) => return self.unencodable(&d, e),
+        }
+        if new_alias {
+            self.remember_alias(&msg.topic, alias);
+        }
         if let Some(a) = &d.share {
             // QoS 0 is done once written.
             a.finish();
         }
         self.node.metrics().delivered.inc();
+    }
+
+    /// A delivery that is stored (QoS 1/2) or queued behind held packets:
+    /// checked against the client's maximum packet size before its flow
+    /// starts, so a discarded message never holds a packet id. Its largest
+    /// form is checked [MQTT-3.1.2-25]: the full name, with the alias it
+    /// would set now (a resend after a reconnect carries no alias).
+    fn deliver_checked(
+        &mut self,
+        d: Delivery,
+        packet_id: Option<u16>,
+        properties: Option<Properties>,
+    ) {
+        let mut properties = properties.unwrap_or_default();
+        let (_, alias, new_alias) = self.alias_for(&d.msg.topic);
+        properties.topic_alias = alias.filter(|_| new_alias);
+        let checked = lodestream_mqtt::publish_encoded_len(
+            &view(&d, packet_id, &d.msg.topic, &properties),
+            self.version,
+        );
+        match checked {
+            Ok(size) if size > self.client_max_packet => {
+                return self.discard(&d, "too_large_for_client")
+            }
+            Ok(_) => {}
+            Err(e) => return self.unencodable(&d, e),
+        }
+        properties.topic_alias = None;
+        let wire = Publish {
+            dup: false,
+            qos: d.qos,
+            retain: d.retain,
+            topic: d.msg.topic.clone(),
+            packet_id,
+            payload: d.msg.payload.clone(),
+            properties,
+        };
+        self.deliver_owned(d, wire)
+    }
+
+    /// Readers only pass on records that make a valid PUBLISH
+    /// (`Message::try_from_record`); this is the last guard.
+    fn unencodable(&self, d: &Delivery, e: lodestream_mqtt::EncodeError) {
+        tracing::error!(topic = %d.msg.topic, error = %e, "delivery cannot be encoded; discarded");
+        self.discard(d, "unencodable")
     }
 
     /// A delivery's place in Kafka becomes the session's resume point.
@@ -187,21 +230,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
         self.dirty = true;
         self.unsaved += 1;
-    }
-
-    /// Why `p` cannot be sent to this client, if it cannot.
-    fn unsendable(&self, p: &PublishRef<'_>) -> Option<&'static str> {
-        match lodestream_mqtt::publish_encoded_len(p, self.version) {
-            // [MQTT-3.1.2-25] never send more than the client accepts: discard.
-            Ok(size) if size > self.client_max_packet => Some("too_large_for_client"),
-            Ok(_) => None,
-            // Readers only pass on records that make a valid PUBLISH
-            // (`Message::try_from_record`); this is the last guard.
-            Err(e) => {
-                tracing::error!(topic = %p.topic, error = %e, "delivery cannot be encoded; discarded");
-                Some("unencodable")
-            }
-        }
     }
 
     /// Sends a QoS 1/2 delivery (starting its flow) or a QoS 0 one that
@@ -242,20 +270,35 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// accepts (name and alias), later ones send the alias alone (an empty
     /// name); without one, the name alone.
     fn aliased<'t>(&mut self, topic: &'t str) -> (&'t str, Option<u16>) {
+        let (name, alias, new) = self.alias_for(topic);
+        if new {
+            self.remember_alias(topic, alias);
+        }
+        (name, alias)
+    }
+
+    /// `aliased` without remembering a new alias (the bool: it is new), for
+    /// a PUBLISH that may yet be discarded: a client that never got the
+    /// PUBLISH setting an alias cannot resolve it later.
+    fn alias_for<'t>(&mut self, topic: &'t str) -> (&'t str, Option<u16>, bool) {
         if self.client_alias_max == 0 {
-            return (topic, None);
+            return (topic, None, false);
         }
         let max = self.client_alias_max as usize;
-        let aliases = &mut self.rare().aliases_out;
+        let aliases = &self.rare().aliases_out;
         if let Some(a) = aliases.get(topic) {
-            return ("", Some(*a));
+            return ("", Some(*a), false);
         }
         if aliases.len() >= max {
-            return (topic, None);
+            return (topic, None, false);
         }
-        let a = aliases.len() as u16 + 1;
-        aliases.insert(topic.to_string(), a);
-        (topic, Some(a))
+        (topic, Some(aliases.len() as u16 + 1), true)
+    }
+
+    fn remember_alias(&mut self, topic: &str, alias: Option<u16>) {
+        if let Some(a) = alias {
+            self.rare().aliases_out.insert(topic.to_string(), a);
+        }
     }
 
     /// A delivery dropped by policy: counted, and finished for a shared

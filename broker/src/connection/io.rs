@@ -35,12 +35,22 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
         self.count_sent(p.kind(), before, written);
     }
 
-    /// `send` of a delivery encoded from the parts its message holds.
-    pub(super) fn send_publish(&mut self, p: &PublishRef<'_>) {
-        let v = self.version();
+    /// `send` of a delivery encoded from the parts its message holds,
+    /// unless it is longer than `max` bytes (`Ok(false)`: nothing written).
+    pub(super) fn send_publish_within(
+        &mut self,
+        p: &PublishRef<'_>,
+        max: usize,
+    ) -> Result<bool, EncodeError> {
         let before = self.wbuf.len();
-        let written = lodestream_mqtt::encode_publish(p, v, &mut self.wbuf);
-        self.count_sent("publish", before, written);
+        let v = self.version();
+        match lodestream_mqtt::encode_publish_within(p, v, max, &mut self.wbuf)? {
+            Some(_) => {
+                self.count_sent("publish", before, Ok(()));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     fn count_sent(&self, kind: &str, before: usize, written: Result<(), EncodeError>) {

@@ -391,6 +391,74 @@ async fn dollar_topics_not_matched_by_leading_wildcards() {
 }
 
 /// Topic aliases from the client [MQTT-3.3.2-12] and to the client.
+/// [MQTT-3.1.2-25] a PUBLISH is never larger than the client's Maximum
+/// Packet Size, counting the topic alias property the first PUBLISH of a
+/// topic carries: one that fits only without it is discarded, and the alias
+/// it would have set is not spent (the client never learned it).
+async fn max_packet_size_counts_the_alias_a_publish_sets(qos: Q) {
+    const MAX: usize = 100;
+    let b = common::start(&[]).await;
+    let mut s = Raw::connect(b.addr()).await;
+    s.send(&connect5(
+        &common::unique("mps"),
+        Properties {
+            topic_alias_maximum: Some(5),
+            maximum_packet_size: Some(MAX as u32),
+            ..Properties::default()
+        },
+    ))
+    .await;
+    assert!(matches!(s.recv().await, Some(Packet::ConnAck(_))));
+    let topic = common::unique("mps/t");
+    s.send(&subscribe(
+        1,
+        &[(topic.as_str(), SubscriptionOptions::qos(qos))],
+        None,
+    ))
+    .await;
+    assert!(matches!(s.recv().await, Some(Packet::SubAck(_))));
+    // Fixed header 2, topic 2 + len, packet id 2 (QoS 1), properties 1 (+ 3
+    // for an alias): one byte under the maximum without the alias.
+    let id_len = if qos == Q::AtMostOnce { 0 } else { 2 };
+    let fits_without_alias = MAX - 1 - (5 + topic.len() + id_len);
+    let mut p = raw5(&b, &common::unique("mps-pub")).await;
+    for (id, len) in [(1, fits_without_alias), (2, 1)] {
+        p.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: Q::AtLeastOnce,
+            retain: false,
+            topic: topic.clone(),
+            packet_id: Some(id),
+            payload: Bytes::from(vec![b'x'; len]),
+            properties: Properties::default(),
+        }))
+        .await;
+    }
+    let got = next_publish(&mut s).await.expect("the small PUBLISH");
+    assert_eq!(
+        got.payload.len(),
+        1,
+        "the PUBLISH over the maximum was discarded"
+    );
+    assert_eq!(
+        got.topic, topic,
+        "the first PUBLISH received sets the alias"
+    );
+    assert_eq!(got.properties.topic_alias, Some(1));
+    let size = lodestream_mqtt::encoded_len(&Packet::Publish(got), ProtocolVersion::V5).unwrap();
+    assert!(size <= MAX);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_packet_size_counts_the_alias_qos0() {
+    max_packet_size_counts_the_alias_a_publish_sets(Q::AtMostOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_packet_size_counts_the_alias_qos1() {
+    max_packet_size_counts_the_alias_a_publish_sets(Q::AtLeastOnce).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_aliases_both_directions() {
     let b = common::start(&[]).await;
