@@ -1363,32 +1363,39 @@ fn prop_bin<S: Sink>(s: &mut S, ctx: Ctx, pid: u8, v: &Option<Bytes>) -> Result<
     Ok(())
 }
 
-/// Property list contents without the length prefix.
-fn put_property_list<S: Sink>(s: &mut S, p: &Properties, ctx: Ctx) -> Result<(), EncodeError> {
+/// Property list contents without the length prefix; with `d`, its three
+/// fields in place of `p`'s (one writer, so a borrowed delivery encodes to
+/// the bytes of the owned one).
+fn put_property_list<S: Sink>(
+    s: &mut S,
+    p: &Properties,
+    ctx: Ctx,
+    d: Option<&PerDelivery<'_>>,
+) -> Result<(), EncodeError> {
+    let expiry = d.map_or(p.message_expiry_interval, |d| d.message_expiry_interval);
+    let subscription_ids = d.map_or(&p.subscription_identifiers[..], |d| {
+        d.subscription_identifiers
+    });
+    let topic_alias = d.map_or(p.topic_alias, |d| d.topic_alias);
     prop_flag(
         s,
         ctx,
         id::PAYLOAD_FORMAT_INDICATOR,
         p.payload_format_indicator,
     )?;
-    prop_u32(
-        s,
-        ctx,
-        id::MESSAGE_EXPIRY_INTERVAL,
-        p.message_expiry_interval,
-    )?;
+    prop_u32(s, ctx, id::MESSAGE_EXPIRY_INTERVAL, expiry)?;
     prop_str(s, ctx, id::CONTENT_TYPE, &p.content_type)?;
     if let Some(t) = &p.response_topic {
         prop_id(s, ctx, id::RESPONSE_TOPIC)?;
         put_topic_name(s, t)?;
     }
     prop_bin(s, ctx, id::CORRELATION_DATA, &p.correlation_data)?;
-    if ctx != Ctx::Publish && p.subscription_identifiers.len() > 1 {
+    if ctx != Ctx::Publish && subscription_ids.len() > 1 {
         return Err(EncodeError::InvalidPropertyValue {
             id: id::SUBSCRIPTION_IDENTIFIER,
         });
     }
-    for &sid in &p.subscription_identifiers {
+    for &sid in subscription_ids {
         if sid == 0 {
             return Err(EncodeError::InvalidPropertyValue {
                 id: id::SUBSCRIPTION_IDENTIFIER,
@@ -1435,12 +1442,12 @@ fn put_property_list<S: Sink>(s: &mut S, p: &Properties, ctx: Ctx) -> Result<(),
     }
     prop_u16(s, ctx, id::RECEIVE_MAXIMUM, p.receive_maximum)?;
     prop_u16(s, ctx, id::TOPIC_ALIAS_MAXIMUM, p.topic_alias_maximum)?;
-    if p.topic_alias == Some(0) {
+    if topic_alias == Some(0) {
         return Err(EncodeError::InvalidPropertyValue {
             id: id::TOPIC_ALIAS,
         });
     }
-    prop_u16(s, ctx, id::TOPIC_ALIAS, p.topic_alias)?;
+    prop_u16(s, ctx, id::TOPIC_ALIAS, topic_alias)?;
     prop_flag(s, ctx, id::MAXIMUM_QOS, p.maximum_qos)?;
     prop_flag(s, ctx, id::RETAIN_AVAILABLE, p.retain_available)?;
     for (k, v) in &p.user_properties {
@@ -1479,11 +1486,20 @@ fn put_property_list<S: Sink>(s: &mut S, p: &Properties, ctx: Ctx) -> Result<(),
 }
 
 fn put_properties<S: Sink>(s: &mut S, p: &Properties, ctx: Ctx) -> Result<(), EncodeError> {
+    put_properties_with(s, p, ctx, None)
+}
+
+fn put_properties_with<S: Sink>(
+    s: &mut S,
+    p: &Properties,
+    ctx: Ctx,
+    d: Option<&PerDelivery<'_>>,
+) -> Result<(), EncodeError> {
     let mut c = Counter(0);
-    put_property_list(&mut c, p, ctx)?;
+    put_property_list(&mut c, p, ctx, d)?;
     let len = u32::try_from(c.0).unwrap_or(u32::MAX);
     put_varint(s, len, "property length")?;
-    put_property_list(s, p, ctx)
+    put_property_list(s, p, ctx, d)
 }
 
 fn publish_first_byte(p: &PublishRef<'_>) -> u8 {
@@ -1594,7 +1610,7 @@ fn put_publish<S: Sink>(s: &mut S, p: &PublishRef<'_>, v5: bool) -> Result<(), E
         (QoS::AtLeastOnce | QoS::ExactlyOnce, None) => return Err(EncodeError::MissingPacketId),
         _ => {}
     }
-    if v5 && p.topic.is_empty() && p.properties.topic_alias.is_some() {
+    if v5 && p.topic.is_empty() && p.topic_alias().is_some() {
         put_str(s, "")?;
     } else {
         put_topic_name(s, p.topic)?;
@@ -1603,7 +1619,7 @@ fn put_publish<S: Sink>(s: &mut S, p: &PublishRef<'_>, v5: bool) -> Result<(), E
         s.u16(nonzero(id)?);
     }
     if v5 {
-        put_properties(s, p.properties, Ctx::Publish)?;
+        put_properties_with(s, p.properties, Ctx::Publish, p.per_delivery.as_ref())?;
     }
     s.emit(p.payload);
     Ok(())

@@ -260,6 +260,29 @@ pub struct PublishRef<'a> {
     pub packet_id: Option<u16>,
     pub payload: &'a [u8],
     pub properties: &'a Properties,
+    /// Set: replaces the three properties of `properties` that a broker
+    /// sets per delivery, so the message's own are borrowed, not cloned.
+    pub per_delivery: Option<PerDelivery<'a>>,
+}
+
+/// The PUBLISH properties a broker sets per delivery over the message's
+/// own: the expiry left [MQTT-3.3.2-6], the matching subscriptions'
+/// identifiers [MQTT-3.3.4-3] and the topic alias [MQTT-3.3.2-8].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PerDelivery<'a> {
+    pub message_expiry_interval: Option<u32>,
+    pub subscription_identifiers: &'a [u32],
+    pub topic_alias: Option<u16>,
+}
+
+impl PublishRef<'_> {
+    /// The topic alias the PUBLISH carries.
+    pub fn topic_alias(&self) -> Option<u16> {
+        match &self.per_delivery {
+            Some(d) => d.topic_alias,
+            None => self.properties.topic_alias,
+        }
+    }
 }
 
 impl Publish {
@@ -273,6 +296,7 @@ impl Publish {
             packet_id: self.packet_id,
             payload: &self.payload,
             properties: &self.properties,
+            per_delivery: None,
         }
     }
 }

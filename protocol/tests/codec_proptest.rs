@@ -581,6 +581,21 @@ proptest! {
             prop_assert_eq!(&within[6..], &out[..]);
             prop_assert_eq!(encode_publish_within(&p.borrowed(), version, len - 1, &mut within).unwrap(), None);
             prop_assert_eq!(within.len(), 6 + len);
+            // A broker's per-delivery fields over a message's own properties
+            // (other values there) encode to the same bytes.
+            let mut base = p.properties.clone();
+            base.message_expiry_interval = base.message_expiry_interval.map_or(Some(7), |_| None);
+            base.subscription_identifiers = vec![9];
+            base.topic_alias = Some(3);
+            let per = PerDelivery {
+                message_expiry_interval: p.properties.message_expiry_interval,
+                subscription_identifiers: &p.properties.subscription_identifiers,
+                topic_alias: p.properties.topic_alias,
+            };
+            let over = PublishRef { properties: &base, per_delivery: Some(per), ..p.borrowed() };
+            let mut delivered = BytesMut::new();
+            encode_publish(&over, version, &mut delivered).unwrap();
+            prop_assert_eq!(&delivered, &out);
         }
         let mut d = decoder_for(&packet, version);
         let decoded = d.decode(&mut out).unwrap();

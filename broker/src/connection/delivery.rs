@@ -122,13 +122,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if !acl.may_deliver(&self.identity, &msg.topic) {
             return self.discard(&d, "acl_filtered");
         }
-        // MQTT 3.1.1 has no properties: nothing is built per delivery, and
-        // the message's own (never encoded) stand in.
-        let mut properties = self.v5().then(|| Properties {
-            message_expiry_interval: msg.remaining_expiry(now),
-            subscription_identifiers: d.subscription_ids.clone(),
-            ..msg.properties.clone()
-        });
         let packet_id = if d.qos > QoS::AtMostOnce {
             match self.session.outbound.next_packet_id() {
                 Some(id) => Some(id),
@@ -141,21 +134,21 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             None
         };
         if packet_id.is_some() || self.holding() {
-            return self.deliver_checked(d, packet_id, properties);
+            return self.deliver_checked(d, packet_id, now);
         }
         // QoS 0 written now: encoded from the message itself, no owned
-        // PUBLISH (its topic and payload handle were two allocations and
-        // frees per delivery on the read path), and sized as it is encoded.
+        // PUBLISH (its topic, payload handle and properties were copies per
+        // delivery on the read path), and sized as it is encoded.
         let (topic, alias, new_alias) = self.alias_for(&msg.topic);
-        if let Some(p) = properties.as_mut() {
-            p.topic_alias = alias;
+        let mut wire = view(&d, None, topic);
+        if self.v5() {
+            wire.per_delivery = Some(PerDelivery {
+                message_expiry_interval: msg.remaining_expiry(now),
+                subscription_identifiers: &d.subscription_ids,
+                topic_alias: alias,
+            });
         }
-        let props = properties.as_ref().unwrap_or(&msg.properties);
-        let max = self.client_max_packet;
-        match self
-            .io
-            .send_publish_within(&view(&d, None, topic, props), max)
-        {
+        match self.io.send_publish_within(&wire, self.client_max_packet) {
             Ok(true) => {}
             Ok(false) => return self.discard(&d, "too_large_for_client"),
             Err(e) => return self.unencodable(&d, e),
@@ -175,19 +168,24 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// starts, so a discarded message never holds a packet id. Its largest
     /// form is checked [MQTT-3.1.2-25]: the full name, with the alias it
     /// would set now (a resend after a reconnect carries no alias).
-    fn deliver_checked(
-        &mut self,
-        d: Delivery,
-        packet_id: Option<u16>,
-        properties: Option<Properties>,
-    ) {
-        let mut properties = properties.unwrap_or_default();
+    fn deliver_checked(&mut self, d: Delivery, packet_id: Option<u16>, now: i64) {
+        // MQTT 3.1.1 has no properties: none are built for it.
+        let mut properties = if self.v5() {
+            Properties {
+                message_expiry_interval: d.msg.remaining_expiry(now),
+                subscription_identifiers: d.subscription_ids.clone(),
+                ..d.msg.properties.clone()
+            }
+        } else {
+            Properties::default()
+        };
         let (_, alias, new_alias) = self.alias_for(&d.msg.topic);
         properties.topic_alias = alias.filter(|_| new_alias);
-        let checked = lodestream_mqtt::publish_encoded_len(
-            &view(&d, packet_id, &d.msg.topic, &properties),
-            self.version,
-        );
+        let largest = PublishRef {
+            properties: &properties,
+            ..view(&d, packet_id, &d.msg.topic)
+        };
+        let checked = lodestream_mqtt::publish_encoded_len(&largest, self.version);
         match checked {
             Ok(size) if size > self.client_max_packet => {
                 return self.discard(&d, "too_large_for_client")
@@ -315,13 +313,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 }
 
-/// The PUBLISH that sends `d`, borrowed from its message.
-fn view<'a>(
-    d: &'a Delivery,
-    packet_id: Option<u16>,
-    topic: &'a str,
-    properties: &'a Properties,
-) -> PublishRef<'a> {
+/// The PUBLISH that sends `d`, borrowed from its message (its properties
+/// as they are: a v5 delivery sets `per_delivery`).
+fn view<'a>(d: &'a Delivery, packet_id: Option<u16>, topic: &'a str) -> PublishRef<'a> {
     PublishRef {
         dup: false,
         qos: d.qos,
@@ -329,6 +323,7 @@ fn view<'a>(
         topic,
         packet_id,
         payload: &d.msg.payload,
-        properties,
+        properties: &d.msg.properties,
+        per_delivery: None,
     }
 }

@@ -36,8 +36,9 @@ use futures::StreamExt;
 use lodestream_mqtt::codec::{reason_allowed_in, DecodeError, Decoder};
 use lodestream_mqtt::topic::SharedFilter;
 use lodestream_mqtt::{
-    encode, Ack, ConnAck, Connect, Disconnect, EncodeError, Packet, Properties, ProtocolVersion,
-    Publish, PublishRef, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    encode, Ack, ConnAck, Connect, Disconnect, EncodeError, Packet, PerDelivery, Properties,
+    ProtocolVersion, Publish, PublishRef, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    UnsubAck, Unsubscribe,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;

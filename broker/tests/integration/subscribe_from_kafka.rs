@@ -185,6 +185,39 @@ async fn kafka_record_from_plain_producer_reaches_subscriber() {
     );
 }
 
+/// A QoS 0 delivery to an MQTT 5 subscriber (encoded from the shared
+/// message, its per-delivery properties set over the message's own) carries
+/// the message's properties [MQTT-3.3.2-*], the expiry left [MQTT-3.3.2-6]
+/// and the subscription identifier [MQTT-3.3.4-3].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_qos0_delivery_carries_message_and_delivery_properties() {
+    let b = common::start(&[]).await;
+    let mut s = raw5(&b, &common::unique("sub")).await;
+    let topic = common::unique("props/t");
+    s.send(&subscribe(1, &[(topic.as_str(), SubscriptionOptions::qos(Q::AtMostOnce))], Some(7)))
+        .await;
+    assert!(matches!(s.recv().await, Some(Packet::SubAck(_))));
+    common::produce(
+        &b.default_topic,
+        &topic,
+        b"v",
+        &[
+            ("source", b"ksql"),
+            ("mqtt.message_expiry", b"3600"),
+            ("mqtt.content_type", b"text/plain"),
+        ],
+    )
+    .await;
+    let p = next_publish(&mut s).await.expect("record delivered");
+    assert_eq!((p.topic.as_str(), p.qos), (topic.as_str(), Q::AtMostOnce));
+    let props = &p.properties;
+    assert_eq!(props.user_properties, vec![("source".into(), "ksql".into())]);
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert!(matches!(props.message_expiry_interval, Some(3595..=3600)));
+    assert_eq!(props.subscription_identifiers, vec![7]);
+    assert_eq!(props.topic_alias, None, "the client allows no aliases");
+}
+
 /// Retained messages: served on SUBSCRIBE with RETAIN=1 [MQTT-3.3.1-9],
 /// replaced, deleted by an empty payload [MQTT-3.3.1-6/7], and retain
 /// handling 2 sends none [MQTT-3.3.1-11].
