@@ -194,8 +194,12 @@ async fn v5_qos0_delivery_carries_message_and_delivery_properties() {
     let b = common::start(&[]).await;
     let mut s = raw5(&b, &common::unique("sub")).await;
     let topic = common::unique("props/t");
-    s.send(&subscribe(1, &[(topic.as_str(), SubscriptionOptions::qos(Q::AtMostOnce))], Some(7)))
-        .await;
+    s.send(&subscribe(
+        1,
+        &[(topic.as_str(), SubscriptionOptions::qos(Q::AtMostOnce))],
+        Some(7),
+    ))
+    .await;
     assert!(matches!(s.recv().await, Some(Packet::SubAck(_))));
     common::produce(
         &b.default_topic,
@@ -211,7 +215,10 @@ async fn v5_qos0_delivery_carries_message_and_delivery_properties() {
     let p = next_publish(&mut s).await.expect("record delivered");
     assert_eq!((p.topic.as_str(), p.qos), (topic.as_str(), Q::AtMostOnce));
     let props = &p.properties;
-    assert_eq!(props.user_properties, vec![("source".into(), "ksql".into())]);
+    assert_eq!(
+        props.user_properties,
+        vec![("source".into(), "ksql".into())]
+    );
     assert_eq!(props.content_type.as_deref(), Some("text/plain"));
     assert!(matches!(props.message_expiry_interval, Some(3595..=3600)));
     assert_eq!(props.subscription_identifiers, vec![7]);
