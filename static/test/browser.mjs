@@ -110,7 +110,12 @@ async function checkMapWorthWatching(page) {
   if ((await L()).routesDrawn === 0 && routeAs) published = await publishRoute(page);
   if (published) await page.waitForFunction(() => window.__lodestream.routesDrawn > 0, { timeout: 15_000 }).catch(() => {});
   s = await L();
-  const routeDrawn = await page.evaluate(() => window.__lodestream.renderedCount('route-line'));
+  // Counted from the first frame that draws a route, as the dots above: a single sample races
+  // the routes' setData each second (CI: 15 routes, 0 counted).
+  const routeDrawn = await page.waitForFunction(() => {
+    const n = window.__lodestream.renderedCount('route-line');
+    return n > 0 ? n : false;
+  }, { timeout: 10_000, polling: 100 }).then((h) => h.jsonValue(), () => 0);
   check('a followed truck shows its route ahead', s.routesDrawn > 0 && routeDrawn > 0,
     `${s.routesDrawn} routes, ${routeDrawn} drawn${published ? ` (test route published for ${published.plate})` : ''}`);
   if (published) await published.clear();
