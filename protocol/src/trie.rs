@@ -218,7 +218,10 @@ impl<K: Eq + Hash + Clone, V> TopicTrie<K, V> {
                 continue;
             };
             let rest = topic.get(start..).unwrap_or_default();
-            let (level, next) = match rest.find('/') {
+            // A byte search: `/` is ASCII, so never inside a multi-byte
+            // character, and `str::find(char)` cost more than the rest of
+            // the walk for topics of a few short levels.
+            let (level, next) = match rest.bytes().position(|b| b == b'/') {
                 Some(i) => (&rest[..i], Some(start + i + 1)),
                 None => (rest, None),
             };
