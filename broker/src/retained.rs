@@ -99,7 +99,8 @@ mod tests {
             properties: Properties {
                 message_expiry_interval: expiry,
                 ..Properties::default()
-            },
+            }
+            .into(),
             publisher: None,
             timestamp_ms: 0,
         })

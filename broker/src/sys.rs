@@ -284,7 +284,8 @@ async fn publish(node: &Node, topics: Vec<(String, String)>, expiry_s: u32) {
             properties: Properties {
                 message_expiry_interval: Some(expiry_s),
                 ..Properties::default()
-            },
+            }
+            .into(),
             publisher: None,
             timestamp_ms: now_ms(),
         });

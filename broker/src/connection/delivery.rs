@@ -174,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             Properties {
                 message_expiry_interval: d.msg.remaining_expiry(now),
                 subscription_identifiers: d.subscription_ids.clone(),
-                ..d.msg.properties.clone()
+                ..Properties::clone(&d.msg.properties)
             }
         } else {
             Properties::default()

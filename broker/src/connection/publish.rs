@@ -142,7 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 self.session.inbound_qos2.found_written(packet_id, seq);
                 self.node.metrics().qos2_duplicates_suppressed.inc();
                 let msg = Arc::new(Message {
-                    properties: Properties::default(),
+                    properties: Default::default(),
                     topic: p.topic.clone(),
                     payload: p.payload.clone(),
                     qos: p.qos,
