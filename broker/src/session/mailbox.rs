@@ -202,6 +202,11 @@ impl<T> Receiver<T> {
         self.0.lock().items.is_empty()
     }
 
+    /// Messages queued now.
+    pub fn len(&self) -> usize {
+        self.0.lock().items.len()
+    }
+
     /// Puts `older` (taken from this queue earlier, oldest first) back in
     /// front of what is queued, in order, as far as the bound allows; returns
     /// the newest of them that did not fit.
