@@ -1276,11 +1276,9 @@ fn put_binary<S: Sink>(s: &mut S, v: &[u8]) -> Result<(), EncodeError> {
 }
 
 fn put_topic_name<S: Sink>(s: &mut S, v: &str) -> Result<(), EncodeError> {
-    // The check covers U+0000 and the length: `put_str` would scan again.
+    // The check covers U+0000: `put_str` would scan for it again.
     topic::validate_topic_name(v).map_err(EncodeError::InvalidTopicName)?;
-    s.u16(v.len() as u16);
-    s.emit(v.as_bytes());
-    Ok(())
+    put_binary(s, v.as_bytes())
 }
 
 fn put_filter<S: Sink>(s: &mut S, v: &str, v5: bool) -> Result<bool, EncodeError> {

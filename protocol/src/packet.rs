@@ -162,7 +162,7 @@ impl ReasonCode {
 /// MQTT 5 properties (spec 2.2.2.2). Every property is optional; which ones
 /// may appear in which packet is checked by the codec. `user_properties`
 /// keeps wire order, as the spec requires.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Properties {
     pub payload_format_indicator: Option<u8>,
     pub message_expiry_interval: Option<u32>,
@@ -196,8 +196,8 @@ pub struct Properties {
 }
 
 impl Properties {
-    /// No property set: what `Properties::default()` gives, as a constant
-    /// (a `&'static` to stand for an absent set).
+    /// No property set, as a constant (a `&'static` can stand for an absent
+    /// set); `Properties::default()` is this.
     pub const EMPTY: Properties = Properties {
         payload_format_indicator: None,
         message_expiry_interval: None,
@@ -230,6 +230,12 @@ impl Properties {
 
     pub fn is_empty(&self) -> bool {
         *self == Properties::EMPTY
+    }
+}
+
+impl Default for Properties {
+    fn default() -> Self {
+        Properties::EMPTY
     }
 }
 
