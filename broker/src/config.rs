@@ -253,7 +253,7 @@ impl Default for KafkaConfig {
             fast_lane_below: 2000,
             delivery_timeout_ms: 30_000,
             fetch_wait_max_ms: 500,
-            fetch_busy_wait_ms: 10,
+            fetch_busy_wait_ms: 20,
             native_fetch: true,
             properties: BTreeMap::new(),
         }
