@@ -5,10 +5,10 @@
 //! few producer batches, and each fetch costs its round trip, system calls,
 //! wake-ups and a socket write per subscriber: at 16,000 msg/s a fetch that
 //! waits up to 10 ms for more cut the read path's CPU per message by a third,
-//! and 20 ms by a fifth again (docs/benchmarks.md). So while records arrive at `BUSY_RATE` or more, a
-//! fetch asks Kafka for `BUSY_MIN_BYTES` and waits at most `busy_wait_ms`
-//! for them, as the batch lane lingers on the write side; below half that
-//! rate nothing waits.
+//! and 20 ms by about a sixth more (docs/benchmarks.md). So while records
+//! arrive at `BUSY_RATE` or more, a fetch asks Kafka for `BUSY_MIN_BYTES` and
+//! waits at most `busy_wait_ms` for them, as the batch lane lingers on the
+//! write side; below half that rate nothing waits.
 //!
 //! The rate over `WINDOW`, not one answer's size, decides: one answer's
 //! size swings with how the producers' batches fall across partitions and
