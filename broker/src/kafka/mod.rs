@@ -7,6 +7,7 @@ pub mod catchup;
 mod consumer;
 pub mod fetch;
 pub mod lanes;
+pub mod produce;
 mod producer;
 pub mod qos2_scan;
 mod reader;
