@@ -33,6 +33,7 @@ mod key_templates;
 mod malformed_input;
 mod metrics_endpoint;
 mod operations;
+mod own_producer;
 mod publish_to_kafka;
 mod qos2_scan_late_write;
 mod redelivery_after_node_death;

@@ -15,7 +15,7 @@
 mod batches;
 mod fetch_codec;
 mod pace;
-mod wire;
+pub(crate) mod wire;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
-    MetadataResponse, RequestHeader, ResponseHeader,
+    ApiKey, FetchRequest, FetchResponse, InitProducerIdRequest, InitProducerIdResponse,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, RequestHeader, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,6 +42,16 @@ impl Call for ListOffsetsRequest {
 impl Call for MetadataRequest {
     const KEY: ApiKey = ApiKey::Metadata;
     type Response = MetadataResponse;
+}
+
+impl Call for InitProducerIdRequest {
+    const KEY: ApiKey = ApiKey::InitProducerId;
+    type Response = InitProducerIdResponse;
+}
+
+impl Call for ProduceRequest {
+    const KEY: ApiKey = ApiKey::Produce;
+    type Response = ProduceResponse;
 }
 
 #[derive(Debug, thiserror::Error)]
