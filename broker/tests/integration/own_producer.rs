@@ -33,6 +33,12 @@ async fn topic_with_partitions(n: i32) -> String {
     topic
 }
 
+async fn producer() -> IdempotentConn {
+    IdempotentConn::connect(&common::kafka(), "own-producer-test", T)
+        .await
+        .expect("producer id")
+}
+
 fn batch(topic: &str, partition: i32, base_sequence: i32, n: usize) -> PartitionBatch {
     PartitionBatch {
         topic: topic.to_string(),
@@ -52,9 +58,7 @@ fn batch(topic: &str, partition: i32, base_sequence: i32, n: usize) -> Partition
 #[tokio::test]
 async fn a_request_sent_again_after_a_lost_answer_is_written_once() {
     let topic = topic_with_partitions(3).await;
-    let mut c = IdempotentConn::connect(&common::kafka(), "own-producer-test", T)
-        .await
-        .expect("producer id");
+    let mut c = producer().await;
     let batches = [
         batch(&topic, 0, 0, 3),
         batch(&topic, 1, 0, 2),
@@ -83,9 +87,7 @@ async fn a_request_sent_again_after_a_lost_answer_is_written_once() {
 #[tokio::test]
 async fn sequences_continue_after_a_write_and_a_gap_is_refused() {
     let topic = topic_with_partitions(1).await;
-    let mut c = IdempotentConn::connect(&common::kafka(), "own-producer-test", T)
-        .await
-        .expect("producer id");
+    let mut c = producer().await;
     let ok = c.produce(&[batch(&topic, 0, 0, 3)]).await.expect("answer");
     assert_eq!(ok[0].error_code, 0);
     let next = c.produce(&[batch(&topic, 0, 3, 2)]).await.expect("answer");
