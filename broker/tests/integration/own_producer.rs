@@ -98,3 +98,23 @@ async fn sequences_continue_after_a_write_and_a_gap_is_refused() {
     let records = common::read_topic(&topic, 6, Duration::from_secs(8));
     assert_eq!(records.len(), 5, "the refused batch is not written");
 }
+
+#[tokio::test]
+async fn a_bumped_epoch_starts_again_at_sequence_zero() {
+    let topic = topic_with_partitions(1).await;
+    let mut c = producer().await;
+    let ok = c.produce(&[batch(&topic, 0, 0, 2)]).await.expect("answer");
+    assert_eq!(ok[0].error_code, 0);
+    assert!(c.bump_epoch());
+    // A new epoch that does not start at 0: OUT_OF_ORDER_SEQUENCE_NUMBER.
+    let wrong = c.produce(&[batch(&topic, 0, 2, 1)]).await.expect("answer");
+    assert_eq!(wrong[0].error_code, 45, "{wrong:?}");
+    let fresh = c.produce(&[batch(&topic, 0, 0, 1)]).await.expect("answer");
+    assert_eq!(
+        (fresh[0].error_code, fresh[0].base_offset),
+        (0, 2),
+        "{fresh:?}"
+    );
+    let records = common::read_topic(&topic, 4, Duration::from_secs(8));
+    assert_eq!(records.len(), 3);
+}

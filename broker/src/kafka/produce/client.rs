@@ -68,6 +68,20 @@ impl IdempotentConn {
         self.who
     }
 
+    /// Bumps the epoch here, as Kafka's Java client does for a producer
+    /// without a transactional id: Kafka takes a higher epoch of a known
+    /// producer id when each partition's sequences start again at 0.
+    /// `false` at the last epoch: a new producer id is needed instead.
+    pub fn bump_epoch(&mut self) -> bool {
+        match self.who.epoch.checked_add(1) {
+            Some(e) => {
+                self.who.epoch = e;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Sends one request holding every batch and waits for its answers.
     pub async fn produce(
         &mut self,
