@@ -2,5 +2,6 @@
 //! progress on this branch; the broker still writes through `producer.rs`.
 
 pub mod client;
+pub mod epoch;
 pub mod request;
 pub mod sequence;

@@ -29,6 +29,8 @@ pub enum SealError {
     Busy,
     #[error("a batch holds 1 to 2147483647 records, not {0}")]
     Size(usize),
+    #[error("the producer's epoch is being bumped")]
+    Bumping,
 }
 
 /// Why a batch's writes failed.
