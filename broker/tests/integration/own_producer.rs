@@ -118,3 +118,59 @@ async fn a_bumped_epoch_starts_again_at_sequence_zero() {
     let records = common::read_topic(&topic, 4, Duration::from_secs(8));
     assert_eq!(records.len(), 3);
 }
+
+#[tokio::test]
+async fn concurrent_writes_through_one_sender_land_once_each_with_their_offsets() {
+    use lodestream_broker::kafka::produce::sender::{self, SenderConfig, Write};
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use tokio::sync::{mpsc, oneshot};
+
+    let topic = topic_with_partitions(3).await;
+    let (tx, rx) = mpsc::channel::<Write>(1024);
+    let cfg = SenderConfig {
+        delivery_timeout: T,
+        max_batch_records: 500,
+        retry_backoff: Duration::from_millis(50),
+    };
+    let sender = tokio::spawn(sender::run(producer().await, rx, cfg));
+    let name: Arc<str> = Arc::from(topic.as_str());
+    let mut clients = Vec::new();
+    for c in 0..50 {
+        let (tx, name) = (tx.clone(), name.clone());
+        clients.push(tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            for i in 0..100 {
+                let (done, outcome) = oneshot::channel();
+                let record = OutRecord {
+                    key: Some(Bytes::from(format!("c{c}/{i}"))),
+                    value: Some(Bytes::from_static(b"x")),
+                    headers: Vec::new(),
+                    timestamp_ms: 1_700_000_000_000,
+                };
+                let partition = (c % 3) as i32;
+                let w = Write {
+                    topic: name.clone(),
+                    partition,
+                    record,
+                    done,
+                };
+                tx.send(w).await.expect("sender runs");
+                let offset = outcome.await.expect("answered").expect("written");
+                offsets.push((partition, offset));
+            }
+            offsets
+        }));
+    }
+    drop(tx);
+    let mut seen = HashSet::new();
+    for c in clients {
+        for po in c.await.expect("client") {
+            assert!(po.1 >= 0 && seen.insert(po), "offset given twice: {po:?}");
+        }
+    }
+    sender.await.expect("sender ends once its writers are gone");
+    let records = common::read_topic(&topic, 5001, Duration::from_secs(10));
+    let keys: HashSet<_> = records.iter().map(|r| r.key.clone()).collect();
+    assert_eq!((records.len(), keys.len()), (5000, 5000), "each write once");
+}

@@ -35,6 +35,8 @@ pub struct IdempotentConn {
     conn: KafkaConn,
     who: ProducerIdentity,
     timeout: Duration,
+    addr: String,
+    client_id: String,
 }
 
 impl IdempotentConn {
@@ -61,7 +63,20 @@ impl IdempotentConn {
             id: resp.producer_id.0,
             epoch: resp.producer_epoch,
         };
-        Ok(IdempotentConn { conn, who, timeout })
+        Ok(IdempotentConn {
+            conn,
+            who,
+            timeout,
+            addr: addr.to_string(),
+            client_id: client_id.to_string(),
+        })
+    }
+
+    /// A new connection for the same producer id and epoch (after a request
+    /// went unanswered: its answer must not be read as the next one's).
+    pub async fn reconnect(&mut self) -> Result<(), ProduceCallError> {
+        self.conn = KafkaConn::connect(&self.addr, &self.client_id).await?;
+        Ok(())
     }
 
     pub fn identity(&self) -> ProducerIdentity {

@@ -4,4 +4,5 @@
 pub mod client;
 pub mod epoch;
 pub mod request;
+pub mod sender;
 pub mod sequence;
