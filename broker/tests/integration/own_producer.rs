@@ -136,7 +136,7 @@ async fn concurrent_writes_through_one_sender_land_once_each_with_their_offsets(
     let sender = tokio::spawn(sender::run(producer().await, rx, cfg));
     let name: Arc<str> = Arc::from(topic.as_str());
     let mut clients = Vec::new();
-    for c in 0..50 {
+    for c in 0..50i32 {
         let (tx, name) = (tx.clone(), name.clone());
         clients.push(tokio::spawn(async move {
             let mut offsets = Vec::new();
@@ -148,7 +148,7 @@ async fn concurrent_writes_through_one_sender_land_once_each_with_their_offsets(
                     headers: Vec::new(),
                     timestamp_ms: 1_700_000_000_000,
                 };
-                let partition = (c % 3) as i32;
+                let partition = c % 3;
                 let w = Write {
                     topic: name.clone(),
                     partition,
