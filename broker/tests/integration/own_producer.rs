@@ -132,6 +132,7 @@ async fn concurrent_writes_through_one_sender_land_once_each_with_their_offsets(
         delivery_timeout: T,
         max_batch_records: 500,
         retry_backoff: Duration::from_millis(50),
+        linger: Duration::ZERO,
     };
     let sender = tokio::spawn(sender::run(producer().await, rx, cfg));
     let name: Arc<str> = Arc::from(topic.as_str());

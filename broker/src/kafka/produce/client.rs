@@ -6,9 +6,11 @@ use std::time::Duration;
 use kafka_protocol::messages::InitProducerIdRequest;
 use kafka_protocol::messages::ProducerId;
 
+use kafka_protocol::protocol::StrBytes;
+
 use super::request::{
-    produce_request, EncodeError, PartitionBatch, ProducerIdentity, INIT_PRODUCER_ID_VERSION,
-    PRODUCE_VERSION,
+    produce_request, EncodeError, Encoded, PartitionBatch, ProducerIdentity,
+    INIT_PRODUCER_ID_VERSION, PRODUCE_VERSION,
 };
 use crate::kafka::fetch::wire::{KafkaConn, WireError};
 
@@ -25,7 +27,7 @@ pub enum ProduceCallError {
 /// One partition's answer in a Produce response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
-    pub topic: String,
+    pub topic: StrBytes,
     pub partition: i32,
     pub error_code: i16,
     pub base_offset: i64,
@@ -97,13 +99,25 @@ impl IdempotentConn {
         }
     }
 
-    /// Sends one request holding every batch and waits for its answers.
+    /// Encodes every batch and sends them in one request (see `produce_encoded`).
     pub async fn produce(
         &mut self,
         batches: &[PartitionBatch],
     ) -> Result<Vec<Answer>, ProduceCallError> {
+        let encoded = batches
+            .iter()
+            .map(|b| Encoded::new(self.who, b))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.produce_encoded(&encoded).await
+    }
+
+    /// Sends one request holding every batch and waits for its answers.
+    pub async fn produce_encoded(
+        &mut self,
+        batches: &[Encoded],
+    ) -> Result<Vec<Answer>, ProduceCallError> {
         let timeout_ms = i32::try_from(self.timeout.as_millis()).unwrap_or(i32::MAX);
-        let req = produce_request(self.who, batches, timeout_ms)?;
+        let req = produce_request(batches, timeout_ms);
         // Kafka waits up to `timeout_ms` for the replicas; the answer may
         // take that long plus the round trip.
         let wait = self.timeout + Duration::from_secs(5);
@@ -112,7 +126,7 @@ impl IdempotentConn {
         for t in resp.responses {
             for p in t.partition_responses {
                 answers.push(Answer {
-                    topic: t.name.0.to_string(),
+                    topic: t.name.0.clone(),
                     partition: p.index,
                     error_code: p.error_code,
                     base_offset: p.base_offset,

@@ -81,19 +81,34 @@ pub fn encode_batch(who: ProducerIdentity, batch: &PartitionBatch) -> Result<Byt
     Ok(buf.freeze())
 }
 
+/// A sealed batch, encoded once: a retry sends the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub topic: StrBytes,
+    pub partition: i32,
+    pub bytes: Bytes,
+}
+
+impl Encoded {
+    pub fn new(who: ProducerIdentity, batch: &PartitionBatch) -> Result<Encoded, EncodeError> {
+        Ok(Encoded {
+            topic: StrBytes::from_string(batch.topic.clone()),
+            partition: batch.partition,
+            bytes: encode_batch(who, batch)?,
+        })
+    }
+}
+
 /// One request for every batch, `acks=all`, Kafka waiting at most
 /// `timeout_ms` for the in-sync replicas.
-pub fn produce_request(
-    who: ProducerIdentity,
-    batches: &[PartitionBatch],
-    timeout_ms: i32,
-) -> Result<ProduceRequest, EncodeError> {
+pub fn produce_request(batches: &[Encoded], timeout_ms: i32) -> ProduceRequest {
     let mut topics: Vec<TopicProduceData> = Vec::new();
     for b in batches {
+        // `Bytes` clones: reference counts, not copies.
         let data = PartitionProduceData::default()
             .with_index(b.partition)
-            .with_records(Some(encode_batch(who, b)?));
-        let name = TopicName(StrBytes::from_string(b.topic.clone()));
+            .with_records(Some(b.bytes.clone()));
+        let name = TopicName(b.topic.clone());
         match topics.iter_mut().find(|t| t.name == name) {
             Some(t) => t.partition_data.push(data),
             None => topics.push(
@@ -103,10 +118,10 @@ pub fn produce_request(
             ),
         }
     }
-    Ok(ProduceRequest::default()
+    ProduceRequest::default()
         .with_acks(-1)
         .with_timeout_ms(timeout_ms)
-        .with_topic_data(topics))
+        .with_topic_data(topics)
 }
 
 #[cfg(test)]
@@ -147,7 +162,9 @@ mod tests {
     #[test]
     fn all_partitions_of_a_topic_go_in_one_request() {
         let who = ProducerIdentity { id: 1, epoch: 0 };
-        let req = produce_request(who, &[batch(0, 0, 1), batch(2, 5, 2)], 30_000).expect("builds");
+        let encoded =
+            [batch(0, 0, 1), batch(2, 5, 2)].map(|b| Encoded::new(who, &b).expect("encodes"));
+        let req = produce_request(&encoded, 30_000);
         assert_eq!(req.acks, -1, "acks=all");
         assert_eq!(req.topic_data.len(), 1);
         let parts: Vec<i32> = req.topic_data[0]

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::client::IdempotentConn;
 use super::epoch::Sequences;
-use super::request::{OutRecord, PartitionBatch};
+use super::request::{Encoded, OutRecord, PartitionBatch};
 use super::sequence::{Failure, Next};
 
 type Key = (Arc<str>, i32);
@@ -35,7 +35,12 @@ pub enum WriteError {
     Failed(Failure),
     #[error("the sender stopped")]
     Stopped,
+    #[error("could not encode: {0}")]
+    Encode(String),
 }
+
+/// Kafka's INVALID_RECORD: how a batch we could not encode is settled.
+const INVALID_RECORD: i16 = 87;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SenderConfig {
@@ -44,11 +49,15 @@ pub struct SenderConfig {
     pub max_batch_records: usize,
     /// Pause before a resend.
     pub retry_backoff: Duration,
+    /// How long the first write after an idle spell waits for company
+    /// (0: sent at once; batches still form while a request is out).
+    pub linger: Duration,
 }
 
-/// A sealed batch and the writes it carries, in order.
+/// A sealed batch, encoded once, and the writes it carries, in order.
 struct Flight {
     batch: PartitionBatch,
+    encoded: Encoded,
     writes: Vec<Done>,
 }
 
@@ -83,6 +92,9 @@ pub async fn run(conn: IdempotentConn, mut rx: mpsc::Receiver<Write>, cfg: Sende
             match rx.recv().await {
                 Some(w) => s.take(w),
                 None => return,
+            }
+            if !s.cfg.linger.is_zero() {
+                tokio::time::sleep(s.cfg.linger).await;
             }
         }
         while let Ok(w) = rx.try_recv() {
@@ -138,19 +150,43 @@ impl Sender {
                 base_sequence: sealed.base_sequence,
                 records,
             };
-            self.flights.insert(key.clone(), Flight { batch, writes });
-            keys.push(key);
+            match Encoded::new(self.conn.identity(), &batch) {
+                Ok(encoded) => {
+                    let flight = Flight {
+                        batch,
+                        encoded,
+                        writes,
+                    };
+                    self.flights.insert(key.clone(), flight);
+                    keys.push(key);
+                }
+                Err(e) => {
+                    // Never sent: its sequences go to the next batch.
+                    let why = e.to_string();
+                    let next = self.seqs.on_answer(
+                        &key.0,
+                        key.1,
+                        (INVALID_RECORD, -1),
+                        now,
+                        self.cfg.delivery_timeout,
+                    );
+                    tracing::error!(error = %why, ?next, "could not encode a batch");
+                    for tx in writes {
+                        let _ = tx.send(Err(WriteError::Encode(why.clone())));
+                    }
+                }
+            }
         }
         keys
     }
 
     /// One request with the batches of `keys`, and what its answer means.
     async fn exchange(&mut self, keys: Vec<Key>) {
-        let batches: Vec<PartitionBatch> = keys
+        let batches: Vec<Encoded> = keys
             .iter()
-            .filter_map(|k| self.flights.get(k).map(|f| f.batch.clone()))
+            .filter_map(|k| self.flights.get(k).map(|f| f.encoded.clone()))
             .collect();
-        let result = self.conn.produce(&batches).await;
+        let result = self.conn.produce_encoded(&batches).await;
         let now = Instant::now();
         let timeout = self.cfg.delivery_timeout;
         let mut answered = HashSet::new();
@@ -234,10 +270,18 @@ impl Sender {
             tracing::error!("producer epoch exhausted");
             return;
         }
+        let who = self.conn.identity();
         for key in self.seqs.bumped() {
             if let Some(f) = self.flights.get_mut(&key) {
                 f.batch.base_sequence = 0;
-                self.resend.insert(key);
+                match Encoded::new(who, &f.batch) {
+                    Ok(e) => {
+                        f.encoded = e;
+                        self.resend.insert(key);
+                    }
+                    // It encoded before; it cannot fail now.
+                    Err(e) => tracing::error!(error = %e, "could not encode a batch again"),
+                }
             }
         }
     }
