@@ -1,6 +1,7 @@
 //! Benchmark (branch own-producer): the client-side CPU a QoS 1 write costs,
 //! through the broker's librdkafka `Producer` and through the own sender
-//! (`kafka/produce/sender.rs`), alternately in one process.
+//! (`kafka/produce/sender.rs`: its task, and `Combined`, where writers
+//! take turns sending), alternately in one process.
 //!
 //!   cargo run --release -p lodestream-broker --example produce_cpu -- \
 //!       [--writers 200] [--records 50] [--interval-ms 0] [--rounds 3]
@@ -26,7 +27,7 @@ use bytes::Bytes;
 use lodestream_broker::config::KafkaConfig;
 use lodestream_broker::kafka::produce::client::IdempotentConn;
 use lodestream_broker::kafka::produce::request::OutRecord;
-use lodestream_broker::kafka::produce::sender::{self, SenderConfig, Write};
+use lodestream_broker::kafka::produce::sender::{self, Combined, SenderConfig, Write};
 use lodestream_broker::kafka::Producer;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -192,6 +193,36 @@ async fn run_own(topic: &str, linger: Duration, pace: Pace, records: usize) -> a
     Ok(())
 }
 
+async fn run_combined(topic: &str, pace: Pace, records: usize) -> anyhow::Result<()> {
+    let conn = IdempotentConn::connect(&kafka(), "produce-cpu", Duration::from_secs(30)).await?;
+    let cfg = SenderConfig {
+        delivery_timeout: Duration::from_secs(30),
+        max_batch_records: 1000,
+        retry_backoff: Duration::from_millis(50),
+        linger: Duration::ZERO,
+    };
+    let combined = Arc::new(Combined::new(conn, cfg));
+    let name: Arc<str> = Arc::from(topic);
+    let mut tasks = Vec::new();
+    for w in 0..pace.writers {
+        let (combined, name) = (combined.clone(), name.clone());
+        tasks.push(tokio::spawn(async move {
+            pace.start(w).await;
+            for i in 0..records {
+                combined
+                    .write(name.clone(), (w % 3) as i32, record(w, i))
+                    .await?;
+                pace.between().await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter()
         .position(|a| a == name)
@@ -223,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     kinds.extend(own_lingers.iter().map(|l| format!("own-linger-{l}")));
+    kinds.push("own-combined".into());
     let mut topics = Vec::new();
     let mut results: Vec<(String, Vec<f64>)> =
         kinds.iter().map(|k| (k.clone(), Vec::new())).collect();
@@ -234,10 +266,10 @@ async fn main() -> anyhow::Result<()> {
             let (c0, t0) = (cpu_s(), Instant::now());
             match lingers.get(k) {
                 Some(&l) => run_rdkafka(&topic, l, pace, records).await?,
-                None => {
-                    let linger = Duration::from_millis(own_lingers[k - lingers.len()]);
-                    run_own(&topic, linger, pace, records).await?
-                }
+                None => match own_lingers.get(k - lingers.len()) {
+                    Some(&l) => run_own(&topic, Duration::from_millis(l), pace, records).await?,
+                    None => run_combined(&topic, pace, records).await?,
+                },
             }
             let (cpu, wall) = (cpu_s() - c0, t0.elapsed().as_secs_f64());
             let us = cpu / total * 1e6;

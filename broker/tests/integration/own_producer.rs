@@ -175,3 +175,50 @@ async fn concurrent_writes_through_one_sender_land_once_each_with_their_offsets(
     let keys: HashSet<_> = records.iter().map(|r| r.key.clone()).collect();
     assert_eq!((records.len(), keys.len()), (5000, 5000), "each write once");
 }
+
+#[tokio::test]
+async fn concurrent_writes_that_take_turns_sending_land_once_each() {
+    use lodestream_broker::kafka::produce::sender::{Combined, SenderConfig};
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    let topic = topic_with_partitions(3).await;
+    let cfg = SenderConfig {
+        delivery_timeout: T,
+        max_batch_records: 500,
+        retry_backoff: Duration::from_millis(50),
+        linger: Duration::ZERO,
+    };
+    let combined = Arc::new(Combined::new(producer().await, cfg));
+    let name: Arc<str> = Arc::from(topic.as_str());
+    let mut clients = Vec::new();
+    for c in 0..50i32 {
+        let (combined, name) = (combined.clone(), name.clone());
+        clients.push(tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            for i in 0..100 {
+                let record = OutRecord {
+                    key: Some(Bytes::from(format!("c{c}/{i}"))),
+                    value: Some(Bytes::from_static(b"x")),
+                    headers: Vec::new(),
+                    timestamp_ms: 1_700_000_000_000,
+                };
+                let offset = combined
+                    .write(name.clone(), c % 3, record)
+                    .await
+                    .expect("written");
+                offsets.push((c % 3, offset));
+            }
+            offsets
+        }));
+    }
+    let mut seen = HashSet::new();
+    for c in clients {
+        for po in c.await.expect("client") {
+            assert!(po.1 >= 0 && seen.insert(po), "offset given twice: {po:?}");
+        }
+    }
+    let records = common::read_topic(&topic, 5001, Duration::from_secs(10));
+    let keys: HashSet<_> = records.iter().map(|r| r.key.clone()).collect();
+    assert_eq!((records.len(), keys.len()), (5000, 5000), "each write once");
+}

@@ -74,15 +74,7 @@ struct Sender {
 
 /// Runs until every `Write` sender is gone and everything is answered.
 pub async fn run(conn: IdempotentConn, mut rx: mpsc::Receiver<Write>, cfg: SenderConfig) {
-    let mut s = Sender {
-        conn,
-        cfg,
-        seqs: Sequences::default(),
-        open: HashMap::new(),
-        flights: HashMap::new(),
-        resend: HashSet::new(),
-        limit: HashMap::new(),
-    };
+    let mut s = Sender::new(conn, cfg);
     let mut closed = false;
     loop {
         if s.open.values().all(VecDeque::is_empty) && s.flights.is_empty() {
@@ -112,7 +104,89 @@ pub async fn run(conn: IdempotentConn, mut rx: mpsc::Receiver<Write>, cfg: Sende
     }
 }
 
+/// The sender without a task of its own: a write joins the waiting
+/// records, and whichever writer finds no request out sends, for everyone,
+/// until nothing is left. No hop to a sender task, and no wake-up of one.
+pub struct Combined {
+    waiting: std::sync::Mutex<Vec<Write>>,
+    sender: tokio::sync::Mutex<Sender>,
+}
+
+impl Combined {
+    pub fn new(conn: IdempotentConn, cfg: SenderConfig) -> Combined {
+        Combined {
+            waiting: std::sync::Mutex::new(Vec::new()),
+            sender: tokio::sync::Mutex::new(Sender::new(conn, cfg)),
+        }
+    }
+
+    /// Writes one record; its offset once Kafka has it.
+    pub async fn write(
+        &self,
+        topic: Arc<str>,
+        partition: i32,
+        record: OutRecord,
+    ) -> Result<i64, WriteError> {
+        let (done, outcome) = oneshot::channel();
+        let w = Write {
+            topic,
+            partition,
+            record,
+            done,
+        };
+        self.lock_waiting().push(w);
+        // A writer that finds the sender busy leaves its record to it: the
+        // busy one looks at `waiting` again after letting go.
+        while let Ok(mut s) = self.sender.try_lock() {
+            s.drive(|| std::mem::take(&mut *self.lock_waiting())).await;
+            drop(s);
+            if self.lock_waiting().is_empty() {
+                break;
+            }
+        }
+        outcome.await.unwrap_or(Err(WriteError::Stopped))
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Write>> {
+        // A panic while holding it leaves a plain vector: still usable.
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl Sender {
+    fn new(conn: IdempotentConn, cfg: SenderConfig) -> Sender {
+        Sender {
+            conn,
+            cfg,
+            seqs: Sequences::default(),
+            open: HashMap::new(),
+            flights: HashMap::new(),
+            resend: HashSet::new(),
+            limit: HashMap::new(),
+        }
+    }
+
+    /// Sends until nothing waits: what `more` hands over joins first.
+    async fn drive(&mut self, mut more: impl FnMut() -> Vec<Write>) {
+        loop {
+            for w in more() {
+                self.take(w);
+            }
+            self.maybe_bump();
+            let keys = self.seal_ready(Instant::now());
+            if keys.is_empty() {
+                if self.open.values().all(VecDeque::is_empty) && self.flights.is_empty() {
+                    return;
+                }
+                tokio::time::sleep(self.cfg.retry_backoff).await;
+                continue;
+            }
+            self.exchange(keys).await;
+        }
+    }
+
     fn take(&mut self, w: Write) {
         self.open
             .entry((w.topic, w.partition))
