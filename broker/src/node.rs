@@ -38,6 +38,9 @@ pub struct Node {
     producer: Producer,
     fast_producer: Option<Producer>,
     lanes: kafka::LanePolicy,
+    /// EXPERIMENT (own-producer branch, LODESTREAM_EXPERIMENT_COMBINED=1):
+    /// messages written by the own producer, driven by the connection task.
+    combined: tokio::sync::OnceCell<Arc<kafka::produce::sender::Combined>>,
     /// Session records and heartbeats: a separate queue, so a flood of
     /// messages never delays a CONNECT's claim or a node's heartbeat.
     control_producer: Producer,
@@ -186,6 +189,7 @@ impl Node {
             config.mqtt.max_lagging_sessions,
         ));
         Ok(Arc::new(Node {
+            combined: tokio::sync::OnceCell::new(),
             started_ms: now_ms(),
             subs: Arc::new(SubscriptionIndex::new(metrics.clone())),
             registry,
@@ -525,6 +529,9 @@ impl Node {
         lane: kafka::Lane,
     ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
         self.lanes.count(std::time::Instant::now());
+        if !msg.retain && std::env::var_os("LODESTREAM_EXPERIMENT_COMBINED").is_some() {
+            return self.send_combined(msg, flow).await;
+        }
         let producer = match (lane, &self.fast_producer) {
             (kafka::Lane::Fast, Some(fast)) => fast,
             _ => &self.producer,
@@ -575,6 +582,68 @@ impl Node {
             );
         }
         Ok(out)
+    }
+
+    /// EXPERIMENT: the write through `Combined`, awaited here (the client
+    /// waits for its acknowledgement anyway), handed back as a report.
+    async fn send_combined(
+        &self,
+        msg: &Message,
+        flow: Option<Qos2Flow>,
+    ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
+        use kafka::produce::request::OutRecord;
+        use kafka::produce::sender::{Combined, SenderConfig};
+        let combined = self
+            .combined
+            .get_or_init(|| async {
+                let conn = kafka::produce::client::IdempotentConn::connect(
+                    &self.config.kafka.bootstrap_servers,
+                    "lodestream-combined",
+                    std::time::Duration::from_secs(30),
+                )
+                .await
+                .expect("EXPERIMENT: producer id");
+                let cfg = SenderConfig {
+                    delivery_timeout: std::time::Duration::from_secs(30),
+                    max_batch_records: 1000,
+                    retry_backoff: std::time::Duration::from_millis(50),
+                    linger: std::time::Duration::ZERO,
+                };
+                Arc::new(Combined::new(conn, cfg))
+            })
+            .await;
+        let (topic, key) = self.mapping.destination(&msg.topic);
+        let mut headers = msg.to_headers();
+        if let Some(f) = flow {
+            f.push_headers(&mut headers);
+        }
+        let partition = (key
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
+            % 3) as i32;
+        let record = OutRecord {
+            key: Some(bytes::Bytes::copy_from_slice(key.as_bytes())),
+            value: Some(msg.payload.clone()),
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k, bytes::Bytes::from(v)))
+                .collect(),
+            timestamp_ms: msg.timestamp_ms,
+        };
+        let written = combined.write(Arc::from(topic), partition, record).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(match written {
+            Ok(offset) => Ok(kafka::Produced { partition, offset }),
+            Err(e) => Err(rdkafka::error::KafkaError::Canceled).map_err(|k| {
+                tracing::warn!(error = %e, "EXPERIMENT write failed");
+                k
+            }),
+        });
+        self.metrics
+            .published_to_kafka
+            .with_label_values(&[topic])
+            .inc();
+        Ok(vec![rx])
     }
 
     /// Publishes a Last Will now, retrying while Kafka is unavailable: a will
