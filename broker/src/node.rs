@@ -634,10 +634,10 @@ impl Node {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let _ = tx.send(match written {
             Ok(offset) => Ok(kafka::Produced { partition, offset }),
-            Err(e) => Err(rdkafka::error::KafkaError::Canceled).map_err(|k| {
+            Err(e) => {
                 tracing::warn!(error = %e, "EXPERIMENT write failed");
-                k
-            }),
+                Err(rdkafka::error::KafkaError::Canceled)
+            }
         });
         self.metrics
             .published_to_kafka
