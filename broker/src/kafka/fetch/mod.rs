@@ -61,15 +61,20 @@ const READ_COMMITTED: i8 = 1;
 
 /// Whether this client can reach Kafka as configured: plaintext only.
 pub(crate) fn usable(cfg: &KafkaConfig) -> bool {
-    cfg.native_fetch
-        && cfg.properties.iter().all(|(k, v)| {
-            let k = k.to_ascii_lowercase();
-            if k == "security.protocol" {
-                v.eq_ignore_ascii_case("plaintext")
-            } else {
-                !(k.starts_with("ssl.") || k.starts_with("sasl."))
-            }
-        })
+    cfg.native_fetch && plaintext(cfg)
+}
+
+/// Whether Kafka is reached without TLS or SASL, which only librdkafka
+/// speaks here.
+pub(crate) fn plaintext(cfg: &KafkaConfig) -> bool {
+    cfg.properties.iter().all(|(k, v)| {
+        let k = k.to_ascii_lowercase();
+        if k == "security.protocol" {
+            v.eq_ignore_ascii_case("plaintext")
+        } else {
+            !(k.starts_with("ssl.") || k.starts_with("sasl."))
+        }
+    })
 }
 
 /// Reads every partition of `topic` from `starts` on, forever (abort the
@@ -123,7 +128,7 @@ pub async fn end_offsets(
 
 /// `bootstrap.servers` as librdkafka reads it: comma-separated
 /// `host:port`, each optionally with a `plaintext://` scheme.
-fn bootstrap_addrs(list: &str) -> Vec<String> {
+pub(crate) fn bootstrap_addrs(list: &str) -> Vec<String> {
     list.split(',')
         .map(|s| s.trim())
         .map(|s| s.split_once("://").map_or(s, |(_, rest)| rest).to_string())
@@ -132,7 +137,7 @@ fn bootstrap_addrs(list: &str) -> Vec<String> {
 }
 
 /// A broker's address from metadata; an IPv6 literal needs brackets.
-fn host_port(host: &str, port: i32) -> String {
+pub(crate) fn host_port(host: &str, port: i32) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -256,15 +261,33 @@ async fn leaders(ctx: &Ctx, partitions: Option<&[i32]>) -> anyhow::Result<Leader
 
 /// Metadata for the topic from the first bootstrap server that answers.
 async fn metadata(ctx: &Ctx) -> anyhow::Result<MetadataResponse> {
+    let topics = std::slice::from_ref(&ctx.topic);
+    metadata_of(&ctx.bootstrap, &ctx.client_id, topics, false).await
+}
+
+/// Metadata for `topics` from the first of `bootstrap` that answers. A
+/// producer's lookup lets Kafka create a missing topic where Kafka allows
+/// it (`auto.create.topics.enable`), as librdkafka's producer does.
+pub(crate) async fn metadata_of(
+    bootstrap: &[String],
+    client_id: &str,
+    topics: &[String],
+    auto_create: bool,
+) -> anyhow::Result<MetadataResponse> {
+    let wanted = topics
+        .iter()
+        .map(|t| {
+            MetadataRequestTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_string(t.clone()))))
+        })
+        .collect();
     let req = MetadataRequest::default()
-        .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(
-            TopicName(StrBytes::from_string(ctx.topic.clone())),
-        ))]))
-        .with_allow_auto_topic_creation(false);
+        .with_topics(Some(wanted))
+        .with_allow_auto_topic_creation(auto_create);
     let mut last = anyhow::anyhow!("no bootstrap server configured");
-    for addr in &ctx.bootstrap {
+    for addr in bootstrap {
         let answer = async {
-            let mut conn = KafkaConn::connect(addr, &ctx.client_id).await?;
+            let mut conn = KafkaConn::connect(addr, client_id).await?;
             conn.request(&req, METADATA_VERSION, REQUEST_TIMEOUT).await
         };
         match answer.await {
