@@ -1,7 +1,6 @@
-//! Benchmark (branch own-producer): the client-side CPU a QoS 1 write costs,
-//! through the broker's librdkafka `Producer` and through the own sender
-//! (`kafka/produce/sender.rs`: its task, and `Combined`, where writers
-//! take turns sending), alternately in one process.
+//! Benchmark: the client-side CPU a QoS 1 write costs,
+//! through the broker's librdkafka `Producer` and through the own producer
+//! (`kafka/produce/own.rs`), alternately in one process.
 //!
 //!   cargo run --release -p lodestream-broker --example produce_cpu -- \
 //!       [--writers 200] [--records 50] [--interval-ms 0] [--rounds 3]
@@ -22,17 +21,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use bytes::Bytes;
 use lodestream_broker::config::KafkaConfig;
-use lodestream_broker::kafka::produce::client::IdempotentConn;
+use lodestream_broker::kafka::produce::own::OwnProducer;
 use lodestream_broker::kafka::produce::request::OutRecord;
-use lodestream_broker::kafka::produce::sender::{self, Combined, SenderConfig, Write};
+use lodestream_broker::kafka::produce::sender::SenderConfig;
 use lodestream_broker::kafka::Producer;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
-use tokio::sync::{mpsc, oneshot};
 
 const PAYLOAD: [u8; 500] = [b'x'; 500];
 
@@ -153,65 +151,23 @@ async fn run_rdkafka(
 }
 
 async fn run_own(topic: &str, linger: Duration, pace: Pace, records: usize) -> anyhow::Result<()> {
-    let writers = pace.writers;
-    let conn = IdempotentConn::connect(&kafka(), "produce-cpu", Duration::from_secs(30)).await?;
-    let (tx, rx) = mpsc::channel::<Write>(writers.max(1) * 2);
     let cfg = SenderConfig {
         delivery_timeout: Duration::from_secs(30),
         max_batch_records: 1000,
         retry_backoff: Duration::from_millis(50),
         linger,
+        max_bytes: 128 << 20,
+        request_timeout: Duration::from_secs(30),
     };
-    let sender = tokio::spawn(sender::run(conn, rx, cfg));
-    let name: Arc<str> = Arc::from(topic);
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let (tx, name) = (tx.clone(), name.clone());
-        tasks.push(tokio::spawn(async move {
-            pace.start(w).await;
-            for i in 0..records {
-                let (done, outcome) = oneshot::channel();
-                let partition = (w % 3) as i32;
-                let write = Write {
-                    topic: name.clone(),
-                    partition,
-                    record: record(w, i),
-                    done,
-                };
-                tx.send(write).await.context("sender gone")?;
-                outcome.await.context("no answer")??;
-                pace.between().await;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    drop(tx);
-    for t in tasks {
-        t.await??;
-    }
-    sender.await?;
-    Ok(())
-}
-
-async fn run_combined(topic: &str, pace: Pace, records: usize) -> anyhow::Result<()> {
-    let conn = IdempotentConn::connect(&kafka(), "produce-cpu", Duration::from_secs(30)).await?;
-    let cfg = SenderConfig {
-        delivery_timeout: Duration::from_secs(30),
-        max_batch_records: 1000,
-        retry_backoff: Duration::from_millis(50),
-        linger: Duration::ZERO,
-    };
-    let combined = Arc::new(Combined::new(conn, cfg));
-    let name: Arc<str> = Arc::from(topic);
+    let producer = OwnProducer::spawn(&kafka(), "produce-cpu", cfg);
     let mut tasks = Vec::new();
     for w in 0..pace.writers {
-        let (combined, name) = (combined.clone(), name.clone());
+        let (producer, topic) = (producer.clone(), topic.to_string());
         tasks.push(tokio::spawn(async move {
             pace.start(w).await;
             for i in 0..records {
-                combined
-                    .write(name.clone(), (w % 3) as i32, record(w, i))
-                    .await?;
+                let report = producer.send(&topic, record(w, i), true).await?;
+                Producer::delivered(report).await?;
                 pace.between().await;
             }
             anyhow::Ok(())
@@ -254,7 +210,6 @@ async fn main() -> anyhow::Result<()> {
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     kinds.extend(own_lingers.iter().map(|l| format!("own-linger-{l}")));
-    kinds.push("own-combined".into());
     let mut topics = Vec::new();
     let mut results: Vec<(String, Vec<f64>)> =
         kinds.iter().map(|k| (k.clone(), Vec::new())).collect();
@@ -266,10 +221,10 @@ async fn main() -> anyhow::Result<()> {
             let (c0, t0) = (cpu_s(), Instant::now());
             match lingers.get(k) {
                 Some(&l) => run_rdkafka(&topic, l, pace, records).await?,
-                None => match own_lingers.get(k - lingers.len()) {
-                    Some(&l) => run_own(&topic, Duration::from_millis(l), pace, records).await?,
-                    None => run_combined(&topic, pace, records).await?,
-                },
+                None => {
+                    let l = own_lingers.get(k - lingers.len()).copied().unwrap_or(0);
+                    run_own(&topic, Duration::from_millis(l), pace, records).await?
+                }
             }
             let (cpu, wall) = (cpu_s() - c0, t0.elapsed().as_secs_f64());
             let us = cpu / total * 1e6;

@@ -133,6 +133,12 @@ pub struct KafkaConfig {
     /// when Kafka is reached over plaintext; `false` keeps librdkafka's
     /// consumer for them too. TLS or SASL to Kafka always uses librdkafka.
     pub native_fetch: bool,
+    /// Messages (and retained messages) are written by the broker's own
+    /// idempotent producer (`kafka/produce/`, docs/own-producer.md) when
+    /// Kafka is reached over plaintext: one request per Kafka broker for
+    /// all its partitions, no producer threads. `false`: librdkafka, with
+    /// its two lanes. Session records always go through librdkafka.
+    pub own_producer: bool,
     /// Extra librdkafka properties, applied to producer and consumers.
     pub properties: BTreeMap<String, String>,
 }
@@ -255,6 +261,7 @@ impl Default for KafkaConfig {
             fetch_wait_max_ms: 500,
             fetch_busy_wait_ms: 20,
             native_fetch: true,
+            own_producer: false,
             properties: BTreeMap::new(),
         }
     }

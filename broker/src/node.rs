@@ -38,9 +38,8 @@ pub struct Node {
     producer: Producer,
     fast_producer: Option<Producer>,
     lanes: kafka::LanePolicy,
-    /// EXPERIMENT (own-producer branch, LODESTREAM_EXPERIMENT_COMBINED=1):
-    /// messages written by the own producer, driven by the connection task.
-    combined: tokio::sync::OnceCell<Arc<kafka::produce::sender::Combined>>,
+    /// Messages written by the own producer instead (`kafka.own_producer`).
+    own: Option<kafka::produce::own::OwnProducer>,
     /// Session records and heartbeats: a separate queue, so a flood of
     /// messages never delays a CONNECT's claim or a node's heartbeat.
     control_producer: Producer,
@@ -142,7 +141,8 @@ impl Node {
             lingerless_producer(kcfg, &config.node_id, "control", kcfg.max_in_flight)?;
         // The fast lane (`kafka/lanes.rs`): one request in flight, so a
         // lone record goes at once and records batch only while it is out.
-        let fast_producer = (kcfg.fast_lane_below > 0)
+        let own = own_producer(kcfg, &config.node_id);
+        let fast_producer = (kcfg.fast_lane_below > 0 && own.is_none())
             .then(|| lingerless_producer(kcfg, &config.node_id, "fast", 1))
             .transpose()?;
         let lanes = kafka::LanePolicy::new(
@@ -189,7 +189,7 @@ impl Node {
             config.mqtt.max_lagging_sessions,
         ));
         Ok(Arc::new(Node {
-            combined: tokio::sync::OnceCell::new(),
+            own,
             started_ms: now_ms(),
             subs: Arc::new(SubscriptionIndex::new(metrics.clone())),
             registry,
@@ -529,8 +529,8 @@ impl Node {
         lane: kafka::Lane,
     ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
         self.lanes.count(std::time::Instant::now());
-        if !msg.retain && std::env::var_os("LODESTREAM_EXPERIMENT_COMBINED").is_some() {
-            return self.send_combined(msg, flow).await;
+        if let Some(own) = &self.own {
+            return self.send_own(own, msg, flow, lane).await;
         }
         let producer = match (lane, &self.fast_producer) {
             (kafka::Lane::Fast, Some(fast)) => fast,
@@ -584,66 +584,59 @@ impl Node {
         Ok(out)
     }
 
-    /// EXPERIMENT: the write through `Combined`, awaited here (the client
-    /// waits for its acknowledgement anyway), handed back as a report.
-    async fn send_combined(
+    /// `send` through the own producer: a batch-lane record may wait out
+    /// the linger after an idle spell, a fast-lane one goes at once.
+    async fn send_own(
         &self,
+        own: &kafka::produce::own::OwnProducer,
         msg: &Message,
         flow: Option<Qos2Flow>,
+        lane: kafka::Lane,
     ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
         use kafka::produce::request::OutRecord;
-        use kafka::produce::sender::{Combined, SenderConfig};
-        let combined = self
-            .combined
-            .get_or_init(|| async {
-                let conn = kafka::produce::client::IdempotentConn::connect(
-                    &self.config.kafka.bootstrap_servers,
-                    "lodestream-combined",
-                    std::time::Duration::from_secs(30),
-                )
-                .await
-                .expect("EXPERIMENT: producer id");
-                let cfg = SenderConfig {
-                    delivery_timeout: std::time::Duration::from_secs(30),
-                    max_batch_records: 1000,
-                    retry_backoff: std::time::Duration::from_millis(50),
-                    linger: std::time::Duration::ZERO,
-                };
-                Arc::new(Combined::new(conn, cfg))
-            })
-            .await;
         let (topic, key) = self.mapping.destination(&msg.topic);
         let mut headers = msg.to_headers();
         if let Some(f) = flow {
             f.push_headers(&mut headers);
         }
-        let partition = (key
-            .bytes()
-            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
-            % 3) as i32;
-        let record = OutRecord {
+        let headers: Vec<(String, bytes::Bytes)> = headers
+            .into_iter()
+            .map(|(k, v)| (k, bytes::Bytes::from(v)))
+            .collect();
+        let linger = lane == kafka::Lane::Batch;
+        let mut record = OutRecord {
             key: Some(bytes::Bytes::copy_from_slice(key.as_bytes())),
             value: Some(msg.payload.clone()),
-            headers: headers
-                .into_iter()
-                .map(|(k, v)| (k, bytes::Bytes::from(v)))
-                .collect(),
+            headers: headers.clone(),
             timestamp_ms: msg.timestamp_ms,
         };
-        let written = combined.write(Arc::from(topic), partition, record).await;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let _ = tx.send(match written {
-            Ok(offset) => Ok(kafka::Produced { partition, offset }),
-            Err(e) => {
-                tracing::warn!(error = %e, "EXPERIMENT write failed");
-                Err(rdkafka::error::KafkaError::Canceled)
-            }
-        });
+        if *key != *msg.topic {
+            // A key template made the key: the topic travels in a header.
+            let topic_header = bytes::Bytes::copy_from_slice(msg.topic.as_bytes());
+            record
+                .headers
+                .push((crate::message::H_TOPIC.into(), topic_header));
+        }
+        let mut out = Vec::with_capacity(2);
+        out.push(own.send(topic, record, linger).await?);
         self.metrics
             .published_to_kafka
             .with_label_values(&[topic])
             .inc();
-        Ok(vec![rx])
+        if msg.retain {
+            // An empty retained payload is a tombstone: compaction deletes the key.
+            let retained = OutRecord {
+                key: Some(bytes::Bytes::copy_from_slice(msg.topic.as_bytes())),
+                value: (!msg.payload.is_empty()).then(|| msg.payload.clone()),
+                headers,
+                timestamp_ms: msg.timestamp_ms,
+            };
+            out.push(
+                own.send(&self.config.kafka.retained_topic, retained, linger)
+                    .await?,
+            );
+        }
+        Ok(out)
     }
 
     /// Publishes a Last Will now, retrying while Kafka is unavailable: a will
@@ -823,6 +816,9 @@ impl Node {
         let left = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_secs(1));
+        if let Some(own) = &self.own {
+            own.flush(left).await;
+        }
         let control = self.control_producer.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for p in producers {
@@ -979,6 +975,38 @@ fn shutdown_receiver(tx: &watch::Sender<bool>) -> watch::Receiver<bool> {
 /// The producer of session records, claims and tombstones: no linger. They
 /// are few and small, and their latency is the window a node's death
 /// re-delivers (issue #18) and part of every CONNACK.
+/// The own producer when `kafka.own_producer` asks for it and Kafka is
+/// reached over plaintext (it speaks neither TLS nor SASL: librdkafka
+/// writes then, as before).
+fn own_producer(
+    kcfg: &crate::config::KafkaConfig,
+    node_id: &str,
+) -> Option<kafka::produce::own::OwnProducer> {
+    if !kcfg.own_producer {
+        return None;
+    }
+    if !kafka::fetch::plaintext(kcfg) {
+        tracing::warn!("kafka.own_producer needs plaintext Kafka; librdkafka writes instead");
+        return None;
+    }
+    let ms = |v: u32| Duration::from_millis(u64::from(v));
+    let cfg = kafka::produce::sender::SenderConfig {
+        delivery_timeout: ms(kcfg.delivery_timeout_ms),
+        max_batch_records: 10_000,
+        retry_backoff: Duration::from_millis(100),
+        linger: ms(kcfg.linger_ms),
+        // As librdkafka's queue here (`queue.buffering.max.kbytes`).
+        max_bytes: 128 << 20,
+        request_timeout: Duration::from_secs(30),
+    };
+    let client_id = format!("lodestream-{node_id}");
+    Some(kafka::produce::own::OwnProducer::spawn(
+        &kcfg.bootstrap_servers,
+        &client_id,
+        cfg,
+    ))
+}
+
 /// A producer of the node (`role`: its name) that sends each record at once.
 fn lingerless_producer(
     kcfg: &crate::config::KafkaConfig,

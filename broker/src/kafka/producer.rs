@@ -34,6 +34,8 @@ pub enum ProduceError {
     Canceled,
     #[error("{0}")]
     Unsafe(String),
+    #[error("kafka (own producer): {0}")]
+    Own(#[from] crate::kafka::produce::sender::WriteError),
 }
 
 /// Where a record landed.
@@ -44,10 +46,10 @@ pub struct Produced {
 }
 
 /// Resolves with the record's delivery report (see `Producer::delivered`).
-pub type DeliveryFuture = oneshot::Receiver<Result<Produced, KafkaError>>;
+pub type DeliveryFuture = oneshot::Receiver<Result<Produced, ProduceError>>;
 
 /// A record as handed to librdkafka, with the sender of its report.
-type Record<'a> = BaseRecord<'a, [u8], [u8], Box<oneshot::Sender<Result<Produced, KafkaError>>>>;
+type Record<'a> = BaseRecord<'a, [u8], [u8], Box<oneshot::Sender<Result<Produced, ProduceError>>>>;
 
 /// Completes each record's `DeliveryFuture` from its delivery report.
 struct Reports;
@@ -55,7 +57,7 @@ struct Reports;
 impl ClientContext for Reports {}
 
 impl ProducerContext for Reports {
-    type DeliveryOpaque = Box<oneshot::Sender<Result<Produced, KafkaError>>>;
+    type DeliveryOpaque = Box<oneshot::Sender<Result<Produced, ProduceError>>>;
 
     fn delivery(&self, r: &DeliveryResult<'_>, tx: Self::DeliveryOpaque) {
         let report = match r {
@@ -63,7 +65,7 @@ impl ProducerContext for Reports {
                 partition: m.partition(),
                 offset: m.offset(),
             }),
-            Err((e, _)) => Err(e.clone()),
+            Err((e, _)) => Err(ProduceError::Kafka(e.clone())),
         };
         // The publisher may have gone (connection closed): nothing to do.
         let _ = tx.send(report);
@@ -248,7 +250,7 @@ impl Producer {
     pub async fn delivered(f: DeliveryFuture) -> Result<Produced, ProduceError> {
         match f.await {
             Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err(e.into()),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(ProduceError::Canceled),
         }
     }

@@ -8,8 +8,13 @@ use crate::common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+
 use lodestream_broker::kafka::produce::client::IdempotentConn;
+use lodestream_broker::kafka::produce::own::OwnProducer;
 use lodestream_broker::kafka::produce::request::{OutRecord, PartitionBatch};
+use lodestream_broker::kafka::produce::sender::SenderConfig;
+use lodestream_broker::kafka::Producer;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
@@ -119,106 +124,111 @@ async fn a_bumped_epoch_starts_again_at_sequence_zero() {
     assert_eq!(records.len(), 3);
 }
 
-#[tokio::test]
-async fn concurrent_writes_through_one_sender_land_once_each_with_their_offsets() {
-    use lodestream_broker::kafka::produce::sender::{self, SenderConfig, Write};
-    use std::collections::HashSet;
-    use std::sync::Arc;
-    use tokio::sync::{mpsc, oneshot};
-
-    let topic = topic_with_partitions(3).await;
-    let (tx, rx) = mpsc::channel::<Write>(1024);
+fn own(delivery_timeout: Duration) -> OwnProducer {
     let cfg = SenderConfig {
-        delivery_timeout: T,
+        delivery_timeout,
         max_batch_records: 500,
         retry_backoff: Duration::from_millis(50),
         linger: Duration::ZERO,
+        max_bytes: 1 << 20,
+        request_timeout: T,
     };
-    let sender = tokio::spawn(sender::run(producer().await, rx, cfg));
-    let name: Arc<str> = Arc::from(topic.as_str());
-    let mut clients = Vec::new();
-    for c in 0..50i32 {
-        let (tx, name) = (tx.clone(), name.clone());
-        clients.push(tokio::spawn(async move {
-            let mut offsets = Vec::new();
-            for i in 0..100 {
-                let (done, outcome) = oneshot::channel();
-                let record = OutRecord {
-                    key: Some(Bytes::from(format!("c{c}/{i}"))),
-                    value: Some(Bytes::from_static(b"x")),
-                    headers: Vec::new(),
-                    timestamp_ms: 1_700_000_000_000,
-                };
-                let partition = c % 3;
-                let w = Write {
-                    topic: name.clone(),
-                    partition,
-                    record,
-                    done,
-                };
-                tx.send(w).await.expect("sender runs");
-                let offset = outcome.await.expect("answered").expect("written");
-                offsets.push((partition, offset));
-            }
-            offsets
-        }));
+    OwnProducer::spawn(&common::kafka(), "own-producer-test", cfg)
+}
+
+fn record(key: String) -> OutRecord {
+    OutRecord {
+        key: Some(Bytes::from(key)),
+        value: Some(Bytes::from_static(b"x")),
+        headers: Vec::new(),
+        timestamp_ms: 1_700_000_000_000,
     }
-    drop(tx);
-    let mut seen = HashSet::new();
-    for c in clients {
-        for po in c.await.expect("client") {
-            assert!(po.1 >= 0 && seen.insert(po), "offset given twice: {po:?}");
-        }
-    }
-    sender.await.expect("sender ends once its writers are gone");
-    let records = common::read_topic(&topic, 5001, Duration::from_secs(10));
-    let keys: HashSet<_> = records.iter().map(|r| r.key.clone()).collect();
-    assert_eq!((records.len(), keys.len()), (5000, 5000), "each write once");
 }
 
 #[tokio::test]
-async fn concurrent_writes_that_take_turns_sending_land_once_each() {
-    use lodestream_broker::kafka::produce::sender::{Combined, SenderConfig};
-    use std::collections::HashSet;
-    use std::sync::Arc;
-
+async fn concurrent_writes_through_the_own_producer_land_once_each_with_their_offsets() {
     let topic = topic_with_partitions(3).await;
-    let cfg = SenderConfig {
-        delivery_timeout: T,
-        max_batch_records: 500,
-        retry_backoff: Duration::from_millis(50),
-        linger: Duration::ZERO,
-    };
-    let combined = Arc::new(Combined::new(producer().await, cfg));
-    let name: Arc<str> = Arc::from(topic.as_str());
+    let producer = own(T);
     let mut clients = Vec::new();
-    for c in 0..50i32 {
-        let (combined, name) = (combined.clone(), name.clone());
+    for c in 0..50 {
+        let (producer, topic) = (producer.clone(), topic.clone());
         clients.push(tokio::spawn(async move {
-            let mut offsets = Vec::new();
+            let mut landed = Vec::new();
             for i in 0..100 {
-                let record = OutRecord {
-                    key: Some(Bytes::from(format!("c{c}/{i}"))),
-                    value: Some(Bytes::from_static(b"x")),
-                    headers: Vec::new(),
-                    timestamp_ms: 1_700_000_000_000,
-                };
-                let offset = combined
-                    .write(name.clone(), c % 3, record)
+                let key = format!("c{c}/{i}");
+                let report = producer
+                    .send(&topic, record(key.clone()), false)
                     .await
-                    .expect("written");
-                offsets.push((c % 3, offset));
+                    .expect("handed over");
+                landed.push((key, Producer::delivered(report).await.expect("written")));
             }
-            offsets
+            landed
         }));
     }
     let mut seen = HashSet::new();
+    let mut partition_of = HashMap::new();
     for c in clients {
-        for po in c.await.expect("client") {
-            assert!(po.1 >= 0 && seen.insert(po), "offset given twice: {po:?}");
+        for (key, p) in c.await.expect("client") {
+            assert!(
+                p.offset >= 0 && seen.insert((p.partition, p.offset)),
+                "offset given twice: {p:?}"
+            );
+            partition_of.insert(key, p.partition);
         }
     }
     let records = common::read_topic(&topic, 5001, Duration::from_secs(10));
     let keys: HashSet<_> = records.iter().map(|r| r.key.clone()).collect();
     assert_eq!((records.len(), keys.len()), (5000, 5000), "each write once");
+    for r in &records {
+        let key = r.key.clone().unwrap_or_default();
+        assert_eq!(
+            partition_of.get(&key),
+            Some(&r.partition),
+            "{key}: reported partition"
+        );
+    }
+}
+
+/// Nodes writing with either producer must put a key on the same
+/// partition, or its records would lose their order.
+#[tokio::test]
+async fn keys_land_on_the_partitions_librdkafka_picks() {
+    let topic = topic_with_partitions(7).await;
+    let mut cfg = common::test_config(&[]).kafka;
+    cfg.bootstrap_servers = common::kafka();
+    let librdkafka = Producer::new(&cfg, "partitioner-test").expect("librdkafka producer");
+    let ours = own(T);
+    for i in 0..40 {
+        let key = format!("trucks/{i:03}XY");
+        let theirs = librdkafka
+            .send(&topic, key.as_bytes(), Some(b"x"), &[])
+            .await
+            .expect("handed over");
+        let theirs = Producer::delivered(theirs).await.expect("written");
+        let mine = ours
+            .send(&topic, record(key.clone()), false)
+            .await
+            .expect("handed over");
+        let mine = Producer::delivered(mine).await.expect("written");
+        assert_eq!(mine.partition, theirs.partition, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_write_to_a_topic_kafka_refuses_fails_at_the_delivery_timeout() {
+    let producer = own(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    // Not a legal topic name: Kafka neither has nor creates it.
+    let report = producer
+        .send("no such topic!", record("k".into()), false)
+        .await
+        .expect("handed over");
+    let outcome = tokio::time::timeout(Duration::from_secs(20), Producer::delivered(report))
+        .await
+        .expect("an outcome, not a hang");
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "not before the timeout"
+    );
 }

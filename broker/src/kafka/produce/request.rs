@@ -24,6 +24,22 @@ pub struct ProducerIdentity {
     pub epoch: i16,
 }
 
+impl ProducerIdentity {
+    /// The next epoch, as Kafka's Java client bumps it for a producer
+    /// without a transactional id: Kafka takes a higher epoch of a known
+    /// producer id when each partition's sequences start again at 0.
+    /// `false` at the last epoch: a new producer id is needed instead.
+    pub fn bump_epoch(&mut self) -> bool {
+        match self.epoch.checked_add(1) {
+            Some(e) => {
+                self.epoch = e;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// One record to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutRecord {
@@ -31,6 +47,16 @@ pub struct OutRecord {
     pub value: Option<Bytes>,
     pub headers: Vec<(String, Bytes)>,
     pub timestamp_ms: i64,
+}
+
+impl OutRecord {
+    /// Its bytes of key, value and headers: what it holds of the
+    /// producer's bounds (a batch's encoding adds a few bytes a record).
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let key = self.key.as_ref().map_or(0, |k| k.len());
+        key + self.value.as_ref().map_or(0, |v| v.len()) + headers
+    }
 }
 
 /// One partition's sealed batch.

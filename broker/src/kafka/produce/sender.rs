@@ -1,39 +1,45 @@
-//! The sender for one Kafka broker: writes gather into per-partition
-//! batches while its one request is out, the next request carries a batch
-//! for every partition that has records, and each answer completes,
-//! resends or fails its batch as `sequence.rs` decides
-//! (docs/own-producer.md). Leader routing is not here yet: every partition
-//! written through a sender must be led by its broker.
+//! The own producer's sending state: writes gather into per-partition
+//! batches while a partition's batch is out; each round sends every
+//! broker one request with a batch for each of its partitions that has
+//! records; each answer completes, resends or fails its batch as
+//! `sequence.rs` decides (docs/own-producer.md). The task that runs the
+//! rounds is `own.rs`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use kafka_protocol::ResponseError;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::client::IdempotentConn;
+use super::client::{Answer, Links, ProduceCallError};
 use super::epoch::Sequences;
 use super::request::{Encoded, OutRecord, PartitionBatch};
+use super::route::partition_for_key;
 use super::sequence::{Failure, Next};
+use crate::kafka::{ProduceError, Produced};
 
 type Key = (Arc<str>, i32);
-/// Where one write's outcome goes.
-type Done = oneshot::Sender<Result<i64, WriteError>>;
+/// A write's outcome: where it landed, or why it did not.
+pub type Outcome = Result<Produced, ProduceError>;
 
-/// One record to write, and where its outcome goes: the record's offset,
-/// or why it was not written.
+/// One record to write, and where its outcome goes.
 pub struct Write {
     pub topic: Arc<str>,
-    pub partition: i32,
     pub record: OutRecord,
-    pub done: Done,
+    /// Whether it may wait `SenderConfig::linger` for company.
+    pub linger: bool,
+    pub since: Instant,
+    pub done: oneshot::Sender<Outcome>,
+    /// Its share of the producer's bounded memory, given back with it.
+    pub room: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
     #[error("not written: {0:?}")]
     Failed(Failure),
-    #[error("the sender stopped")]
+    #[error("the producer stopped")]
     Stopped,
     #[error("could not encode: {0}")]
     Encode(String),
@@ -41,162 +47,202 @@ pub enum WriteError {
 
 /// Kafka's INVALID_RECORD: how a batch we could not encode is settled.
 const INVALID_RECORD: i16 = 87;
+/// Bytes of records in one batch at most (librdkafka's `batch.size`):
+/// under Kafka's default `message.max.bytes` (1 MiB), so a batch is
+/// split only when one record alone is near it.
+const MAX_BATCH_BYTES: usize = 1_000_000;
+/// The shortest wait for an answer a request is given.
+const MIN_WAIT: Duration = Duration::from_millis(100);
+/// How a partition without a known leader is answered, without a request.
+const LEADER_NOT_AVAILABLE: i16 = 5;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SenderConfig {
+    /// From a write's arrival to its outcome at most (`kafka.delivery_timeout_ms`).
     pub delivery_timeout: Duration,
-    /// Records in one partition's batch at most.
+    /// Records in one partition's batch at most; a batch also stops at
+    /// `MAX_BATCH_BYTES`.
     pub max_batch_records: usize,
-    /// Pause before a resend.
+    /// Pause before a resend, and between Metadata lookups.
     pub retry_backoff: Duration,
-    /// How long the first write after an idle spell waits for company
-    /// (0: sent at once; batches still form while a request is out).
+    /// How long a write that may linger waits for company after an idle
+    /// spell (batches still form while requests are out).
     pub linger: Duration,
+    /// Bytes of records waiting or in flight at most; a writer past it
+    /// waits for room (`kafka.queue_max_kbytes` of librdkafka's queue).
+    pub max_bytes: usize,
+    /// How long Kafka may take to answer one request (it waits up to this
+    /// for the in-sync replicas).
+    pub request_timeout: Duration,
 }
 
 /// A sealed batch, encoded once, and the writes it carries, in order.
 struct Flight {
     batch: PartitionBatch,
     encoded: Encoded,
-    writes: Vec<Done>,
+    writes: Vec<Parked>,
 }
 
-struct Sender {
-    conn: IdempotentConn,
+/// A write's outcome channel and room, kept until it is settled.
+struct Parked {
+    done: oneshot::Sender<Outcome>,
+    since: Instant,
+    _room: Option<OwnedSemaphorePermit>,
+}
+
+impl Parked {
+    fn settle(self, outcome: Outcome) {
+        // The writer may have gone (connection closed): nothing to do.
+        let _ = self.done.send(outcome);
+    }
+}
+
+pub struct Sender {
+    pub links: Option<Links>,
     cfg: SenderConfig,
     seqs: Sequences,
-    open: HashMap<Key, VecDeque<(OutRecord, Done)>>,
+    /// Writes to topics whose partition count is not known yet.
+    unplaced: Vec<Write>,
+    open: HashMap<Key, VecDeque<(OutRecord, Parked)>>,
     flights: HashMap<Key, Flight>,
     resend: HashSet<Key>,
     /// Batch size after a split, per partition.
     limit: HashMap<Key, usize>,
-}
-
-/// Runs until every `Write` sender is gone and everything is answered.
-pub async fn run(conn: IdempotentConn, mut rx: mpsc::Receiver<Write>, cfg: SenderConfig) {
-    let mut s = Sender::new(conn, cfg);
-    let mut closed = false;
-    loop {
-        if s.open.values().all(VecDeque::is_empty) && s.flights.is_empty() {
-            if closed {
-                return;
-            }
-            match rx.recv().await {
-                Some(w) => s.take(w),
-                None => return,
-            }
-            if !s.cfg.linger.is_zero() {
-                tokio::time::sleep(s.cfg.linger).await;
-            }
-        }
-        while let Ok(w) = rx.try_recv() {
-            s.take(w);
-        }
-        closed = closed || rx.is_closed();
-        s.maybe_bump();
-        let now = Instant::now();
-        let keys = s.seal_ready(now);
-        if keys.is_empty() {
-            tokio::time::sleep(s.cfg.retry_backoff).await;
-            continue;
-        }
-        s.exchange(keys).await;
-    }
-}
-
-/// The sender without a task of its own: a write joins the waiting
-/// records, and whichever writer finds no request out sends, for everyone,
-/// until nothing is left. No hop to a sender task, and no wake-up of one.
-pub struct Combined {
-    waiting: std::sync::Mutex<Vec<Write>>,
-    sender: tokio::sync::Mutex<Sender>,
-}
-
-impl Combined {
-    pub fn new(conn: IdempotentConn, cfg: SenderConfig) -> Combined {
-        Combined {
-            waiting: std::sync::Mutex::new(Vec::new()),
-            sender: tokio::sync::Mutex::new(Sender::new(conn, cfg)),
-        }
-    }
-
-    /// Writes one record; its offset once Kafka has it.
-    pub async fn write(
-        &self,
-        topic: Arc<str>,
-        partition: i32,
-        record: OutRecord,
-    ) -> Result<i64, WriteError> {
-        let (done, outcome) = oneshot::channel();
-        let w = Write {
-            topic,
-            partition,
-            record,
-            done,
-        };
-        self.lock_waiting().push(w);
-        // A writer that finds the sender busy leaves its record to it: the
-        // busy one looks at `waiting` again after letting go.
-        while let Ok(mut s) = self.sender.try_lock() {
-            s.drive(|| std::mem::take(&mut *self.lock_waiting())).await;
-            drop(s);
-            if self.lock_waiting().is_empty() {
-                break;
-            }
-        }
-        outcome.await.unwrap_or(Err(WriteError::Stopped))
-    }
-
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Write>> {
-        // A panic while holding it leaves a plain vector: still usable.
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+    /// Ask Metadata again before the next round.
+    pub refresh_due: bool,
 }
 
 impl Sender {
-    fn new(conn: IdempotentConn, cfg: SenderConfig) -> Sender {
+    pub fn new(cfg: SenderConfig) -> Sender {
         Sender {
-            conn,
+            links: None,
             cfg,
             seqs: Sequences::default(),
+            unplaced: Vec::new(),
             open: HashMap::new(),
             flights: HashMap::new(),
             resend: HashSet::new(),
             limit: HashMap::new(),
+            refresh_due: false,
         }
     }
 
-    /// Sends until nothing waits: what `more` hands over joins first.
-    async fn drive(&mut self, mut more: impl FnMut() -> Vec<Write>) {
-        loop {
-            for w in more() {
-                self.take(w);
-            }
-            self.maybe_bump();
-            let keys = self.seal_ready(Instant::now());
-            if keys.is_empty() {
-                if self.open.values().all(VecDeque::is_empty) && self.flights.is_empty() {
-                    return;
-                }
-                tokio::time::sleep(self.cfg.retry_backoff).await;
-                continue;
-            }
-            self.exchange(keys).await;
-        }
+    pub fn request_timeout(&self) -> Duration {
+        self.cfg.request_timeout
     }
 
-    fn take(&mut self, w: Write) {
+    /// Nothing waits and nothing is out.
+    pub fn idle(&self) -> bool {
+        self.unplaced.is_empty()
+            && self.flights.is_empty()
+            && self.open.values().all(|q| q.is_empty())
+    }
+
+    /// Places a write on its key's partition, once the topic's partition
+    /// count is known; until then it waits for Metadata.
+    pub fn take(&mut self, w: Write) {
+        let count = self
+            .links
+            .as_ref()
+            .and_then(|l| l.routes.partitions(&w.topic));
+        let Some(count) = count else {
+            self.refresh_due = true;
+            self.unplaced.push(w);
+            return;
+        };
+        let key = w.record.key.as_deref().unwrap_or_default();
+        let partition = partition_for_key(key, count);
+        let parked = Parked {
+            done: w.done,
+            since: w.since,
+            _room: w.room,
+        };
         self.open
-            .entry((w.topic, w.partition))
+            .entry((w.topic, partition))
             .or_default()
-            .push_back((w.record, w.done));
+            .push_back((w.record, parked));
+    }
+
+    /// Until the first waiting or unanswered write reaches the delivery
+    /// timeout (at least `MIN_WAIT`): how long a lookup may hold the rounds.
+    pub fn time_left(&self, now: Instant) -> Duration {
+        let queued = self.open.values().flatten().map(|(_, p)| p.since);
+        let out = self
+            .flights
+            .values()
+            .flat_map(|f| f.writes.iter().map(|p| p.since));
+        let unplaced = self.unplaced.iter().map(|w| w.since);
+        let first = queued.chain(out).chain(unplaced).min();
+        let left = first.map_or(self.cfg.request_timeout, |since| {
+            (since + self.cfg.delivery_timeout).saturating_duration_since(now)
+        });
+        left.clamp(MIN_WAIT, self.cfg.request_timeout)
+    }
+
+    /// The topics Metadata is asked about: every one written to.
+    pub fn topics(&self) -> Vec<String> {
+        let mut t: HashSet<&str> = self.open.keys().map(|k| &*k.0).collect();
+        t.extend(self.flights.keys().map(|k| &*k.0));
+        t.extend(self.unplaced.iter().map(|w| &*w.topic));
+        t.into_iter().map(str::to_string).collect()
+    }
+
+    /// After a Metadata answer: places what waited for it.
+    pub fn place_unplaced(&mut self) {
+        for w in std::mem::take(&mut self.unplaced) {
+            self.take(w);
+        }
+    }
+
+    /// Fails what waited past the delivery timeout without being sent: a
+    /// topic Kafka does not know, or no Kafka at all.
+    pub fn expire(&mut self, now: Instant) {
+        let timeout = self.cfg.delivery_timeout;
+        let late = |since: Instant| now.saturating_duration_since(since) >= timeout;
+        let why = |e: ResponseError| ProduceError::Own(WriteError::Failed(Failure::Kafka(e)));
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unplaced)
+            .into_iter()
+            .partition(|w| late(w.since));
+        self.unplaced = kept;
+        for w in gone {
+            let _ = w
+                .done
+                .send(Err(why(ResponseError::UnknownTopicOrPartition)));
+        }
+        for (key, queue) in &mut self.open {
+            if self.flights.contains_key(key) {
+                continue; // it waits behind a batch that times out itself
+            }
+            while queue.front().is_some_and(|(_, p)| late(p.since)) {
+                if let Some((_, p)) = queue.pop_front() {
+                    p.settle(Err(ProduceError::Own(WriteError::Failed(
+                        Failure::TimedOut,
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// Fails everything, when the producer stops.
+    pub fn fail_all(&mut self) {
+        let stopped = || Err(ProduceError::Own(WriteError::Stopped));
+        for w in self.unplaced.drain(..) {
+            let _ = w.done.send(stopped());
+        }
+        for (_, queue) in self.open.drain() {
+            queue.into_iter().for_each(|(_, p)| p.settle(stopped()));
+        }
+        for (_, f) in self.flights.drain() {
+            f.writes.into_iter().for_each(|p| p.settle(stopped()));
+        }
     }
 
     /// The partitions to send now: resends, then new batches sealed from
     /// what is waiting.
-    fn seal_ready(&mut self, now: Instant) -> Vec<Key> {
+    pub fn seal_ready(&mut self, now: Instant) -> Vec<Key> {
+        let Some(who) = self.links.as_ref().map(Links::identity) else {
+            return Vec::new();
+        };
         let mut keys: Vec<Key> = self.resend.drain().collect();
         let waiting: Vec<Key> = self
             .open
@@ -213,8 +259,10 @@ impl Sender {
             let Some(queue) = self.open.get_mut(&key) else {
                 continue;
             };
-            let n = queue.len().min(max.max(1));
-            let Ok(sealed) = self.seqs.seal(&key.0, key.1, n, now) else {
+            let n = batch_len(queue, max);
+            // The delivery timeout counts from the first write's arrival.
+            let first = queue.iter().take(n).map(|(_, p)| p.since).min();
+            let Ok(sealed) = self.seqs.seal(&key.0, key.1, n, first.unwrap_or(now)) else {
                 continue; // an epoch bump is pending, or a batch is out
             };
             let (records, writes): (Vec<_>, Vec<_>) = queue.drain(..n).unzip();
@@ -224,7 +272,7 @@ impl Sender {
                 base_sequence: sealed.base_sequence,
                 records,
             };
-            match Encoded::new(self.conn.identity(), &batch) {
+            match Encoded::new(who, &batch) {
                 Ok(encoded) => {
                     let flight = Flight {
                         batch,
@@ -234,90 +282,141 @@ impl Sender {
                     self.flights.insert(key.clone(), flight);
                     keys.push(key);
                 }
-                Err(e) => {
-                    // Never sent: its sequences go to the next batch.
-                    let why = e.to_string();
-                    let next = self.seqs.on_answer(
-                        &key.0,
-                        key.1,
-                        (INVALID_RECORD, -1),
-                        now,
-                        self.cfg.delivery_timeout,
-                    );
-                    tracing::error!(error = %why, ?next, "could not encode a batch");
-                    for tx in writes {
-                        let _ = tx.send(Err(WriteError::Encode(why.clone())));
-                    }
-                }
+                Err(e) => self.unencodable(&key, writes, e.to_string(), now),
             }
         }
         keys
     }
 
-    /// One request with the batches of `keys`, and what its answer means.
-    async fn exchange(&mut self, keys: Vec<Key>) {
-        let batches: Vec<Encoded> = keys
-            .iter()
-            .filter_map(|k| self.flights.get(k).map(|f| f.encoded.clone()))
-            .collect();
-        let result = self.conn.produce_encoded(&batches).await;
-        let now = Instant::now();
+    /// A batch that would not encode was never sent: its sequence numbers
+    /// go to the next batch, and its writes fail.
+    fn unencodable(&mut self, key: &Key, writes: Vec<Parked>, why: String, now: Instant) {
         let timeout = self.cfg.delivery_timeout;
-        let mut answered = HashSet::new();
-        if let Ok(answers) = &result {
-            for a in answers {
-                let key: Key = (Arc::from(a.topic.as_str()), a.partition);
-                let next =
-                    self.seqs
-                        .on_answer(&key.0, key.1, (a.error_code, a.base_offset), now, timeout);
-                self.act(&key, next);
-                answered.insert(key);
-            }
-        }
-        // Unanswered (a dropped connection, or missing from the answer).
-        for key in keys.into_iter().filter(|k| !answered.contains(k)) {
-            let next = self.seqs.on_lost(&key.0, key.1, now, timeout);
-            self.act(&key, next);
-        }
-        if let Err(e) = result {
-            // A late answer may still be on its way on this connection:
-            // the next request goes on a new one.
-            tracing::warn!(error = %e, "produce request unanswered; reconnecting");
-            tokio::time::sleep(self.cfg.retry_backoff).await;
-            if let Err(e) = self.conn.reconnect().await {
-                tracing::warn!(error = %e, "reconnecting to Kafka failed");
-            }
+        let next = self
+            .seqs
+            .on_answer(&key.0, key.1, (INVALID_RECORD, -1), now, timeout);
+        tracing::error!(error = %why, ?next, "could not encode a batch");
+        for p in writes {
+            p.settle(Err(ProduceError::Own(WriteError::Encode(why.clone()))));
         }
     }
 
-    fn act(&mut self, key: &Key, next: Next) {
+    /// One round: each broker gets one request with its partitions'
+    /// batches; a partition without a known leader is answered as Kafka
+    /// answers it (LEADER_NOT_AVAILABLE). True when something is to be
+    /// sent again, after a back-off.
+    pub async fn exchange(&mut self, keys: Vec<Key>) -> bool {
+        let Some(links) = self.links.as_mut() else {
+            return false;
+        };
+        let mut by_broker: HashMap<i32, Vec<Key>> = HashMap::new();
+        let mut leaderless = Vec::new();
+        for key in keys {
+            match links.routes.leader(&key.0, key.1) {
+                Some(b) => by_broker.entry(b).or_default().push(key),
+                None => leaderless.push(key),
+            }
+        }
+        let now = Instant::now();
+        let requests = by_broker
+            .iter()
+            .map(|(b, keys)| {
+                let flights: Vec<&Flight> =
+                    keys.iter().filter_map(|k| self.flights.get(k)).collect();
+                let batches = flights.iter().map(|f| f.encoded.clone()).collect();
+                (
+                    *b,
+                    batches,
+                    wait_for(self.cfg.delivery_timeout, &flights, now),
+                )
+            })
+            .collect();
+        let results = links.produce_all(requests).await;
+        let now = Instant::now();
+        let mut again = false;
+        for (broker, result) in results {
+            let keys = by_broker.remove(&broker).unwrap_or_default();
+            again |= self.answered(keys, result, now);
+        }
+        for key in leaderless {
+            let answer = (LEADER_NOT_AVAILABLE, -1);
+            let next = self
+                .seqs
+                .on_answer(&key.0, key.1, answer, now, self.cfg.delivery_timeout);
+            again |= self.act(&key, next);
+        }
+        again
+    }
+
+    /// What one broker's answer means for each of its partitions.
+    fn answered(
+        &mut self,
+        keys: Vec<Key>,
+        result: Result<Vec<Answer>, ProduceCallError>,
+        now: Instant,
+    ) -> bool {
+        let timeout = self.cfg.delivery_timeout;
+        let mut again = false;
+        let mut answered = HashSet::new();
+        match &result {
+            Ok(answers) => {
+                for a in answers {
+                    let key: Key = (Arc::from(a.topic.as_str()), a.partition);
+                    let answer = (a.error_code, a.base_offset);
+                    let next = self.seqs.on_answer(&key.0, key.1, answer, now, timeout);
+                    again |= self.act(&key, next);
+                    answered.insert(key);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "produce request unanswered; connecting again"),
+        }
+        // Unanswered: a dropped connection, or missing from the answer.
+        for key in keys.into_iter().filter(|k| !answered.contains(k)) {
+            let next = self.seqs.on_lost(&key.0, key.1, now, timeout);
+            again |= self.act(&key, next);
+        }
+        again
+    }
+
+    /// Carries out `next` for the partition; true for a resend.
+    fn act(&mut self, key: &Key, next: Next) -> bool {
         match next {
             Next::Written { base_offset } => {
                 self.limit.remove(key);
                 if let Some(f) = self.flights.remove(key) {
-                    // A duplicate's answer may carry no offset (-1).
-                    for (i, tx) in f.writes.into_iter().enumerate() {
+                    for (i, p) in f.writes.into_iter().enumerate() {
+                        // A duplicate's answer may carry no offset (-1).
                         let offset = if base_offset >= 0 {
                             base_offset + i as i64
                         } else {
                             -1
                         };
-                        let _ = tx.send(Ok(offset));
+                        let partition = key.1;
+                        p.settle(Ok(Produced { partition, offset }));
                     }
                 }
+                false
             }
-            Next::Resend { .. } => {
+            Next::Resend { refresh_metadata } => {
+                self.refresh_due |= refresh_metadata;
                 self.resend.insert(key.clone());
+                true
             }
-            Next::Split => self.split(key),
+            Next::Split => {
+                self.split(key);
+                false
+            }
             Next::Failed { why, .. } => {
                 if let Some(f) = self.flights.remove(key) {
-                    for tx in f.writes {
-                        let _ = tx.send(Err(WriteError::Failed(why)));
+                    tracing::warn!(topic = %key.0, partition = key.1, ?why, records = f.writes.len(), "Kafka write failed");
+                    for p in f.writes {
+                        p.settle(Err(ProduceError::Own(WriteError::Failed(why))));
                     }
                 }
+                false
             }
-            Next::BumpEpochThenResend | Next::Stale => {}
+            Next::BumpEpochThenResend => true,
+            Next::Stale => false,
         }
     }
 
@@ -335,16 +434,21 @@ impl Sender {
     }
 
     /// Once only batches waiting for it are out: bump, and resend those.
-    fn maybe_bump(&mut self) {
+    pub fn maybe_bump(&mut self) {
+        let Some(links) = self.links.as_mut() else {
+            return;
+        };
         if !self.seqs.bump_ready() {
             return;
         }
-        if !self.conn.bump_epoch() {
-            // Past the last epoch; a new producer id is not wired yet.
-            tracing::error!("producer epoch exhausted");
+        if !links.bump_epoch() {
+            // Past the last epoch: the task asks for a new producer id, and
+            // this bump then goes on under it.
+            tracing::warn!("producer epoch exhausted; asking Kafka for a new producer id");
+            self.links = None;
             return;
         }
-        let who = self.conn.identity();
+        let who = links.identity();
         for key in self.seqs.bumped() {
             if let Some(f) = self.flights.get_mut(&key) {
                 f.batch.base_sequence = 0;
@@ -358,5 +462,75 @@ impl Sender {
                 }
             }
         }
+    }
+}
+
+/// How long a request may stay unanswered: until the first of its
+/// writes reaches the delivery timeout, so that an unanswered write
+/// fails then, as librdkafka's do (a floor keeps a request possible).
+fn wait_for(timeout: Duration, flights: &[&Flight], now: Instant) -> Duration {
+    let first = flights
+        .iter()
+        .flat_map(|f| f.writes.iter().map(|p| p.since))
+        .min();
+    let left = first.map_or(timeout, |since| {
+        (since + timeout).saturating_duration_since(now)
+    });
+    left.max(MIN_WAIT)
+}
+
+/// How many of the queue's first records go in the next batch: at most
+/// `max`, and no more than `MAX_BATCH_BYTES` unless one record alone is.
+fn batch_len(queue: &VecDeque<(OutRecord, Parked)>, max: usize) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for (r, _) in queue.iter().take(max.max(1)) {
+        bytes += r.size();
+        if n > 0 && bytes > MAX_BATCH_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn queue(sizes: &[usize]) -> VecDeque<(OutRecord, Parked)> {
+        sizes
+            .iter()
+            .map(|&n| {
+                let record = OutRecord {
+                    key: None,
+                    value: Some(Bytes::from(vec![b'x'; n])),
+                    headers: Vec::new(),
+                    timestamp_ms: 0,
+                };
+                let parked = Parked {
+                    done: oneshot::channel().0,
+                    since: Instant::now(),
+                    _room: None,
+                };
+                (record, parked)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_record_count_and_byte_bound() {
+        assert_eq!(batch_len(&queue(&[10; 5]), 3), 3, "record bound");
+        assert_eq!(batch_len(&queue(&[10; 5]), 0), 1, "at least one");
+        let half = MAX_BATCH_BYTES / 2;
+        assert_eq!(batch_len(&queue(&[half, half, 1]), 100), 2, "fits exactly");
+        assert_eq!(batch_len(&queue(&[half, half, 2]), 100), 2);
+        assert_eq!(batch_len(&queue(&[half + 1, half]), 100), 1, "byte bound");
+        assert_eq!(
+            batch_len(&queue(&[2 * MAX_BATCH_BYTES, 1]), 100),
+            1,
+            "a record larger than the bound goes alone (Kafka judges it)"
+        );
     }
 }
