@@ -122,7 +122,13 @@ enum Mode {
     /// Bytes are read but held until the mode changes (a black hole that
     /// keeps connections open).
     Stall,
+    /// Requests reach Kafka; its answers are dropped and the connection
+    /// closed: the client cannot know whether its write landed.
+    CutAnswers,
 }
+
+/// Answers dropped in `Mode::CutAnswers`.
+static CUT_ANSWERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A TCP proxy in front of Kafka whose speed the test controls.
 async fn proxy(listener: TcpListener, upstream: SocketAddr, mode: watch::Receiver<Mode>) {
@@ -136,7 +142,7 @@ async fn proxy(listener: TcpListener, upstream: SocketAddr, mode: watch::Receive
             let _ = up.set_nodelay(true);
             let (dr, dw) = down.into_split();
             let (ur, uw) = up.into_split();
-            tokio::join!(pipe(dr, uw, mode.clone()), pipe(ur, dw, mode));
+            tokio::join!(pipe(dr, uw, mode.clone(), false), pipe(ur, dw, mode, true));
         });
     }
 }
@@ -145,6 +151,7 @@ async fn pipe(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    answers: bool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -155,7 +162,12 @@ async fn pipe(
         loop {
             let m = *mode.borrow_and_update();
             match m {
-                Mode::Fast => break,
+                Mode::CutAnswers if answers => {
+                    CUT_ANSWERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // Dropping both halves resets the client's connection.
+                    return;
+                }
+                Mode::Fast | Mode::CutAnswers => break,
                 Mode::Delay(d) => {
                     tokio::time::sleep(d).await;
                     break;
@@ -174,21 +186,10 @@ async fn pipe(
     let _ = w.shutdown().await;
 }
 
-/// Waits for the next acknowledgement-ish packet (PUBACK/PUBREC) or the close.
-async fn next_ack(r: &mut raw::Raw, t: Duration) -> Option<Packet> {
-    r.recv_within(t).await
-}
-
-fn is_success(p: &Option<Packet>, id: u16) -> bool {
-    matches!(p, Some(Packet::PubAck(a)) | Some(Packet::PubRec(a)) if a.packet_id == id && a.reason == ReasonCode::Success)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_recovers() {
-    let _serial = SERIAL.lock().await;
+/// A Kafka of its own whose every connection goes through `proxy`; its
+/// bootstrap address (the proxy's) and the switch of the proxy's mode.
+async fn kafka_behind_proxy() -> (watch::Sender<Mode>, StopKafka, String) {
     const DIR: &str = "kafka-faults-slow-test";
-    let delivery_timeout = Duration::from_millis(4000);
-
     // The proxy must serve before Kafka starts: kafka-local checks the admin
     // API, which follows the advertised (proxy) address.
     let listener = TcpListener::bind(("127.0.0.1", PROXY_PORT))
@@ -207,9 +208,77 @@ async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_reco
         kafka_local_async(SLOW_KAFKA_PORT, DIR, "start", adv).await,
         "test Kafka behind the proxy did not start"
     );
-    let _stop = StopKafka(SLOW_KAFKA_PORT, DIR);
+    let stop = StopKafka(SLOW_KAFKA_PORT, DIR);
+    (mode_tx, stop, format!("127.0.0.1:{PROXY_PORT}"))
+}
 
-    let bootstrap = format!("127.0.0.1:{PROXY_PORT}");
+/// Rule 1 across a lost answer: Kafka wrote the batch, the answer never
+/// came, and the producer cannot tell. It must send the same batch again
+/// (same producer id and sequence numbers, so Kafka keeps one copy), and
+/// acknowledge only once an answer says written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_answer_was_lost_is_retried_into_one_record_and_one_puback() {
+    let _serial = SERIAL.lock().await;
+    let (mode_tx, _stop, bootstrap) = kafka_behind_proxy().await;
+    let mut c = common::test_config(&[]);
+    c.kafka.bootstrap_servers = bootstrap.clone();
+    c.kafka.delivery_timeout_ms = 20_000;
+    let b = common::start_with(c).await;
+    let topic = "faults/cut";
+    let mut v5 = client(b.addr(), ProtocolVersion::V5, &common::unique("cut-v5")).await;
+    v5.send(&publish(QoS::AtLeastOnce, 1, topic, &b"before"[..]))
+        .await;
+    assert!(is_success(
+        &next_ack(&mut v5, Duration::from_secs(15)).await,
+        1
+    ));
+
+    let cut_before = CUT_ANSWERS.load(std::sync::atomic::Ordering::SeqCst);
+    mode_tx.send_replace(Mode::CutAnswers);
+    v5.send(&publish(QoS::AtLeastOnce, 2, topic, &b"answer-lost"[..]))
+        .await;
+    assert_eq!(
+        next_ack(&mut v5, Duration::from_secs(2)).await,
+        None,
+        "no PUBACK while no answer says written"
+    );
+    let cut = CUT_ANSWERS.load(std::sync::atomic::Ordering::SeqCst) - cut_before;
+    assert!(cut > 0, "the proxy dropped Kafka's answers");
+    mode_tx.send_replace(Mode::Fast);
+    let a = next_ack(&mut v5, Duration::from_secs(20)).await;
+    assert!(
+        is_success(&a, 2),
+        "PUBACK once a resend was answered, got {a:?}"
+    );
+
+    let dt = b.default_topic.clone();
+    let values = tokio::task::spawn_blocking(move || values_in(&bootstrap, &dt, 3))
+        .await
+        .expect("reader");
+    let copies = values
+        .iter()
+        .filter(|v| v.as_slice() == b"answer-lost")
+        .count();
+    assert_eq!(
+        copies, 1,
+        "written once though sent {cut} times or more: {values:?}"
+    );
+}
+
+/// Waits for the next acknowledgement-ish packet (PUBACK/PUBREC) or the close.
+async fn next_ack(r: &mut raw::Raw, t: Duration) -> Option<Packet> {
+    r.recv_within(t).await
+}
+
+fn is_success(p: &Option<Packet>, id: u16) -> bool {
+    matches!(p, Some(Packet::PubAck(a)) | Some(Packet::PubRec(a)) if a.packet_id == id && a.reason == ReasonCode::Success)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_kafka_delays_acks_and_a_stalled_kafka_never_acks_success_then_recovers() {
+    let _serial = SERIAL.lock().await;
+    let delivery_timeout = Duration::from_millis(4000);
+    let (mode_tx, _stop, bootstrap) = kafka_behind_proxy().await;
     // The QoS 0 burst below goes to a Kafka topic of its own: its records
     // may land late, and the default topic's are counted at the end.
     let q0_topic = common::unique("faults-q0");
