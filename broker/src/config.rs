@@ -261,7 +261,7 @@ impl Default for KafkaConfig {
             fetch_wait_max_ms: 500,
             fetch_busy_wait_ms: 20,
             native_fetch: true,
-            own_producer: false,
+            own_producer: true,
             properties: BTreeMap::new(),
         }
     }
