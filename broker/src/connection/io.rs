@@ -10,6 +10,33 @@ use super::*;
 /// none (`Io::fill`).
 pub(super) const RBUF_IDLE: usize = 1024;
 
+thread_local! {
+    /// Where `read_idle` reads: held only during a poll, never while a
+    /// connection waits.
+    static SCRATCH: std::cell::RefCell<[u8; RBUF_IDLE]> = const { std::cell::RefCell::new([0; RBUF_IDLE]) };
+}
+
+/// Reads what arrives on an idle connection into this thread's scratch
+/// buffer and appends it to `into`: one system call, and no buffer held
+/// while waiting. (A zero-length read to wait, then a read into a new
+/// buffer, cost a second `recvfrom` per message.)
+async fn read_idle<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    into: &mut BytesMut,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch[..]);
+            std::task::ready!(std::pin::Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
+            let got = buf.filled();
+            into.reserve(RBUF_IDLE.max(got.len()));
+            into.extend_from_slice(got);
+            std::task::Poll::Ready(Ok(got.len()))
+        })
+    })
+    .await
+}
+
 /// Write buffer capacity kept once everything is written.
 pub(super) const WBUF_KEEP: usize = 4096;
 
@@ -113,12 +140,10 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
             if let Some(read) = self.rd.read_buf(&mut self.rbuf).now_or_never() {
                 return self.count_read(read);
             }
-            // Nothing to read: an idle connection waits without a buffer (a
-            // zero-length read returns once a TCP socket is readable; other
-            // streams may return at once, and then the read below waits).
+            // Nothing to read: an idle connection waits without a buffer.
             self.rbuf = BytesMut::new();
-            self.rd.read(&mut []).await.map_err(|e| e.to_string())?;
-            self.rbuf.reserve(RBUF_IDLE);
+            let read = read_idle(&mut self.rd, &mut self.rbuf).await;
+            return self.count_read(read);
         } else if self.rbuf.capacity() - self.rbuf.len() < 512 {
             self.rbuf.reserve(4096);
         }
