@@ -604,10 +604,12 @@ impl Node {
             .map(|(k, v)| (k, bytes::Bytes::from(v)))
             .collect();
         let linger = lane == kafka::Lane::Batch;
+        // The retained record carries the same headers: a copy only then.
+        let retained_headers = msg.retain.then(|| headers.clone());
         let mut record = OutRecord {
             key: Some(bytes::Bytes::copy_from_slice(key.as_bytes())),
             value: Some(msg.payload.clone()),
-            headers: headers.clone(),
+            headers,
             timestamp_ms: msg.timestamp_ms,
         };
         if *key != *msg.topic {
@@ -623,7 +625,7 @@ impl Node {
             .published_to_kafka
             .with_label_values(&[topic])
             .inc();
-        if msg.retain {
+        if let Some(headers) = retained_headers {
             // An empty retained payload is a tombstone: compaction deletes the key.
             let retained = OutRecord {
                 key: Some(bytes::Bytes::copy_from_slice(msg.topic.as_bytes())),
