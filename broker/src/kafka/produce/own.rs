@@ -101,9 +101,7 @@ impl OwnProducer {
         self.shared.wake.notify_one();
         Ok(outcome)
     }
-}
 
-impl OwnProducer {
     /// Waits until every write handed over is settled, or `within`.
     pub async fn flush(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
