@@ -529,70 +529,31 @@ impl Node {
         lane: kafka::Lane,
     ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
         self.lanes.count(std::time::Instant::now());
-        if let Some(own) = &self.own {
-            return self.send_own(own, msg, flow, lane).await;
-        }
-        let producer = match (lane, &self.fast_producer) {
-            (kafka::Lane::Fast, Some(fast)) => fast,
-            _ => &self.producer,
-        };
-        let (topic, key) = self.mapping.destination(&msg.topic);
-        let mut headers = msg.to_headers();
-        if let Some(f) = flow {
-            f.push_headers(&mut headers);
-        }
+        let (topic, record, retained) = self.records_of(msg, flow);
         let mut out = Vec::with_capacity(2);
-        let keyed = if *key == *msg.topic {
-            None
-        } else {
-            // A key template made the key: the topic travels in a header.
-            let mut h = headers.clone();
-            h.push((
-                crate::message::H_TOPIC.into(),
-                msg.topic.as_bytes().to_vec(),
-            ));
-            Some(h)
-        };
-        out.push(
-            producer
-                .send(
-                    topic,
-                    key.as_bytes(),
-                    Some(&msg.payload),
-                    keyed.as_ref().unwrap_or(&headers),
-                )
-                .await?,
-        );
+        out.push(self.write(lane, topic, record).await?);
         self.metrics
             .published_to_kafka
             .with_label_values(&[topic])
             .inc();
-        if msg.retain {
-            // An empty retained payload is a tombstone: compaction deletes the key.
-            let value = (!msg.payload.is_empty()).then_some(&msg.payload[..]);
-            out.push(
-                producer
-                    .send(
-                        &self.config.kafka.retained_topic,
-                        msg.topic.as_bytes(),
-                        value,
-                        &headers,
-                    )
-                    .await?,
-            );
+        if let Some(r) = retained {
+            let retained_topic = &self.config.kafka.retained_topic;
+            out.push(self.write(lane, retained_topic, r).await?);
         }
         Ok(out)
     }
 
-    /// `send` through the own producer: a batch-lane record may wait out
-    /// the linger after an idle spell, a fast-lane one goes at once.
-    async fn send_own(
+    /// A message's Kafka records: its mapped topic and record, and the
+    /// retained topic's record when RETAIN is set.
+    fn records_of(
         &self,
-        own: &kafka::produce::own::OwnProducer,
         msg: &Message,
         flow: Option<Qos2Flow>,
-        lane: kafka::Lane,
-    ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
+    ) -> (
+        &str,
+        kafka::produce::request::OutRecord,
+        Option<kafka::produce::request::OutRecord>,
+    ) {
         use kafka::produce::request::OutRecord;
         let (topic, key) = self.mapping.destination(&msg.topic);
         let mut headers = msg.to_headers();
@@ -603,9 +564,14 @@ impl Node {
             .into_iter()
             .map(|(k, v)| (k, bytes::Bytes::from(v)))
             .collect();
-        let linger = lane == kafka::Lane::Batch;
-        // The retained record carries the same headers: a copy only then.
-        let retained_headers = msg.retain.then(|| headers.clone());
+        // An empty retained payload is a tombstone: compaction deletes the
+        // key. Its headers are the message's: a copy only then.
+        let retained = msg.retain.then(|| OutRecord {
+            key: Some(bytes::Bytes::copy_from_slice(msg.topic.as_bytes())),
+            value: (!msg.payload.is_empty()).then(|| msg.payload.clone()),
+            headers: headers.clone(),
+            timestamp_ms: msg.timestamp_ms,
+        });
         let mut record = OutRecord {
             key: Some(bytes::Bytes::copy_from_slice(key.as_bytes())),
             value: Some(msg.payload.clone()),
@@ -619,26 +585,26 @@ impl Node {
                 .headers
                 .push((crate::message::H_TOPIC.into(), topic_header));
         }
-        let mut out = Vec::with_capacity(2);
-        out.push(own.send(topic, record, linger).await?);
-        self.metrics
-            .published_to_kafka
-            .with_label_values(&[topic])
-            .inc();
-        if let Some(headers) = retained_headers {
-            // An empty retained payload is a tombstone: compaction deletes the key.
-            let retained = OutRecord {
-                key: Some(bytes::Bytes::copy_from_slice(msg.topic.as_bytes())),
-                value: (!msg.payload.is_empty()).then(|| msg.payload.clone()),
-                headers,
-                timestamp_ms: msg.timestamp_ms,
-            };
-            out.push(
-                own.send(&self.config.kafka.retained_topic, retained, linger)
-                    .await?,
-            );
+        (topic, record, retained)
+    }
+
+    /// Hands one record to the node's message producer: the own producer
+    /// (a batch-lane record may wait out the linger after an idle spell,
+    /// a fast-lane one goes at once), or librdkafka's lane.
+    async fn write(
+        &self,
+        lane: kafka::Lane,
+        topic: &str,
+        record: kafka::produce::request::OutRecord,
+    ) -> Result<kafka::DeliveryFuture, kafka::ProduceError> {
+        if let Some(own) = &self.own {
+            return own.send(topic, record, lane == kafka::Lane::Batch).await;
         }
-        Ok(out)
+        let producer = match (lane, &self.fast_producer) {
+            (kafka::Lane::Fast, Some(fast)) => fast,
+            _ => &self.producer,
+        };
+        producer.send_record(topic, &record).await
     }
 
     /// Publishes a Last Will now, retrying while Kafka is unavailable: a will
@@ -974,9 +940,6 @@ fn shutdown_receiver(tx: &watch::Sender<bool>) -> watch::Receiver<bool> {
     rx
 }
 
-/// The producer of session records, claims and tombstones: no linger. They
-/// are few and small, and their latency is the window a node's death
-/// re-delivers (issue #18) and part of every CONNACK.
 /// The own producer when `kafka.own_producer` asks for it and Kafka is
 /// reached over plaintext (it speaks neither TLS nor SASL: librdkafka
 /// writes then, as before).
@@ -1009,6 +972,9 @@ fn own_producer(
     ))
 }
 
+/// The producer of session records, claims and tombstones: no linger. They
+/// are few and small, and their latency is the window a node's death
+/// re-delivers (issue #18) and part of every CONNACK.
 /// A producer of the node (`role`: its name) that sends each record at once.
 fn lingerless_producer(
     kcfg: &crate::config::KafkaConfig,

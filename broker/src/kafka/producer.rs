@@ -206,11 +206,33 @@ impl Producer {
         value: Option<&[u8]>,
         headers: &[(String, Vec<u8>)],
     ) -> Result<DeliveryFuture, ProduceError> {
+        self.send_with(topic, key, value, headers).await
+    }
+
+    /// `send` of a record built for either producer; librdkafka stamps
+    /// its own time, as it always did here.
+    pub async fn send_record(
+        &self,
+        topic: &str,
+        r: &crate::kafka::produce::request::OutRecord,
+    ) -> Result<DeliveryFuture, ProduceError> {
+        let key = r.key.as_deref().unwrap_or_default();
+        self.send_with(topic, key, r.value.as_deref(), &r.headers)
+            .await
+    }
+
+    async fn send_with<V: AsRef<[u8]>>(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: &[(String, V)],
+    ) -> Result<DeliveryFuture, ProduceError> {
         let mut hs = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
             hs = hs.insert(Header {
                 key: k.as_str(),
-                value: Some(v.as_slice()),
+                value: Some(v.as_ref()),
             });
         }
         let (tx, rx) = oneshot::channel();
