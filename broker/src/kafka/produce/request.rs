@@ -2,14 +2,12 @@
 //! partitions of one Kafka broker in one request (librdkafka sends one
 //! request per partition). Pure: building, not sending.
 
-use bytes::{Bytes, BytesMut};
-use kafka_protocol::indexmap::IndexMap;
+use bytes::Bytes;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{ProduceRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+
+use super::record_batch::{self, Stamp};
 
 /// The Produce version sent: flexible, topics by name (v13 names them by
 /// id), and what Kafka 4 still accepts.
@@ -70,41 +68,16 @@ pub struct PartitionBatch {
 
 #[derive(Debug, thiserror::Error)]
 #[error("encoding a record batch: {0}")]
-pub struct EncodeError(String);
+pub struct EncodeError(pub String);
 
 /// The v2 record batch of `batch`, stamped with `who` and its sequences.
 pub fn encode_batch(who: ProducerIdentity, batch: &PartitionBatch) -> Result<Bytes, EncodeError> {
-    let records: Vec<Record> = batch
-        .records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Record {
-            transactional: false,
-            control: false,
-            partition_leader_epoch: -1,
-            producer_id: who.id,
-            producer_epoch: who.epoch,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: batch.base_sequence.wrapping_add(i as i32),
-            timestamp: r.timestamp_ms,
-            key: r.key.clone(),
-            value: r.value.clone(),
-            headers: r
-                .headers
-                .iter()
-                .map(|(k, v)| (StrBytes::from_string(k.clone()), Some(v.clone())))
-                .collect::<IndexMap<_, _>>(),
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    let options = RecordEncodeOptions {
-        version: 2,
-        compression: Compression::None,
+    let stamp = Stamp {
+        producer_id: who.id,
+        producer_epoch: who.epoch,
+        base_sequence: batch.base_sequence,
     };
-    RecordBatchEncoder::encode(&mut buf, &records, &options)
-        .map_err(|e| EncodeError(e.to_string()))?;
-    Ok(buf.freeze())
+    record_batch::encode(stamp, &batch.records)
 }
 
 /// A sealed batch, encoded once: a retry sends the same bytes.
