@@ -3,7 +3,7 @@
 //! `Links` is the producer's: every broker it writes to. `IdempotentConn`
 //! is one connection, for tests of what Kafka does with sequences.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::time::Duration;
 
 use kafka_protocol::messages::InitProducerIdRequest;
@@ -187,7 +187,7 @@ impl Links {
                         bootstrap,
                         client_id: client_id.to_string(),
                         timeout,
-                        conns: HashMap::new(),
+                        conns: HashMap::default(),
                         routes: Routes::default(),
                     })
                 }

@@ -4,7 +4,7 @@
 //! waits until no batch is in flight but those waiting for it, and nothing
 //! is sealed meanwhile (docs/own-producer.md, "The epoch bump").
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! picks it, and that partition's leader, from Metadata (pure: the lookup
 //! itself is the sender's).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use kafka_protocol::messages::MetadataResponse;

@@ -5,7 +5,9 @@
 //! `sequence.rs` decides (docs/own-producer.md). The task that runs the
 //! rounds is `own.rs`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,7 +52,7 @@ const INVALID_RECORD: i16 = 87;
 /// Bytes of records in one batch at most (librdkafka's `batch.size`):
 /// under Kafka's default `message.max.bytes` (1 MiB), so a batch is
 /// split only when one record alone is near it.
-const MAX_BATCH_BYTES: usize = 1_000_000;
+pub(super) const MAX_BATCH_BYTES: usize = 1_000_000;
 /// The shortest wait for an answer a request is given.
 const MIN_WAIT: Duration = Duration::from_millis(100);
 /// How a partition without a known leader is answered, without a request.
@@ -65,8 +67,9 @@ pub struct SenderConfig {
     pub max_batch_records: usize,
     /// Pause before a resend, and between Metadata lookups.
     pub retry_backoff: Duration,
-    /// How long a write that may linger waits for company after an idle
-    /// spell (batches still form while requests are out).
+    /// How long a write that may linger waits for company, from its
+    /// arrival (librdkafka's `linger.ms`); a write that may not, or a full
+    /// batch, sends what waits at once.
     pub linger: Duration,
     /// Bytes of records waiting or in flight at most; a writer past it
     /// waits for room (`kafka.queue_max_kbytes` of librdkafka's queue).
@@ -119,10 +122,10 @@ impl Sender {
             cfg,
             seqs: Sequences::default(),
             unplaced: Vec::new(),
-            open: HashMap::new(),
-            flights: HashMap::new(),
-            resend: HashSet::new(),
-            limit: HashMap::new(),
+            open: HashMap::default(),
+            flights: HashMap::default(),
+            resend: HashSet::default(),
+            limit: HashMap::default(),
             refresh_due: false,
         }
     }
@@ -309,7 +312,7 @@ impl Sender {
         let Some(links) = self.links.as_mut() else {
             return false;
         };
-        let mut by_broker: HashMap<i32, Vec<Key>> = HashMap::new();
+        let mut by_broker: HashMap<i32, Vec<Key>> = HashMap::default();
         let mut leaderless = Vec::new();
         for key in keys {
             match links.routes.leader(&key.0, key.1) {
@@ -357,7 +360,7 @@ impl Sender {
     ) -> bool {
         let timeout = self.cfg.delivery_timeout;
         let mut again = false;
-        let mut answered = HashSet::new();
+        let mut answered = HashSet::default();
         match &result {
             Ok(answers) => {
                 for a in answers {
