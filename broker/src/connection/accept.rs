@@ -284,6 +284,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             acks: FuturesOrdered::new(),
             lane: Default::default(),
             last_ack: None,
+            last_publish: None,
             peak_in_flight: 0,
             qos0: None,
             scans_left: if o.present {

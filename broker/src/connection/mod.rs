@@ -255,6 +255,8 @@ struct Conn<S> {
     /// When the last PUBACK/PUBREC was sent (a client that publishes right
     /// after it waits for each one).
     last_ack: Option<Instant>,
+    /// When its last PUBLISH to Kafka came (a sparse publisher batches).
+    last_publish: Option<Instant>,
     /// Most writes in flight when a PUBLISH came, since the last lane
     /// choice (`lane_for_next_write`).
     peak_in_flight: u16,

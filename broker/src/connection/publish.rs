@@ -236,10 +236,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// this connection is in flight (order), else the node's choice.
     fn lane_for_next_write(&mut self, now: Instant) -> crate::kafka::Lane {
         let in_flight = self.acks.len() + self.qos0_in_kafka();
+        let previous = self.last_publish.replace(now);
         if in_flight == 0 {
             let waits = crate::kafka::lanes::paced_by_acks(self.peak_in_flight.into());
             let last_ack = if waits { self.last_ack } else { None };
-            self.lane = self.node.lanes().choose(now, last_ack);
+            self.lane = self.node.lanes().choose(now, last_ack, previous);
             self.peak_in_flight = 0;
         }
         let seen = u16::try_from(in_flight).unwrap_or(u16::MAX);
