@@ -23,8 +23,25 @@ struct Waiting {
     lingering: bool,
 }
 
+impl Waiting {
+    /// Adds a write; true when the task must look now: it is not waiting
+    /// out a linger, or this write may not linger, or a batch's worth waits.
+    fn push(&mut self, w: Write, max_records: usize) -> bool {
+        let linger = w.linger;
+        self.bytes += w.record.size();
+        self.writes.push(w);
+        !(linger && self.lingering) || self.full(max_records)
+    }
+
+    fn full(&self, max_records: usize) -> bool {
+        self.writes.len() >= max_records || self.bytes >= super::sender::MAX_BATCH_BYTES
+    }
+}
+
 struct Shared {
     waiting: Mutex<Waiting>,
+    /// `SenderConfig::max_batch_records`.
+    max_records: usize,
     wake: Notify,
     room: Arc<Semaphore>,
     /// Permits in `room` when nothing is held.
@@ -67,6 +84,7 @@ impl OwnProducer {
         let room_total = u32::try_from(cfg.max_bytes).unwrap_or(u32::MAX).max(1);
         let shared = Arc::new(Shared {
             waiting: Mutex::new(Waiting::default()),
+            max_records: cfg.max_batch_records,
             wake: Notify::new(),
             room: Arc::new(Semaphore::new(room_total as usize)),
             room_total,
@@ -107,12 +125,7 @@ impl OwnProducer {
             done,
             room: Some(room),
         };
-        let wake = {
-            let mut waiting = self.shared.lock();
-            waiting.bytes += w.record.size();
-            waiting.writes.push(w);
-            !(linger && waiting.lingering)
-        };
+        let wake = self.shared.lock().push(w, self.shared.max_records);
         // Stores a permit when the task is busy: no wake-up until it looks.
         if wake {
             self.shared.wake.notify_one();
@@ -200,9 +213,7 @@ async fn gather(shared: &Shared, cfg: &SenderConfig) {
 /// send now.
 fn linger_deadline(waiting: &Waiting, cfg: &SenderConfig) -> Option<Instant> {
     let all_linger = waiting.writes.iter().all(|w| w.linger);
-    let full = waiting.writes.len() >= cfg.max_batch_records
-        || waiting.bytes >= super::sender::MAX_BATCH_BYTES;
-    if cfg.linger.is_zero() || !all_linger || full {
+    if cfg.linger.is_zero() || !all_linger || waiting.full(cfg.max_batch_records) {
         return None;
     }
     let oldest = waiting.writes.iter().map(|w| w.since).min()?;
@@ -319,6 +330,22 @@ mod tests {
             super::super::sender::MAX_BATCH_BYTES,
         )]);
         assert_eq!(linger_deadline(&by_bytes, &cfg()), None);
+    }
+
+    #[test]
+    fn while_the_task_lingers_only_a_hurried_write_or_a_full_batch_wakes_it() {
+        let now = Instant::now();
+        let mut w = waiting(vec![]);
+        assert!(w.push(write(true, now, 1), 3), "the task is not lingering");
+        w.lingering = true;
+        assert!(!w.push(write(true, now, 1), 3), "it wakes at its deadline");
+        assert!(
+            w.push(write(true, now, 1), 3),
+            "three records: a full batch"
+        );
+        let mut w = waiting(vec![]);
+        w.lingering = true;
+        assert!(w.push(write(false, now, 1), 3), "a fast-lane write");
     }
 
     #[test]
