@@ -18,9 +18,9 @@
 //!   `SPARSE_GAP` ago, or none). A sparse client's record is a lone one:
 //!   sent at once it costs a Kafka request of its own, and no client waits
 //!   on it to publish its next. Thousands of sparse clients on one node
-//!   share requests in the batch lane instead: 40 µs of broker CPU a
-//!   message against 74 in the fast lane at 1,430 msg/s from 14,300
-//!   clients, and half of Kafka's (docs/benchmarks.md).
+//!   share requests in the batch lane instead: 39-47 µs of broker CPU a
+//!   message against 68-74 in the fast lane at 1,430 msg/s from 14,300
+//!   clients, and a third of Kafka's CPU (docs/benchmarks.md).
 //!
 //! A connection changes lanes only when none of its writes is in flight,
 //! so its messages reach Kafka in order.
