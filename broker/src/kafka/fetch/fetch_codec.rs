@@ -161,7 +161,8 @@ fn skip_tagged(b: &mut Bytes) -> Result<(), Malformed> {
     Ok(())
 }
 
-fn put_uvarint(out: &mut BytesMut, mut v: u64) {
+/// Kafka's unsigned varint: 7 bits a byte, low bits first.
+pub(crate) fn put_uvarint(out: &mut BytesMut, mut v: u64) {
     while v >= 0x80 {
         out.put_u8((v as u8) | 0x80);
         v >>= 7;

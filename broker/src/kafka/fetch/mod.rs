@@ -13,7 +13,7 @@
 //! reader. Reads `read_committed`, as librdkafka does by default.
 
 mod batches;
-mod fetch_codec;
+pub(crate) mod fetch_codec;
 mod pace;
 pub(crate) mod wire;
 

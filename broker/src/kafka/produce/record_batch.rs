@@ -11,6 +11,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::request::{EncodeError, OutRecord};
+use crate::kafka::fetch::fetch_codec::put_uvarint;
 
 /// Bytes before the first record: base offset (8), batch length (4),
 /// partition leader epoch (4), magic (1), CRC (4), attributes (2), last
@@ -136,12 +137,7 @@ fn varint_len(n: i64) -> usize {
 }
 
 fn put_varint(buf: &mut BytesMut, n: i64) {
-    let mut z = zigzag(n);
-    while z >= 0x80 {
-        buf.put_u8((z as u8) | 0x80);
-        z >>= 7;
-    }
-    buf.put_u8(z as u8);
+    put_uvarint(buf, zigzag(n));
 }
 
 #[cfg(test)]
