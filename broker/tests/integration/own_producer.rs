@@ -1,5 +1,5 @@
 //! The own producer's idempotence against a real Kafka
-//! (docs/own-producer.md, work in progress on the own-producer branch):
+//! (docs/own-producer.md; it writes the messages by default):
 //! the design rests on Kafka writing a resent batch once, and on refusing
 //! a sequence gap.
 
@@ -22,9 +22,13 @@ use rdkafka::ClientConfig;
 const T: Duration = Duration::from_secs(30);
 
 async fn topic_with_partitions(n: i32) -> String {
+    topic_at(&common::kafka(), n).await
+}
+
+async fn topic_at(bootstrap: &str, n: i32) -> String {
     let topic = common::unique("own-producer");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", common::kafka())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin");
     let made = admin
@@ -231,4 +235,68 @@ async fn a_write_to_a_topic_kafka_refuses_fails_at_the_delivery_timeout() {
         started.elapsed() >= Duration::from_secs(2),
         "not before the timeout"
     );
+}
+
+/// Kafka forgets an idle producer after `producer.id.expiration.ms`. The
+/// next write carries the sequence numbers where they left off: Kafka
+/// 4.3.1 takes them from a producer it no longer knows (KIP-360), and a
+/// Kafka that answered `UNKNOWN_PRODUCER_ID` would make the producer bump
+/// its epoch (`sequence.rs`). Either way every write lands, once. A Kafka
+/// of its own (port 19596) forgets producers after 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_kafka_forgot_the_producer_land_once() {
+    const PORT: &str = "19596";
+    let kafka_local = |cmd: &str| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-local");
+        let run_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../.run/kafka-forget-test");
+        let st = std::process::Command::new("bash")
+            .args([script, cmd])
+            .env("KAFKA_PORT", PORT)
+            .env("KAFKA_RUN_DIR", run_dir)
+            .env("KAFKA_HEAP", "-Xmx512m")
+            .env(
+                "KAFKA_EXTRA_CONFIG",
+                "producer.id.expiration.ms=1000\nproducer.id.expiration.check.interval.ms=200",
+            )
+            .status()
+            .expect("scripts/kafka-local");
+        assert!(st.success(), "kafka-local {cmd} failed");
+    };
+    struct Stop<F: Fn(&str)>(F);
+    impl<F: Fn(&str)> Drop for Stop<F> {
+        fn drop(&mut self) {
+            (self.0)("stop");
+        }
+    }
+    kafka_local("reset");
+    kafka_local("start");
+    let _stop = Stop(kafka_local);
+    let bootstrap = format!("127.0.0.1:{PORT}");
+    let cfg = SenderConfig {
+        delivery_timeout: T,
+        max_batch_records: 500,
+        retry_backoff: Duration::from_millis(50),
+        linger: Duration::ZERO,
+        max_bytes: 1 << 20,
+        request_timeout: T,
+    };
+    let producer = OwnProducer::spawn(&bootstrap, "forget-test", cfg);
+    let topic = topic_at(&bootstrap, 1).await;
+    let mut offsets = HashSet::new();
+    for round in 0..3 {
+        for i in 0..5 {
+            let key = format!("r{round}/{i}");
+            let report = producer
+                .send(&topic, record(key), false)
+                .await
+                .expect("handed over");
+            let p = Producer::delivered(report).await.expect("written");
+            assert!(offsets.insert(p.offset), "offset {} twice", p.offset);
+        }
+        // Past the expiration and two of its checks: Kafka forgets us.
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+    }
+    let records = common::read_topic_at(&bootstrap, &topic, 16, Duration::from_secs(10));
+    let keys: HashSet<_> = records.iter().map(|r| r.key.clone()).collect();
+    assert_eq!((records.len(), keys.len()), (15, 15), "each write once");
 }
