@@ -268,6 +268,7 @@ async fn writes_after_kafka_forgot_the_producer_land_once() {
             (self.0)("stop");
         }
     }
+    common::init_test_log();
     kafka_local("reset");
     kafka_local("start");
     let _stop = Stop(kafka_local);

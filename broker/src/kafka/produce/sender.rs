@@ -452,6 +452,11 @@ impl Sender {
             return;
         }
         let who = links.identity();
+        tracing::info!(
+            producer_id = who.id,
+            epoch = who.epoch,
+            "producer epoch bumped"
+        );
         for key in self.seqs.bumped() {
             if let Some(f) = self.flights.get_mut(&key) {
                 f.batch.base_sequence = 0;

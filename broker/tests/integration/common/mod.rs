@@ -74,7 +74,7 @@ pub fn test_config(mappings: &[String]) -> Config {
 /// `TEST_LOG=<filter>` (e.g. `lodestream_broker=debug`) logs the
 /// in-process brokers to stderr; not `RUST_LOG`, which spawned broker
 /// binaries read too.
-fn init_test_log() {
+pub fn init_test_log() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if let Ok(filter) = std::env::var("TEST_LOG") {
