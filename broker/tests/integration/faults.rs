@@ -18,6 +18,7 @@
 //! while Kafka cannot take the write.
 
 use crate::common;
+use crate::common::kafka_instance::{kafka_local_async, run_dir, StopKafka};
 use crate::common::packets::{self, IntoPacket};
 use crate::common::raw;
 
@@ -44,44 +45,6 @@ const PROXY_PORT: u16 = 19694;
 const FD_MQTT_PORT: u16 = 19695;
 const DISK_KAFKA_PORT: u16 = 19696;
 const FD_METRICS_PORT: u16 = 19699;
-
-fn run_dir(name: &str) -> String {
-    format!("{}/../.run/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs `scripts/kafka-local CMD` for one test instance; `extra` env on top.
-fn kafka_local(port: u16, dir: &str, cmd: &str, extra: &[(&str, String)]) -> bool {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-local");
-    let mut c = Command::new("bash");
-    c.args([script, cmd])
-        .env("KAFKA_PORT", port.to_string())
-        .env("KAFKA_RUN_DIR", run_dir(dir))
-        .env("KAFKA_HEAP", "-Xmx512m")
-        .env("KAFKA_STOP_TIMEOUT", "15");
-    for (k, v) in extra {
-        c.env(k, v);
-    }
-    c.status().map(|s| s.success()).unwrap_or(false)
-}
-
-async fn kafka_local_async(
-    port: u16,
-    dir: &'static str,
-    cmd: &'static str,
-    extra: Vec<(&'static str, String)>,
-) -> bool {
-    tokio::task::spawn_blocking(move || kafka_local(port, dir, cmd, &extra))
-        .await
-        .unwrap_or(false)
-}
-
-/// Stops a test Kafka when the test ends, pass or fail.
-struct StopKafka(u16, &'static str);
-impl Drop for StopKafka {
-    fn drop(&mut self) {
-        kafka_local(self.0, self.1, "stop", &[]);
-    }
-}
 
 fn connect_packet(v: ProtocolVersion, id: &str) -> Packet {
     Connect {

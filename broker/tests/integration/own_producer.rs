@@ -4,6 +4,7 @@
 //! a sequence gap.
 
 use crate::common;
+use crate::common::kafka_instance::{kafka_local_async, StopKafka};
 
 use std::time::Duration;
 
@@ -129,6 +130,11 @@ async fn a_bumped_epoch_starts_again_at_sequence_zero() {
 }
 
 fn own(delivery_timeout: Duration) -> OwnProducer {
+    own_at(&common::kafka(), delivery_timeout)
+}
+
+/// The own producer, unlingering, writing to the Kafka at `bootstrap`.
+fn own_at(bootstrap: &str, delivery_timeout: Duration) -> OwnProducer {
     let cfg = SenderConfig {
         delivery_timeout,
         max_batch_records: 500,
@@ -137,7 +143,7 @@ fn own(delivery_timeout: Duration) -> OwnProducer {
         max_bytes: 1 << 20,
         request_timeout: T,
     };
-    OwnProducer::spawn(&common::kafka(), "own-producer-test", cfg)
+    OwnProducer::spawn(bootstrap, "own-producer-test", cfg)
 }
 
 fn record(key: String) -> OutRecord {
@@ -245,44 +251,19 @@ async fn a_write_to_a_topic_kafka_refuses_fails_at_the_delivery_timeout() {
 /// of its own (port 19596) forgets producers after 1 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_after_kafka_forgot_the_producer_land_once() {
-    const PORT: &str = "19596";
-    let kafka_local = |cmd: &str| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-local");
-        let run_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../.run/kafka-forget-test");
-        let st = std::process::Command::new("bash")
-            .args([script, cmd])
-            .env("KAFKA_PORT", PORT)
-            .env("KAFKA_RUN_DIR", run_dir)
-            .env("KAFKA_HEAP", "-Xmx512m")
-            .env(
-                "KAFKA_EXTRA_CONFIG",
-                "producer.id.expiration.ms=1000\nproducer.id.expiration.check.interval.ms=200",
-            )
-            .status()
-            .expect("scripts/kafka-local");
-        assert!(st.success(), "kafka-local {cmd} failed");
-    };
-    struct Stop<F: Fn(&str)>(F);
-    impl<F: Fn(&str)> Drop for Stop<F> {
-        fn drop(&mut self) {
-            (self.0)("stop");
-        }
-    }
+    const PORT: u16 = 19596;
+    const DIR: &str = "kafka-forget-test";
     common::init_test_log();
-    kafka_local("reset");
-    kafka_local("start");
-    let _stop = Stop(kafka_local);
+    let forget = vec![(
+        "KAFKA_EXTRA_CONFIG",
+        "producer.id.expiration.ms=1000\nproducer.id.expiration.check.interval.ms=200".to_string(),
+    )];
+    assert!(kafka_local_async(PORT, DIR, "reset", vec![]).await);
+    assert!(kafka_local_async(PORT, DIR, "start", forget).await);
+    let _stop = StopKafka(PORT, DIR);
     let bootstrap = format!("127.0.0.1:{PORT}");
-    let cfg = SenderConfig {
-        delivery_timeout: T,
-        max_batch_records: 500,
-        retry_backoff: Duration::from_millis(50),
-        linger: Duration::ZERO,
-        max_bytes: 1 << 20,
-        request_timeout: T,
-    };
-    let producer = OwnProducer::spawn(&bootstrap, "forget-test", cfg);
     let topic = topic_at(&bootstrap, 1).await;
+    let producer = own_at(&bootstrap, T);
     let mut offsets = HashSet::new();
     for round in 0..3 {
         for i in 0..5 {

@@ -4,6 +4,7 @@
 //! topic names unique to the test, and a Kafka reader to check what landed.
 
 pub mod clients;
+pub mod kafka_instance;
 pub mod packets;
 pub mod raw;
 
