@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 
-use lodestream_broker::kafka::produce::client::IdempotentConn;
+use lodestream_broker::kafka::produce::client::{IdempotentConn, ProduceCallError};
 use lodestream_broker::kafka::produce::own::OwnProducer;
 use lodestream_broker::kafka::produce::request::{OutRecord, PartitionBatch};
 use lodestream_broker::kafka::produce::sender::SenderConfig;
@@ -43,10 +43,19 @@ async fn topic_at(bootstrap: &str, n: i32) -> String {
     topic
 }
 
+/// A producer id, asked again while a Kafka that just started loads its
+/// transaction coordinator (COORDINATOR_LOAD_IN_PROGRESS, 14), as the own
+/// producer's task does.
 async fn producer() -> IdempotentConn {
-    IdempotentConn::connect(&common::kafka(), "own-producer-test", T)
-        .await
-        .expect("producer id")
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        match IdempotentConn::connect(&common::kafka(), "own-producer-test", T).await {
+            Err(ProduceCallError::InitProducerId(14)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            r => return r.expect("producer id"),
+        }
+    }
 }
 
 fn batch(topic: &str, partition: i32, base_sequence: i32, n: usize) -> PartitionBatch {
