@@ -589,8 +589,8 @@ impl Node {
     }
 
     /// Hands one record to the node's message producer: the own producer
-    /// (a batch-lane record may wait out the linger after an idle spell,
-    /// a fast-lane one goes at once), or librdkafka's lane.
+    /// (a batch-lane record may wait up to the linger for company, a
+    /// fast-lane one goes at once), or librdkafka's lane.
     async fn write(
         &self,
         lane: kafka::Lane,
@@ -972,10 +972,11 @@ fn own_producer(
     ))
 }
 
-/// The producer of session records, claims and tombstones: no linger. They
-/// are few and small, and their latency is the window a node's death
-/// re-delivers (issue #18) and part of every CONNACK.
 /// A producer of the node (`role`: its name) that sends each record at once.
+///
+/// The control producer of session records, claims and tombstones is one:
+/// they are few and small, and their latency is the window a node's death
+/// re-delivers (issue #18) and part of every CONNACK.
 fn lingerless_producer(
     kcfg: &crate::config::KafkaConfig,
     node_id: &str,
