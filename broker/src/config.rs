@@ -116,6 +116,12 @@ pub struct KafkaConfig {
     /// Node-wide msg/s under which PUBLISHes skip the linger (0: never, one
     /// producer). Above it the linger saves CPU (docs/benchmarks.md).
     pub fast_lane_below: u32,
+    /// While every PUBLISH of the node takes the batch lane at 200 msg/s or
+    /// more, a worker pauses this long (µs) before it sleeps, so that one
+    /// wake-up handles what arrives meanwhile (`kafka/wake_pause.rs`); adds
+    /// up to about three times this to those PUBACKs. 0: never; at most
+    /// 10,000.
+    pub wake_pause_us: u32,
     /// How long a produce may take before it fails (and the QoS>0 PUBLISH
     /// stays unacknowledged).
     pub delivery_timeout_ms: u32,
@@ -257,6 +263,7 @@ impl Default for KafkaConfig {
             linger_ms: 5,
             max_in_flight: 5,
             fast_lane_below: 2000,
+            wake_pause_us: 2000,
             delivery_timeout_ms: 30_000,
             fetch_wait_max_ms: 500,
             fetch_busy_wait_ms: 20,
@@ -408,6 +415,10 @@ impl Config {
         if !(1..=5).contains(&self.kafka.max_in_flight) {
             return bad("kafka.max_in_flight must be 1 to 5 (idempotent producer)".into());
         }
+        // A pause is latency added to PUBACKs: bounded well under a second.
+        if self.kafka.wake_pause_us > 10_000 {
+            return bad("kafka.wake_pause_us must be at most 10000".into());
+        }
         for (name, t) in [
             ("kafka.default_topic", &self.kafka.default_topic),
             ("kafka.retained_topic", &self.kafka.retained_topic),
@@ -512,6 +523,10 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains("kafka.max_in_flight"), "{e}");
         }
+        let mut c = Config::default();
+        c.kafka.wake_pause_us = 10_001;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka.wake_pause_us"), "{e}");
         figment::Jail::expect_with(|jail| {
             jail.set_env("LODESTREAM_LISTENERS__TCP", "localhost");
             let e = Config::load(None, Figment::new()).unwrap_err().to_string();

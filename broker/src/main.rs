@@ -2,12 +2,13 @@
 //! SIGINT/SIGTERM, then shuts down gracefully.
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use figment::providers::Serialized;
-use lodestream_broker::Config;
+use lodestream_broker::{Config, Node};
 use serde::Serialize;
 
 /// Why not glibc's malloc: fan-out allocates a fetch's messages in a burst
@@ -118,8 +119,25 @@ fn init_logs(cfg: &Config) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Set once the node runs: a worker about to sleep asks it whether to
+    // pause first (wake-up coalescing, `kafka/wake_pause.rs`). Weak: the
+    // node is dropped at the end of `run`, inside the runtime, as before.
+    let node: Arc<OnceLock<Weak<Node>>> = Arc::default();
+    let parked = node.clone();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(move || {
+            if let Some(n) = parked.get().and_then(Weak::upgrade) {
+                n.before_worker_sleeps();
+            }
+        })
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(node))
+}
+
+async fn run(node: Arc<OnceLock<Weak<Node>>>) -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::Passwd {
         file,
@@ -134,6 +152,8 @@ async fn main() -> anyhow::Result<()> {
     let running = lodestream_broker::start(cfg.validate()?)
         .await
         .context("broker failed to start")?;
+    // Only ever set here.
+    let _ = node.set(Arc::downgrade(&running.node));
     spawn_reload_on_sighup(running.node.clone());
     wait_for_signal().await;
     tracing::info!("shutting down");

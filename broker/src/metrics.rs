@@ -83,6 +83,8 @@ pub struct Metrics {
     pub dropped_messages: IntCounterVec,
     pub auth_failures: IntCounter,
     pub publish_throttled: IntCounter,
+    /// Pauses a worker took before sleeping (`kafka/wake_pause.rs`).
+    pub wake_pauses: IntCounter,
     /// Replays on subscribe by result: `started` or why refused.
     pub replays: IntCounterVec,
     pub qos2_duplicates_suppressed: IntCounter,
@@ -200,6 +202,22 @@ fn shared_metrics(r: &Registry) -> (IntGauge, IntGauge) {
     )
 }
 
+/// Deliberate pauses: a client's rate limit, a worker's wake-up coalescing.
+fn pause_metrics(r: &Registry) -> (IntCounter, IntCounter) {
+    (
+        counter(
+            r,
+            "lodestream_publish_throttled_total",
+            "Times a client hit mqtt.max_publish_rate and its socket was paused",
+        ),
+        counter(
+            r,
+            "lodestream_wake_pauses_total",
+            "Times a worker paused kafka.wake_pause_us before sleeping, to handle what arrives meanwhile in one wake-up",
+        ),
+    )
+}
+
 impl Metrics {
     /// Registration only fails on a programming error (duplicate or invalid
     /// name, fixed at compile time), hence the panics: they fire in every test.
@@ -208,6 +226,7 @@ impl Metrics {
         let (disconnects, retry_give_ups, session_writes_abandoned) = ending_metrics(&r);
         let (shared_members, shared_partitions) = shared_metrics(&r);
         let (lagging_sessions, lagging_total) = lagging_metrics(&r);
+        let (publish_throttled, wake_pauses) = pause_metrics(&r);
         Metrics {
             shared_members,
             lagging_sessions,
@@ -286,11 +305,8 @@ impl Metrics {
                 "lodestream_auth_failures_total",
                 "Failed authentications",
             ),
-            publish_throttled: counter(
-                &r,
-                "lodestream_publish_throttled_total",
-                "Times a client hit mqtt.max_publish_rate and its socket was paused",
-            ),
+            publish_throttled,
+            wake_pauses,
             replays: counter_vec(
                 &r,
                 "lodestream_replays_total",

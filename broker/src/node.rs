@@ -148,6 +148,7 @@ impl Node {
         let lanes = kafka::LanePolicy::new(
             u64::from(kcfg.fast_lane_below),
             Duration::from_millis(u64::from(kcfg.linger_ms)),
+            Duration::from_micros(u64::from(kcfg.wake_pause_us)),
             std::time::Instant::now(),
         );
         let retained = Arc::new(RetainedStore::new());
@@ -275,6 +276,16 @@ impl Node {
     /// This node's Prometheus metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Called by a worker about to sleep: pauses first while the node
+    /// coalesces wake-ups (`kafka/wake_pause.rs`).
+    pub fn before_worker_sleeps(&self) {
+        let pause = self.lanes.wake_pause(std::time::Instant::now());
+        if !pause.is_zero() {
+            self.metrics.wake_pauses.inc();
+            std::thread::sleep(pause);
+        }
     }
 
     /// Which producer a connection's next write takes (`kafka/lanes.rs`).
@@ -528,7 +539,7 @@ impl Node {
         flow: Option<Qos2Flow>,
         lane: kafka::Lane,
     ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
-        self.lanes.count(std::time::Instant::now());
+        self.lanes.count(std::time::Instant::now(), lane);
         let (topic, record, retained) = self.records_of(msg, flow);
         let mut out = Vec::with_capacity(2);
         out.push(self.write(lane, topic, record).await?);

@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::wake_pause::WakePause;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Lane {
     Fast,
@@ -50,24 +52,45 @@ pub struct LanePolicy {
     /// after its last acknowledgement is waiting for each one.
     linger: Duration,
     count: AtomicU64,
+    /// Of `count`, the fast lane's.
+    fast: AtomicU64,
     window: Mutex<Instant>,
     busy: AtomicBool,
+    /// Decided at each window (`wake_pause.rs`).
+    wake_pause: WakePause,
 }
 
 impl LanePolicy {
-    pub fn new(fast_below: u64, linger: Duration, now: Instant) -> LanePolicy {
+    /// `wake_pause`: `kafka.wake_pause_us` (zero: never).
+    pub fn new(
+        fast_below: u64,
+        linger: Duration,
+        wake_pause: Duration,
+        now: Instant,
+    ) -> LanePolicy {
         LanePolicy {
             fast_below,
             linger,
             count: AtomicU64::new(0),
+            fast: AtomicU64::new(0),
             window: Mutex::new(now),
             busy: AtomicBool::new(false),
+            wake_pause: WakePause::new(wake_pause, WINDOW, now),
         }
     }
 
+    /// How long a worker pauses before it sleeps (`wake_pause.rs`).
+    pub fn wake_pause(&self, now: Instant) -> Duration {
+        self.wake_pause.before_sleep(now)
+    }
+
     /// Counts one write (for the rate) and closes the window when due.
-    pub fn count(&self, now: Instant) {
+    pub fn count(&self, now: Instant, lane: Lane) {
         self.count.fetch_add(1, Ordering::Relaxed);
+        if lane == Lane::Fast {
+            self.fast.fetch_add(1, Ordering::Relaxed);
+            self.wake_pause.fast_write();
+        }
         // Once per window one caller does the sums; the others go on.
         let Ok(mut start) = self.window.try_lock() else {
             return;
@@ -77,8 +100,10 @@ impl LanePolicy {
             return;
         }
         let n = self.count.swap(0, Ordering::Relaxed);
+        let fast = self.fast.swap(0, Ordering::Relaxed);
         *start = now;
         let rate = n.saturating_mul(1000) / (elapsed.as_millis().max(1) as u64);
+        self.wake_pause.window(now, rate, fast);
         let busy = if self.busy.load(Ordering::Relaxed) {
             rate.saturating_mul(10) >= self.fast_below.saturating_mul(8)
         } else {
@@ -160,7 +185,10 @@ mod tests {
     /// A policy with the defaults (fast below 2,000 msg/s, linger 5 ms).
     fn policy() -> (LanePolicy, Instant) {
         let t0 = Instant::now();
-        (LanePolicy::new(2000, Duration::from_millis(5), t0), t0)
+        (
+            LanePolicy::new(2000, Duration::from_millis(5), Duration::ZERO, t0),
+            t0,
+        )
     }
 
     fn run(p: &LanePolicy, start: Instant, per_s: u64, secs: u64) -> Instant {
@@ -168,9 +196,20 @@ mod tests {
         let mut t = start;
         for _ in 0..per_s * secs {
             t += step;
-            p.count(t);
+            p.count(t, Lane::Batch);
         }
         t
+    }
+
+    #[test]
+    fn batch_lane_writes_coalesce_wake_ups_until_a_fast_lane_write() {
+        let t0 = Instant::now();
+        let pause = Duration::from_millis(2);
+        let p = LanePolicy::new(2000, Duration::from_millis(5), pause, t0);
+        let t = run(&p, t0, 1430, 1);
+        assert_eq!(p.wake_pause(t), pause);
+        p.count(t, Lane::Fast);
+        assert_eq!(p.wake_pause(t), Duration::ZERO);
     }
 
     /// A client that published 10 ms ago: not sparse.
@@ -244,7 +283,7 @@ mod tests {
     #[test]
     fn no_fast_lane_when_off() {
         let t0 = Instant::now();
-        let p = LanePolicy::new(0, Duration::from_millis(5), t0);
+        let p = LanePolicy::new(0, Duration::from_millis(5), Duration::ZERO, t0);
         assert_eq!(p.choose(t0, Some(t0), Some(t0)), Lane::Batch);
     }
 }

@@ -13,6 +13,7 @@ pub mod qos2_scan;
 mod reader;
 pub mod replay;
 pub mod share_group;
+pub mod wake_pause;
 
 pub use admin::ensure_topics;
 pub use lanes::{Lane, LanePolicy};

@@ -131,3 +131,59 @@ async fn sigterm_disconnects_clients_with_0x8b_and_exits() {
     let recs = common::read_topic(&first.default_topic, 1, Duration::from_secs(10));
     assert_eq!(recs[0].value.as_deref(), Some(&b"last"[..]));
 }
+
+fn publish(id: u16) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: "coalesce/t".into(),
+        packet_id: Some(id),
+        payload: Bytes::from_static(b"x"),
+        properties: Properties::default(),
+    })
+}
+
+/// Wake-up coalescing in the binary (`kafka/wake_pause.rs`): while every
+/// PUBLISH takes the batch lane at 200 msg/s or more (here 400 clients'
+/// first PUBLISHes, sparse by definition), workers pause before sleeping;
+/// a client that waits for each PUBACK takes the fast lane and is never
+/// paused for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_publishers_coalesce_wake_ups_and_a_waiting_client_is_not_paused_for() {
+    let first = common::start(&[]).await;
+    let port = 34_000 + (std::process::id() % 2000) as u16 * 2;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", port + 1).parse().unwrap();
+    let node_id = common::unique("coalesce");
+    let _node = common::spawn_node_metrics(port, &metrics.to_string(), &first, &node_id, &[]);
+    common::wait_port(port).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let pauses = |m: String| common::metric(&m, "lodestream_wake_pauses_total");
+    let mut clients = Vec::new();
+    for i in 0..400 {
+        let mut r = Raw::connect(addr).await;
+        r.send(&connect(&format!("{node_id}-{i}"))).await;
+        assert!(matches!(r.recv().await, Some(Packet::ConnAck(_))));
+        clients.push(r);
+    }
+    // 40 every 100 ms (the lane policy's window): 400 msg/s for a second.
+    for chunk in clients.chunks_mut(40) {
+        for r in chunk.iter_mut() {
+            r.send(&publish(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for r in &mut clients {
+        assert_eq!(r.recv().await, Some(Packet::PubAck(Ack::new(1))));
+    }
+    assert!(pauses(common::scrape_at(metrics).await) > 0.0, "no pause");
+    // The decision lapses once no window closes (the node went quiet).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = pauses(common::scrape_at(metrics).await);
+    let w = &mut clients[0];
+    for id in 2..=201u16 {
+        w.send(&publish(id)).await;
+        assert_eq!(w.recv().await, Some(Packet::PubAck(Ack::new(id))));
+    }
+    assert_eq!(pauses(common::scrape_at(metrics).await), before);
+}

@@ -199,8 +199,12 @@ pub async fn produce(topic: &str, key: &str, value: &[u8], headers: &[(&str, &[u
 
 /// Scrapes the node's Prometheus endpoint.
 pub async fn scrape(b: &Broker) -> String {
+    scrape_at(b.running.metrics.expect("metrics listener")).await
+}
+
+/// Scrapes the Prometheus endpoint at `addr` (a node started by a test).
+pub async fn scrape_at(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = b.running.metrics.expect("metrics listener");
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect metrics");
@@ -250,13 +254,24 @@ pub fn spawn_node(port: u16, first: &Broker, node_id: &str) -> Proc {
 
 /// `spawn_node` with extra environment (`LODESTREAM_*` settings) on top.
 pub fn spawn_node_env(port: u16, first: &Broker, node_id: &str, env: &[(&str, String)]) -> Proc {
+    spawn_node_metrics(port, "", first, node_id, env)
+}
+
+/// `spawn_node_env` with its Prometheus endpoint at `metrics` ("": none).
+pub fn spawn_node_metrics(
+    port: u16,
+    metrics: &str,
+    first: &Broker,
+    node_id: &str,
+    env: &[(&str, String)],
+) -> Proc {
     let c = &first.node().config().kafka;
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
         .args([
             "--tcp",
             &format!("127.0.0.1:{port}"),
             "--metrics",
-            "",
+            metrics,
             "--node-id",
             node_id,
         ])
