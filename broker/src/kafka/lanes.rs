@@ -88,6 +88,9 @@ impl LanePolicy {
     pub fn count(&self, now: Instant, lane: Lane) {
         self.count.fetch_add(1, Ordering::Relaxed);
         if lane == Lane::Fast {
+            // A window closing on another worker at the same moment may
+            // miss this write and decide to pause; the next window (100 ms)
+            // counts it and stops that.
             self.fast.fetch_add(1, Ordering::Relaxed);
             self.wake_pause.fast_write();
         }
