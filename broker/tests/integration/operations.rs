@@ -6,10 +6,7 @@ use crate::common::raw;
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use lodestream_mqtt::{
-    Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
-};
+use lodestream_mqtt::{Ack, Connect, Packet, ProtocolVersion, QoS, ReasonCode};
 use raw::Raw;
 
 fn connect(id: &str) -> Packet {
@@ -32,16 +29,8 @@ async fn publish_rate_limit_slows_without_dropping() {
     assert!(matches!(r.recv().await, Some(Packet::ConnAck(_))));
     let t = Instant::now();
     for i in 1..=60u16 {
-        r.send(&Packet::Publish(Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: "rate/t".into(),
-            packet_id: Some(i),
-            payload: Bytes::from_static(b"x"),
-            properties: Properties::default(),
-        }))
-        .await;
+        r.send(&packets::publish("rate/t", QoS::AtLeastOnce, Some(i), &b"x"[..]).packet())
+            .await;
     }
     for i in 1..=60u16 {
         assert_eq!(
@@ -99,16 +88,8 @@ async fn sigterm_disconnects_clients_with_0x8b_and_exits() {
     let mut r = r.expect("broker listening");
     r.send(&connect(&common::unique("bye"))).await;
     assert!(matches!(r.recv().await, Some(Packet::ConnAck(_))));
-    r.send(&Packet::Publish(Publish {
-        dup: false,
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        topic: "bye/t".into(),
-        packet_id: Some(1),
-        payload: Bytes::from_static(b"last"),
-        properties: Properties::default(),
-    }))
-    .await;
+    r.send(&packets::publish("bye/t", QoS::AtLeastOnce, Some(1), &b"last"[..]).packet())
+        .await;
     assert_eq!(r.recv().await, Some(Packet::PubAck(Ack::new(1))));
     let st = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -133,15 +114,7 @@ async fn sigterm_disconnects_clients_with_0x8b_and_exits() {
 }
 
 fn publish(id: u16) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        topic: "coalesce/t".into(),
-        packet_id: Some(id),
-        payload: Bytes::from_static(b"x"),
-        properties: Properties::default(),
-    })
+    packets::publish("coalesce/t", QoS::AtLeastOnce, Some(id), &b"x"[..]).packet()
 }
 
 /// Wake-up coalescing in the binary (`kafka/wake_pause.rs`): while every
