@@ -58,6 +58,8 @@ impl WakePause {
 
     /// A fast-lane write: no pause from now on, until a window decides again.
     pub fn fast_write(&self) {
+        // Read first: a node of fast-lane clients calls this per PUBLISH,
+        // and a store each time would bounce the line between workers.
         if self.since.load(Ordering::Relaxed) != 0 {
             self.since.store(0, Ordering::Relaxed);
         }
