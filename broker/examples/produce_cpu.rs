@@ -166,7 +166,7 @@ async fn run_own(topic: &str, linger: Duration, pace: Pace, records: usize) -> a
         tasks.push(tokio::spawn(async move {
             pace.start(w).await;
             for i in 0..records {
-                let report = producer.send(&topic, record(w, i), true).await?;
+                let report = producer.send(topic.as_str(), record(w, i), true).await?;
                 Producer::delivered(report).await?;
                 pace.between().await;
             }

@@ -157,12 +157,7 @@ impl Mapping {
     /// Every Kafka topic a message can be written to.
     pub fn all_kafka_topics(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
-        for t in self
-            .rules
-            .iter()
-            .map(|r| r.kafka_topic.as_str())
-            .chain(std::iter::once(self.default_topic.as_str()))
-        {
+        for t in self.destination_topics() {
             if !out.contains(&t) {
                 out.push(t);
             }
@@ -177,14 +172,30 @@ impl Mapping {
 
     /// The Kafka topic and record key of a PUBLISH to `mqtt_topic`.
     pub fn destination<'a>(&self, mqtt_topic: &'a str) -> (&str, std::borrow::Cow<'a, str>) {
+        let (i, key) = self.destination_index(mqtt_topic);
+        (self.destination_topics().nth(i).unwrap_or_default(), key)
+    }
+
+    /// `destination` as a position in `destination_topics` (for what a
+    /// node keeps per destination), and the record key.
+    pub fn destination_index<'a>(&self, mqtt_topic: &'a str) -> (usize, std::borrow::Cow<'a, str>) {
         match self
             .rules
             .iter()
-            .find(|r| lodestream_mqtt::topic::matches(&r.pattern, mqtt_topic))
+            .position(|r| lodestream_mqtt::topic::matches(&r.pattern, mqtt_topic))
         {
-            Some(r) => (&r.kafka_topic, r.key_for(mqtt_topic)),
-            None => (&self.default_topic, std::borrow::Cow::Borrowed(mqtt_topic)),
+            Some(i) => (i, self.rules[i].key_for(mqtt_topic)),
+            None => (self.rules.len(), std::borrow::Cow::Borrowed(mqtt_topic)),
         }
+    }
+
+    /// The Kafka topic of each rule, then the default topic (repeats kept:
+    /// `destination_index` points into this sequence).
+    pub fn destination_topics(&self) -> impl Iterator<Item = &str> {
+        self.rules
+            .iter()
+            .map(|r| r.kafka_topic.as_str())
+            .chain(std::iter::once(self.default_topic.as_str()))
     }
 
     /// The MQTT topic a record key of `kafka_topic` stands for, when the

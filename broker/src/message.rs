@@ -20,8 +20,12 @@
 //!   property (so plain Kafka producers can set user properties); a user
 //!   property whose name starts with `mqtt.` is escaped as `mqtt.user.<name>`.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use lodestream_mqtt::{Properties, QoS, TopicError};
+
+use crate::kafka::produce::request::Header;
 
 pub const H_QOS: &str = "mqtt.qos";
 pub const H_RETAIN: &str = "mqtt.retain";
@@ -44,9 +48,9 @@ pub struct Qos2Flow {
 }
 
 impl Qos2Flow {
-    pub fn push_headers(&self, h: &mut Vec<(String, Vec<u8>)>) {
-        h.push((H_PACKET_ID.into(), self.packet_id.to_string().into_bytes()));
-        h.push((H_QOS2_SEQ.into(), self.seq.to_string().into_bytes()));
+    pub fn push_headers(&self, h: &mut Vec<Header>) {
+        h.push((H_PACKET_ID.into(), Bytes::from(self.packet_id.to_string())));
+        h.push((H_QOS2_SEQ.into(), Bytes::from(self.seq.to_string())));
     }
 
     /// The publishing client id and flow of a record, if it has both.
@@ -94,7 +98,9 @@ pub struct Message {
     /// Only the properties that travel with a message: payload format,
     /// expiry, content type, response topic, correlation data, user properties.
     pub properties: MessageProperties,
-    pub publisher: Option<String>,
+    /// Shared with the publishing connection's session: not copied per
+    /// message.
+    pub publisher: Option<Arc<str>>,
     /// Milliseconds since the epoch when the broker (or a Kafka producer)
     /// wrote the message; expiry counts from here.
     pub timestamp_ms: i64,
@@ -174,30 +180,36 @@ impl Message {
     }
 
     /// Kafka record headers for this message, in a stable order.
-    pub fn to_headers(&self) -> Vec<(String, Vec<u8>)> {
-        let mut h: Vec<(String, Vec<u8>)> = Vec::with_capacity(4);
-        h.push((H_QOS.into(), vec![b'0' + self.qos as u8]));
+    pub fn to_headers(&self) -> Vec<Header> {
+        // One byte strings for the digits: no allocation for QoS, RETAIN
+        // and the payload format, which every record carries.
+        let digit = |d: u8| Bytes::from_static(&b"0123456789"[d as usize..=d as usize]);
+        let mut h: Vec<Header> = Vec::with_capacity(4);
+        h.push((H_QOS.into(), digit(self.qos as u8)));
         if self.retain {
-            h.push((H_RETAIN.into(), b"1".to_vec()));
+            h.push((H_RETAIN.into(), digit(1)));
         }
         if let Some(c) = &self.publisher {
-            h.push((H_CLIENT_ID.into(), c.as_bytes().to_vec()));
+            h.push((H_CLIENT_ID.into(), Bytes::copy_from_slice(c.as_bytes())));
         }
         let p = &self.properties;
         if let Some(v) = p.payload_format_indicator {
-            h.push((H_PAYLOAD_FORMAT.into(), vec![b'0' + v.min(9)]));
+            h.push((H_PAYLOAD_FORMAT.into(), digit(v.min(9))));
         }
         if let Some(v) = p.message_expiry_interval {
-            h.push((H_EXPIRY.into(), v.to_string().into_bytes()));
+            h.push((H_EXPIRY.into(), Bytes::from(v.to_string())));
         }
         if let Some(v) = &p.content_type {
-            h.push((H_CONTENT_TYPE.into(), v.as_bytes().to_vec()));
+            h.push((H_CONTENT_TYPE.into(), Bytes::copy_from_slice(v.as_bytes())));
         }
         if let Some(v) = &p.response_topic {
-            h.push((H_RESPONSE_TOPIC.into(), v.as_bytes().to_vec()));
+            h.push((
+                H_RESPONSE_TOPIC.into(),
+                Bytes::copy_from_slice(v.as_bytes()),
+            ));
         }
         if let Some(v) = &p.correlation_data {
-            h.push((H_CORRELATION.into(), v.to_vec()));
+            h.push((H_CORRELATION.into(), v.clone()));
         }
         for (k, v) in &p.user_properties {
             let name = if k.starts_with("mqtt.") {
@@ -205,7 +217,7 @@ impl Message {
             } else {
                 k.clone()
             };
-            h.push((name, v.as_bytes().to_vec()));
+            h.push((name.into(), Bytes::copy_from_slice(v.as_bytes())));
         }
         h
     }
@@ -275,7 +287,7 @@ impl Message {
                     }
                 }
                 H_RETAIN => m.retain = raw == b"1",
-                H_CLIENT_ID => m.publisher = text.map(str::to_string),
+                H_CLIENT_ID => m.publisher = text.map(Arc::from),
                 H_PAYLOAD_FORMAT => {
                     m.properties.payload_format_indicator =
                         text.and_then(|t| t.parse::<u8>().ok()).filter(|v| *v <= 1)
@@ -364,7 +376,7 @@ mod tests {
             Some(m.topic.as_bytes()),
             m.payload.clone(),
             m.timestamp_ms,
-            h.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))),
+            h.iter().map(|(k, v)| (&**k, Some(&v[..]))),
             |k| Cow::Borrowed(k),
         )
         .unwrap();
@@ -412,7 +424,7 @@ mod tests {
             seq: 7,
         }
         .push_headers(&mut h);
-        let view = || h.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice())));
+        let view = || h.iter().map(|(k, v)| (&**k, Some(&v[..])));
         let (client, flow) = Qos2Flow::from_headers(view()).unwrap();
         assert_eq!((client, flow.packet_id, flow.seq), ("pub-1", 42, 7));
         let back =
@@ -426,7 +438,7 @@ mod tests {
             sample()
                 .to_headers()
                 .iter()
-                .map(|(k, v)| (k.as_str(), Some(v.as_slice())))
+                .map(|(k, v)| (&**k, Some(&v[..])))
         )
         .is_none());
     }

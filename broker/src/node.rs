@@ -33,6 +33,8 @@ pub struct Node {
     /// since then came through its own producer.
     started_ms: i64,
     mapping: Mapping,
+    /// Per `Mapping::destination_topics`, what every write to it shares.
+    destinations: Vec<Destination>,
     /// Messages: the batch lane (`kafka.linger_ms`), and the fast lane
     /// (no linger) when `kafka.fast_lane_below` > 0; `lanes` picks.
     producer: Producer,
@@ -95,6 +97,24 @@ impl Drop for OpenConnection {
 }
 
 pub use crate::clock::now_ms;
+
+/// A Kafka topic messages are mapped to: its name, shared by every write
+/// to it, and its `published_to_kafka` counter, so a PUBLISH neither
+/// allocates the one nor looks the other up by label.
+struct Destination {
+    topic: Arc<str>,
+    published: prometheus::IntCounter,
+}
+
+fn destinations(mapping: &Mapping, metrics: &Metrics) -> Vec<Destination> {
+    mapping
+        .destination_topics()
+        .map(|t| Destination {
+            topic: Arc::from(t),
+            published: metrics.published_to_kafka.with_label_values(&[t]),
+        })
+        .collect()
+}
 
 impl Node {
     /// Connects to Kafka, creates missing topics and loads the retained
@@ -186,9 +206,6 @@ impl Node {
         .await
         .context("reading the nodes topic")?;
         let (shutdown, _) = watch::channel(false);
-        let lagging = Arc::new(tokio::sync::Semaphore::new(
-            config.mqtt.max_lagging_sessions,
-        ));
         Ok(Arc::new(Node {
             own,
             started_ms: now_ms(),
@@ -206,7 +223,11 @@ impl Node {
             _retained_reader: retained_reader,
             conn_ids: AtomicU64::new(1),
             open_connections: AtomicUsize::new(0),
+            lagging: Arc::new(tokio::sync::Semaphore::new(
+                config.mqtt.max_lagging_sessions,
+            )),
             config,
+            destinations: destinations(&mapping, &metrics),
             mapping,
             producer,
             fast_producer,
@@ -216,7 +237,6 @@ impl Node {
             metrics,
             shutdown_tx: shutdown,
             shared: Default::default(),
-            lagging,
         }))
     }
 
@@ -517,12 +537,10 @@ impl Node {
     /// topic when RETAIN is set) and waits for Kafka's acknowledgement.
     pub async fn publish(&self, msg: Arc<Message>) -> Result<(), kafka::ProduceError> {
         let started = std::time::Instant::now();
-        let futs = self.send(&msg, None, kafka::Lane::Batch).await?;
-        for f in futs {
-            Producer::delivered(f)
-                .await
-                .inspect_err(|_| self.metrics.kafka_produce_errors.inc())?;
-        }
+        let sent = self.send(&msg, None, kafka::Lane::Batch).await?;
+        sent.delivered()
+            .await
+            .inspect_err(|_| self.metrics.kafka_produce_errors.inc())?;
         self.metrics
             .publish_to_kafka_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -538,20 +556,41 @@ impl Node {
         msg: &Message,
         flow: Option<Qos2Flow>,
         lane: kafka::Lane,
-    ) -> Result<Vec<kafka::DeliveryFuture>, kafka::ProduceError> {
+    ) -> Result<kafka::Sent, kafka::ProduceError> {
         self.lanes.count(std::time::Instant::now(), lane);
-        let (topic, record, retained) = self.records_of(msg, flow);
-        let mut out = Vec::with_capacity(2);
-        out.push(self.write(lane, topic, record).await?);
-        self.metrics
-            .published_to_kafka
-            .with_label_values(&[topic])
-            .inc();
-        if let Some(r) = retained {
-            let retained_topic = &self.config.kafka.retained_topic;
-            out.push(self.write(lane, retained_topic, r).await?);
+        let (to, record, retained) = self.records_of(msg, flow);
+        let record = self.write(lane, &to.topic, record).await?;
+        to.published.inc();
+        let retained = match retained {
+            Some(r) => {
+                let retained_topic = self.config.kafka.retained_topic.as_str();
+                Some(self.write(lane, &Arc::from(retained_topic), r).await?)
+            }
+            None => None,
+        };
+        Ok(kafka::Sent { record, retained })
+    }
+
+    /// `send` without waiting, for the node's own producer while it has
+    /// room: `None` when the write must wait (or takes librdkafka's path,
+    /// or has a retained record too), and `send` is then the way.
+    pub fn try_send(
+        &self,
+        msg: &Message,
+        flow: Option<Qos2Flow>,
+        lane: kafka::Lane,
+    ) -> Option<Result<kafka::Sent, kafka::ProduceError>> {
+        let own = self.own.as_ref().filter(|_| !msg.retain)?;
+        let (to, record, _) = self.records_of(msg, flow);
+        let sent = own.try_send(to.topic.clone(), record, lane == kafka::Lane::Batch)?;
+        self.lanes.count(std::time::Instant::now(), lane);
+        if sent.is_ok() {
+            to.published.inc();
         }
-        Ok(out)
+        Some(sent.map(|record| kafka::Sent {
+            record,
+            retained: None,
+        }))
     }
 
     /// A message's Kafka records: its mapped topic and record, and the
@@ -561,20 +600,16 @@ impl Node {
         msg: &Message,
         flow: Option<Qos2Flow>,
     ) -> (
-        &str,
+        &Destination,
         kafka::produce::request::OutRecord,
         Option<kafka::produce::request::OutRecord>,
     ) {
         use kafka::produce::request::OutRecord;
-        let (topic, key) = self.mapping.destination(&msg.topic);
+        let (at, key) = self.mapping.destination_index(&msg.topic);
         let mut headers = msg.to_headers();
         if let Some(f) = flow {
             f.push_headers(&mut headers);
         }
-        let headers: Vec<(String, bytes::Bytes)> = headers
-            .into_iter()
-            .map(|(k, v)| (k, bytes::Bytes::from(v)))
-            .collect();
         // An empty retained payload is a tombstone: compaction deletes the
         // key. Its headers are the message's: a copy only then.
         let retained = msg.retain.then(|| OutRecord {
@@ -596,7 +631,8 @@ impl Node {
                 .headers
                 .push((crate::message::H_TOPIC.into(), topic_header));
         }
-        (topic, record, retained)
+        // One destination per rule and one for the default topic.
+        (&self.destinations[at], record, retained)
     }
 
     /// Hands one record to the node's message producer: the own producer
@@ -605,11 +641,13 @@ impl Node {
     async fn write(
         &self,
         lane: kafka::Lane,
-        topic: &str,
+        topic: &Arc<str>,
         record: kafka::produce::request::OutRecord,
     ) -> Result<kafka::DeliveryFuture, kafka::ProduceError> {
         if let Some(own) = &self.own {
-            return own.send(topic, record, lane == kafka::Lane::Batch).await;
+            return own
+                .send(topic.clone(), record, lane == kafka::Lane::Batch)
+                .await;
         }
         let producer = match (lane, &self.fast_producer) {
             (kafka::Lane::Fast, Some(fast)) => fast,
@@ -627,7 +665,7 @@ impl Node {
             qos: will.qos,
             retain: will.retain,
             properties: Message::forwardable_properties(&will.properties),
-            publisher: Some(client_id.to_string()),
+            publisher: Some(Arc::from(client_id)),
             timestamp_ms: now_ms(),
         });
         // 10 tries over about a minute; a give-up is logged and counted.

@@ -290,11 +290,7 @@ async fn publish(node: &Node, topics: Vec<(String, String)>, expiry_s: u32) {
             timestamp_ms: now_ms(),
         });
         let sent = match node.send(&msg, None, crate::kafka::Lane::Batch).await {
-            Ok(futs) => futures::future::try_join_all(
-                futs.into_iter().map(crate::kafka::Producer::delivered),
-            )
-            .await
-            .map(|_| ()),
+            Ok(sent) => sent.delivered().await,
             Err(e) => Err(e),
         };
         match sent {

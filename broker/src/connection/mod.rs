@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 
 use crate::acl::Action;
 use crate::auth::Identity;
-use crate::kafka::{ProduceError, Producer};
+use crate::kafka::ProduceError;
 use crate::message::{Message, Qos2Flow};
 use crate::node::{index_entries, now_ms, sub_key, Node};
 use crate::rate_limit::TokenBucket;
@@ -130,6 +130,15 @@ type AckFuture = Pin<Box<dyn Future<Output = AckDone> + Send>>;
 /// A QoS 0 PUBLISH's Kafka write: the message once written.
 type Qos0Done = Result<Arc<Message>, ProduceError>;
 type Qos0Future = Pin<Box<dyn Future<Output = Qos0Done> + Send>>;
+
+/// What is left of a packet once it must wait (`Conn::on_slow`).
+enum Slow {
+    /// A QoS 2 first transmission: its de-duplication may read Kafka.
+    Qos2(Publish),
+    /// A write the producer has no room for yet.
+    Write(publish::PendingWrite),
+    Subscribe(Subscribe),
+}
 
 /// A QoS 1/2 PUBLISH whose Kafka write finished.
 struct AckDone {
@@ -379,7 +388,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // Due at once, like an interval's first tick.
         let mut next_persist = Instant::now();
         // Packets that arrived together with CONNECT are already buffered.
-        let mut early_end = Box::pin(self.on_bytes()).await.err();
+        let mut early_end = self.on_bytes().await.err();
         let end = loop {
             if let Some(end) = early_end.take() {
                 break end;
@@ -429,10 +438,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 Some(done) = next_qos0(&mut self.qos0), if qos0_in_kafka > 0 => {
                     self.on_qos0_written(done);
                     // Packets buffered while at the bound.
-                    Box::pin(self.on_bytes()).await
+                    self.on_bytes().await
                 },
                 r = self.io.fill(), if self.acks.len() < recv_max && qos0_in_kafka < recv_max && self.throttled_until.is_none() => match r {
-                    Ok(true) => Box::pin(self.on_bytes()).await,
+                    Ok(true) => self.on_bytes().await,
                     Ok(false) => Err(End::Io("closed by peer".into())),
                     Err(e) => Err(End::Io(e)),
                 },
@@ -521,7 +530,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.throttled_until = None;
             // Packets already buffered while paused (keep alive is checked
             // after them: they count as received).
-            Box::pin(self.on_bytes()).await?;
+            self.on_bytes().await?;
         }
         if self.keep_alive.is_some_and(|ka| self.last_recv + ka <= now) {
             // [MQTT-3.1.2-22/24] 1.5 x keep alive without a packet.
@@ -534,13 +543,47 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 
     /// Decodes and handles every complete packet in the read buffer.
+    ///
+    /// Most packets, a PUBLISH handed to Kafka included, are handled
+    /// without waiting (`on_bytes_now`); only what must wait gets a boxed
+    /// future. Boxing every call instead cost a 3.7 KB allocation and copy
+    /// per PUBLISH, 8 % of a node's instructions (docs/benchmarks.md);
+    /// not boxing at all would put that size in every connection.
     async fn on_bytes(&mut self) -> Result<(), End> {
+        loop {
+            // Built in a statement of its own: a `Slow` (the size of a
+            // PUBLISH) held across the await would sit in every idle
+            // connection's future.
+            let rest = match self.on_bytes_now()? {
+                Some(slow) => Box::pin(self.on_slow(slow)),
+                None => return Ok(()),
+            };
+            rest.await?;
+        }
+    }
+
+    /// What a packet left for an await, in order: the next packet is not
+    /// decoded until it is done.
+    async fn on_slow(&mut self, slow: Slow) -> Result<(), End> {
+        match slow {
+            Slow::Qos2(p) => self.on_qos2_publish(p).await,
+            Slow::Write(w) => {
+                self.write_when_room(w).await;
+                Ok(())
+            }
+            Slow::Subscribe(s) => self.on_subscribe(s).await,
+        }
+    }
+
+    /// Handles the buffered packets up to the first one that must wait,
+    /// and returns what is left of that one.
+    fn on_bytes_now(&mut self) -> Result<Option<Slow>, End> {
         let qos0_max = self.node.config().mqtt.receive_maximum as usize;
         loop {
             // Paused: by the rate limit, or at the bound of QoS 0 writes
             // awaiting Kafka (what is buffered waits for one to finish).
             if self.throttled_until.is_some() || self.qos0_in_kafka() >= qos0_max {
-                return Ok(());
+                return Ok(None);
             }
             // The rate limit is checked before a PUBLISH is decoded (its type
             // is the first byte's high nibble), so an over-rate PUBLISH stays
@@ -556,13 +599,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                         self.prepaid = false;
                         self.throttled_until = Some(Instant::now() + wait);
                         self.node.metrics().publish_throttled.inc();
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
             let p = match self.io.decoder.decode(&mut self.io.rbuf) {
                 Ok(Some(p)) => p,
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(None),
                 Err(e) => {
                     let r = e.reason_code();
                     let r = if reason_allowed_in("disconnect", r) {
@@ -582,13 +625,25 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             // Keep alive counts complete packets, not bytes: a client
             // trickling a never-ending packet is not alive [MQTT-3.1.2-22].
             self.last_recv = Instant::now();
-            self.on_packet(p).await?;
+            if let Some(slow) = self.on_packet(p)? {
+                return Ok(Some(slow));
+            }
         }
     }
 
-    async fn on_packet(&mut self, p: Packet) -> Result<(), End> {
+    fn on_packet(&mut self, p: Packet) -> Result<Option<Slow>, End> {
+        if let Packet::Subscribe(s) = p {
+            return Ok(Some(Slow::Subscribe(s)));
+        }
+        if let Packet::Publish(p) = p {
+            return self.on_publish(p);
+        }
+        self.on_other(p).map(|()| None)
+    }
+
+    /// Every packet but PUBLISH and SUBSCRIBE: none waits.
+    fn on_other(&mut self, p: Packet) -> Result<(), End> {
         match p {
-            Packet::Publish(p) => self.on_publish(p).await,
             Packet::PubAck(a) => {
                 self.share_finished(a.packet_id);
                 if self.session.outbound.puback(a.packet_id) {
@@ -652,7 +707,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 }
                 Ok(())
             }
-            Packet::Subscribe(s) => Box::pin(self.on_subscribe(s)).await,
             Packet::Unsubscribe(u) => {
                 self.on_unsubscribe(u);
                 Ok(())

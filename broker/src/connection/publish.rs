@@ -4,12 +4,25 @@
 use futures::FutureExt;
 
 use super::*;
+use crate::kafka::Sent;
+
+/// A PUBLISH's Kafka write, prepared: the lane is chosen once, whether
+/// the write goes at once or waits for room.
+pub(super) struct PendingWrite {
+    packet_id: u16,
+    msg: Arc<Message>,
+    flow: Option<Qos2Flow>,
+    started: Instant,
+    lane: crate::kafka::Lane,
+}
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
-    pub(super) async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+    /// A PUBLISH, as far as it goes without waiting: `Some` is the rest,
+    /// for `on_slow` (a QoS 2 first transmission, a write that must wait).
+    pub(super) fn on_publish(&mut self, mut p: Publish) -> Result<Option<Slow>, End> {
         self.resolve_topic(&mut p)?;
         if !self.authorize_publish(&p) {
-            return Ok(());
+            return Ok(None);
         }
         let v5 = self.v5();
         if p.qos > QoS::AtMostOnce {
@@ -21,15 +34,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 ));
             }
         }
-        let flow = if p.qos == QoS::ExactlyOnce {
-            match self.qos2_first_transmission(&p).await? {
-                Some(flow) => Some(flow),
-                None => return Ok(()),
+        if p.qos == QoS::ExactlyOnce {
+            return Ok(Some(Slow::Qos2(p)));
+        }
+        let w = self.prepare_write(p, None);
+        Ok(self.write_now(w).map(Slow::Write))
+    }
+
+    /// The rest of a QoS 2 first transmission: its de-duplication may read
+    /// Kafka.
+    pub(super) async fn on_qos2_publish(&mut self, p: Publish) -> Result<(), End> {
+        if let Some(flow) = self.qos2_first_transmission(&p).await? {
+            let w = self.prepare_write(p, Some(flow));
+            if let Some(w) = self.write_now(w) {
+                self.write_when_room(w).await;
             }
-        } else {
-            None
-        };
-        self.write_to_kafka(p, flow).await;
+        }
         Ok(())
     }
 
@@ -167,8 +187,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         Ok(Some(Qos2Flow { packet_id, seq }))
     }
 
-    /// The Kafka write; QoS 1/2 acknowledgements wait for Kafka in order.
-    pub(super) async fn write_to_kafka(&mut self, p: Publish, flow: Option<Qos2Flow>) {
+    /// A PUBLISH's message, its lane and the time its write starts.
+    fn prepare_write(&mut self, p: Publish, flow: Option<Qos2Flow>) -> PendingWrite {
         let packet_id = p.packet_id.unwrap_or(0);
         let msg = Arc::new(Message {
             properties: Message::forwardable_properties(&p.properties),
@@ -176,24 +196,57 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             payload: p.payload,
             qos: p.qos,
             retain: p.retain,
-            publisher: Some(self.session.client_id.to_string()),
+            publisher: Some(self.session.client_id.clone()),
             timestamp_ms: now_ms(),
         });
         let started = Instant::now();
         let lane = self.lane_for_next_write(started);
-        let sent = self.node.send(&msg, flow, lane).await;
-        let qos = p.qos;
+        PendingWrite {
+            packet_id,
+            msg,
+            flow,
+            started,
+            lane,
+        }
+    }
+
+    /// Hands the write to Kafka if it can go without waiting; else gives it
+    /// back for `write_when_room`.
+    fn write_now(&mut self, w: PendingWrite) -> Option<PendingWrite> {
+        match self.node.try_send(&w.msg, w.flow, w.lane) {
+            Some(sent) => {
+                self.track_write(w, sent);
+                None
+            }
+            None => Some(w),
+        }
+    }
+
+    /// Waits for the producer's room (back-pressure), then writes.
+    pub(super) async fn write_when_room(&mut self, w: PendingWrite) {
+        let sent = self.node.send(&w.msg, w.flow, w.lane).await;
+        self.track_write(w, sent);
+    }
+
+    /// Keeps a handed-over write's outcome: QoS 1/2 acknowledgements wait
+    /// for Kafka in order; a QoS 0 write counts against its bound.
+    fn track_write(&mut self, w: PendingWrite, sent: Result<Sent, ProduceError>) {
+        let PendingWrite {
+            packet_id,
+            msg,
+            started,
+            ..
+        } = w;
+        let qos = msg.qos;
         if qos == QoS::AtMostOnce {
             match sent {
-                Ok(futs) => {
+                Ok(sent) => {
                     // Nobody waits for a QoS 0 write, but its outcome is
                     // still counted, and it counts against the bound.
                     self.qos0
                         .get_or_insert_with(Default::default)
                         .push(Box::pin(async move {
-                            for f in futs {
-                                Producer::delivered(f).await?;
-                            }
+                            sent.delivered().await?;
                             Ok(msg)
                         }));
                 }
@@ -209,16 +262,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
         self.acks.push_back(Box::pin(async move {
             let result = match sent {
-                Ok(futs) => {
-                    let mut r = Ok(());
-                    for f in futs {
-                        if let Err(e) = Producer::delivered(f).await {
-                            r = Err(e);
-                            break;
-                        }
-                    }
-                    r
-                }
+                Ok(sent) => sent.delivered().await,
                 Err(e) => Err(e),
             };
             AckDone {

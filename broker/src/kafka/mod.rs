@@ -17,7 +17,7 @@ pub mod wake_pause;
 
 pub use admin::ensure_topics;
 pub use lanes::{Lane, LanePolicy};
-pub use producer::{DeliveryFuture, ProduceError, Produced, Producer};
+pub use producer::{DeliveryFuture, ProduceError, Produced, Producer, Sent};
 pub use reader::{message_of, Record, StartAt, TopicReader};
 
 use rdkafka::ClientConfig;

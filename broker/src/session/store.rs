@@ -72,6 +72,10 @@ pub struct SessionStore {
     records: RwLock<HashMap<Box<str>, Entry>>,
     /// Node ids are shared by many records: stored once.
     node_names: Mutex<HashSet<Arc<str>>>,
+    /// How many records each node owns, kept with `records` (under its
+    /// write lock): sweeps skip the pass over every session while each
+    /// owner is live.
+    owners: Mutex<HashMap<Arc<str>, usize>>,
     waiters: Mutex<HashMap<(String, u64), oneshot::Sender<SessionRecord>>>,
     /// While a claim waits for its hand-off: the previous owner's newest
     /// record that reached this view only after the claim (so fencing
@@ -93,6 +97,7 @@ impl SessionStore {
             node_id: node_id.to_string(),
             records: RwLock::default(),
             node_names: Mutex::default(),
+            owners: Mutex::default(),
             waiters: Mutex::default(),
             late: Mutex::default(),
             read_to: Mutex::default(),
@@ -157,6 +162,28 @@ impl SessionStore {
             .filter(|(id, e)| pred(id, &e.summary))
             .filter_map(|(_, e)| SessionRecord::decode(&e.raw).ok())
             .collect()
+    }
+
+    /// The nodes that own at least one record (a sweep for the sessions
+    /// of nodes that are gone needs a pass only when one of these is).
+    pub fn owners(&self) -> Vec<Arc<str>> {
+        let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        owners.keys().cloned().collect()
+    }
+
+    /// Counts a record of `node` in (`true`) or out; the caller holds the
+    /// records' write lock.
+    fn owned(&self, node: &Arc<str>, added: bool) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        let n = owners.entry(node.clone()).or_default();
+        if added {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                owners.remove(node);
+            }
+        }
     }
 
     fn intern(&self, node: &str) -> Arc<str> {
@@ -245,7 +272,9 @@ impl SessionStore {
             (Some(e), Some(c)) if e < c => return Applied::Ignored,
             (e, c) => e.max(c),
         };
-        map.remove(client_id);
+        if let Some(gone) = map.remove(client_id) {
+            self.owned(&gone.summary.node, false);
+        }
         drop(map);
         if let Some(ended) = ended {
             let mut memory = self.ended.lock().unwrap_or_else(|e| e.into_inner());
@@ -303,7 +332,10 @@ impl SessionStore {
             expiry_s: rec.expiry_s,
             disconnected_ms: rec.disconnected_ms,
         };
-        map.insert(Box::from(client_id), Entry { summary, raw });
+        self.owned(&summary.node, true);
+        if let Some(replaced) = map.insert(Box::from(client_id), Entry { summary, raw }) {
+            self.owned(&replaced.summary.node, false);
+        }
         if foreign {
             Applied::ForeignClaim {
                 client_id: client_id.to_string(),
@@ -370,6 +402,31 @@ mod tests {
             outbound: vec![],
             offsets: vec![],
         }
+    }
+
+    /// Sweeps rely on `owners` to skip their pass: it names exactly the
+    /// nodes whose records are stored, through claims and ends.
+    #[test]
+    fn owners_follow_every_stored_record() {
+        let s = SessionStore::new("me");
+        let names = |s: &SessionStore| {
+            let mut o: Vec<String> = s.owners().iter().map(|n| n.to_string()).collect();
+            o.sort();
+            o
+        };
+        s.apply("c", rec(1, "a", true, false));
+        let mut d = rec(1, "a", false, false);
+        d.client_id = "d".into();
+        s.apply("d", d);
+        assert_eq!(names(&s), ["a"]);
+        s.apply("c", rec(2, "b", true, false));
+        assert_eq!(names(&s), ["a", "b"], "c moved to b, d stays on a");
+        s.apply_end("d", Some(1));
+        assert_eq!(names(&s), ["b"], "a owns nothing once d ended");
+        s.apply("c", rec(1, "a", true, false));
+        assert_eq!(names(&s), ["b"], "a stale record changes nothing");
+        s.apply_end("c", Some(2));
+        assert!(s.owners().is_empty());
     }
 
     /// Read-your-writes across a node death: the dead owner's last record

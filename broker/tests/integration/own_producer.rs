@@ -144,15 +144,53 @@ fn own(delivery_timeout: Duration) -> OwnProducer {
 
 /// The own producer, unlingering, writing to the Kafka at `bootstrap`.
 fn own_at(bootstrap: &str, delivery_timeout: Duration) -> OwnProducer {
-    let cfg = SenderConfig {
+    OwnProducer::spawn(bootstrap, "own-producer-test", config(delivery_timeout))
+}
+
+fn config(delivery_timeout: Duration) -> SenderConfig {
+    SenderConfig {
         delivery_timeout,
         max_batch_records: 500,
         retry_backoff: Duration::from_millis(50),
         linger: Duration::ZERO,
         max_bytes: 1 << 20,
         request_timeout: T,
+    }
+}
+
+/// A connection hands a PUBLISH over without waiting while the producer
+/// has room (`try_send`). At its bound of bytes it is told to wait, and
+/// `send` then waits until a write is settled and frees the room: the
+/// bound holds on both paths, and nothing is dropped at it.
+#[tokio::test]
+async fn try_send_refuses_at_the_bound_of_bytes_and_send_waits_for_room() {
+    let topic = topic_with_partitions(1).await;
+    // Every record takes the whole room (a record's share is clamped to it).
+    let cfg = SenderConfig {
+        max_bytes: 1,
+        ..config(T)
     };
-    OwnProducer::spawn(bootstrap, "own-producer-test", cfg)
+    let producer = OwnProducer::spawn(&common::kafka(), "own-producer-test", cfg);
+    let first = producer
+        .try_send(topic.as_str(), record("a".into()), false)
+        .expect("room for the first write")
+        .expect("handed over");
+    assert!(
+        producer
+            .try_send(topic.as_str(), record("b".into()), false)
+            .is_none(),
+        "no room while the first write is unsettled"
+    );
+    let second = tokio::time::timeout(T, producer.send(topic.as_str(), record("b".into()), false))
+        .await
+        .expect("room freed once the first write settled")
+        .expect("handed over");
+    let a = Producer::delivered(first).await.expect("first written");
+    let b = Producer::delivered(second).await.expect("second written");
+    assert!(b.offset > a.offset, "in order: {a:?} then {b:?}");
+    let records = common::read_topic(&topic, 3, Duration::from_secs(10));
+    let keys: Vec<_> = records.iter().filter_map(|r| r.key.clone()).collect();
+    assert_eq!(keys, ["a", "b"], "each write once, in order");
 }
 
 fn record(key: String) -> OutRecord {
@@ -176,7 +214,7 @@ async fn concurrent_writes_through_the_own_producer_land_once_each_with_their_of
             for i in 0..100 {
                 let key = format!("c{c}/{i}");
                 let report = producer
-                    .send(&topic, record(key.clone()), false)
+                    .send(topic.as_str(), record(key.clone()), false)
                     .await
                     .expect("handed over");
                 landed.push((key, Producer::delivered(report).await.expect("written")));
@@ -225,7 +263,7 @@ async fn keys_land_on_the_partitions_librdkafka_picks() {
             .expect("handed over");
         let theirs = Producer::delivered(theirs).await.expect("written");
         let mine = ours
-            .send(&topic, record(key.clone()), false)
+            .send(topic.as_str(), record(key.clone()), false)
             .await
             .expect("handed over");
         let mine = Producer::delivered(mine).await.expect("written");
@@ -278,7 +316,7 @@ async fn writes_after_kafka_forgot_the_producer_land_once() {
         for i in 0..5 {
             let key = format!("r{round}/{i}");
             let report = producer
-                .send(&topic, record(key), false)
+                .send(topic.as_str(), record(key), false)
                 .await
                 .expect("handed over");
             let p = Producer::delivered(report).await.expect("written");

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::client::{Links, ProduceCallError};
 use super::request::OutRecord;
@@ -108,17 +108,49 @@ impl OwnProducer {
     /// as librdkafka's full queue does).
     pub async fn send(
         &self,
-        topic: &str,
+        topic: impl Into<Arc<str>>,
         record: OutRecord,
         linger: bool,
     ) -> Result<DeliveryFuture, ProduceError> {
-        let size = u32::try_from(record.size()).unwrap_or(u32::MAX);
-        let size = size.clamp(1, self.shared.room_total);
+        let size = self.room_for(&record);
         let room = self.shared.room.clone().acquire_many_owned(size).await;
         let room = room.map_err(|_| ProduceError::Canceled)?;
+        Ok(self.hand_over(topic, record, linger, room))
+    }
+
+    /// `send` without waiting: `None` while the producer holds its bound of
+    /// bytes (the caller then waits in `send`). A PUBLISH's usual path, so
+    /// a connection needs no future of its own for it.
+    pub fn try_send(
+        &self,
+        topic: impl Into<Arc<str>>,
+        record: OutRecord,
+        linger: bool,
+    ) -> Option<Result<DeliveryFuture, ProduceError>> {
+        let size = self.room_for(&record);
+        match self.shared.room.clone().try_acquire_many_owned(size) {
+            Ok(room) => Some(Ok(self.hand_over(topic, record, linger, room))),
+            Err(TryAcquireError::NoPermits) => None,
+            Err(TryAcquireError::Closed) => Some(Err(ProduceError::Canceled)),
+        }
+    }
+
+    /// The bytes of the bound a record holds until it is settled.
+    fn room_for(&self, record: &OutRecord) -> u32 {
+        let size = u32::try_from(record.size()).unwrap_or(u32::MAX);
+        size.clamp(1, self.shared.room_total)
+    }
+
+    fn hand_over(
+        &self,
+        topic: impl Into<Arc<str>>,
+        record: OutRecord,
+        linger: bool,
+        room: OwnedSemaphorePermit,
+    ) -> DeliveryFuture {
         let (done, outcome) = oneshot::channel();
         let w = Write {
-            topic: Arc::from(topic),
+            topic: topic.into(),
             record,
             linger,
             since: Instant::now(),
@@ -130,7 +162,7 @@ impl OwnProducer {
         if wake {
             self.shared.wake.notify_one();
         }
-        Ok(outcome)
+        outcome
     }
 
     /// Waits until every write handed over is settled, or `within`.

@@ -200,7 +200,7 @@ mod tests {
                 headers: r
                     .headers
                     .iter()
-                    .map(|(k, v)| (StrBytes::from_string(k.clone()), Some(v.clone())))
+                    .map(|(k, v)| (StrBytes::from_string(k.to_string()), Some(v.clone())))
                     .collect::<IndexMap<_, _>>(),
             })
             .collect();

@@ -38,12 +38,16 @@ impl ProducerIdentity {
     }
 }
 
+/// A record header: its name (one of the broker's `mqtt.*` names, so not
+/// allocated per record, or a user property's) and value.
+pub type Header = (std::borrow::Cow<'static, str>, Bytes);
+
 /// One record to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutRecord {
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<Header>,
     pub timestamp_ms: i64,
 }
 
