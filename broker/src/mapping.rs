@@ -173,7 +173,11 @@ impl Mapping {
     /// The Kafka topic and record key of a PUBLISH to `mqtt_topic`.
     pub fn destination<'a>(&self, mqtt_topic: &'a str) -> (&str, std::borrow::Cow<'a, str>) {
         let (i, key) = self.destination_index(mqtt_topic);
-        (self.destination_topics().nth(i).unwrap_or_default(), key)
+        let topic = self
+            .rules
+            .get(i)
+            .map_or(&self.default_topic, |r| &r.kafka_topic);
+        (topic, key)
     }
 
     /// `destination` as a position in `destination_topics` (for what a

@@ -107,15 +107,6 @@ pub async fn run<N: Member>(node: Arc<N>) {
             continue;
         }
         let now = now_ms();
-        // Both sweeps below look only for sessions of nodes that are not
-        // live: while every owner is, they would pass over every session of
-        // the cluster each heartbeat for nothing (100,000 at 100,000
-        // clients).
-        let owners_live = node
-            .sessions()
-            .owners()
-            .iter()
-            .all(|o| live.iter().any(|n| **n == **o));
         if !own_checked {
             own_checked = true;
             let left = node
@@ -125,7 +116,12 @@ pub async fn run<N: Member>(node: Arc<N>) {
                 adopt(&node, r).await;
             }
         }
-        if owners_live {
+        // Both sweeps below look only for sessions of nodes that are not
+        // live: while every owner is, they would pass over every session of
+        // the cluster each heartbeat for nothing (100,000 at 100,000
+        // clients).
+        let owners = node.sessions().owners();
+        if owners.iter().all(|o| live.iter().any(|n| **n == **o)) {
             continue;
         }
         for r in node.sessions().select(|_, s| is_orphan(s, me, &live)) {

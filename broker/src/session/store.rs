@@ -10,7 +10,7 @@
 //! messages in flight (their payloads). Measured with a million sessions in
 //! docs/benchmarks.md (`scripts/bench-sessions`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{oneshot, Notify};
@@ -70,12 +70,10 @@ struct Entry {
 pub struct SessionStore {
     node_id: String,
     records: RwLock<HashMap<Box<str>, Entry>>,
-    /// Node ids are shared by many records: stored once.
-    node_names: Mutex<HashSet<Arc<str>>>,
-    /// How many records each node owns, kept with `records` (under its
-    /// write lock): sweeps skip the pass over every session while each
-    /// owner is live.
-    owners: Mutex<HashMap<Arc<str>, usize>>,
+    /// Node ids are shared by many records: stored once, each with how
+    /// many records it owns (kept with `records`, under its write lock), so
+    /// sweeps skip the pass over every session while each owner is live.
+    node_names: Mutex<HashMap<Arc<str>, usize>>,
     waiters: Mutex<HashMap<(String, u64), oneshot::Sender<SessionRecord>>>,
     /// While a claim waits for its hand-off: the previous owner's newest
     /// record that reached this view only after the claim (so fencing
@@ -97,7 +95,6 @@ impl SessionStore {
             node_id: node_id.to_string(),
             records: RwLock::default(),
             node_names: Mutex::default(),
-            owners: Mutex::default(),
             waiters: Mutex::default(),
             late: Mutex::default(),
             read_to: Mutex::default(),
@@ -167,32 +164,30 @@ impl SessionStore {
     /// The nodes that own at least one record (a sweep for the sessions
     /// of nodes that are gone needs a pass only when one of these is).
     pub fn owners(&self) -> Vec<Arc<str>> {
-        let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        owners.keys().cloned().collect()
+        let names = self.node_names.lock().unwrap_or_else(|e| e.into_inner());
+        names
+            .iter()
+            .filter(|(_, owned)| **owned > 0)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
-    /// Counts a record of `node` in (`true`) or out; the caller holds the
-    /// records' write lock.
+    /// Counts a record of `node` (interned) in (`true`) or out; the caller
+    /// holds the records' write lock.
     fn owned(&self, node: &Arc<str>, added: bool) {
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        let n = owners.entry(node.clone()).or_default();
-        if added {
-            *n += 1;
-        } else {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                owners.remove(node);
-            }
+        let mut names = self.node_names.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = names.get_mut(node) {
+            *n = if added { *n + 1 } else { n.saturating_sub(1) };
         }
     }
 
     fn intern(&self, node: &str) -> Arc<str> {
         let mut names = self.node_names.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = names.get(node) {
+        if let Some((n, _)) = names.get_key_value(node) {
             return n.clone();
         }
         let n: Arc<str> = Arc::from(node);
-        names.insert(n.clone());
+        names.insert(n.clone(), 0);
         n
     }
 
