@@ -138,7 +138,7 @@ async fn takeover_across_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_killed_mid_stream_loses_nothing_acknowledged() {
     let survivor = common::start(&[]).await;
-    let port = 23000 + (std::process::id() % 4000) as u16;
+    let [port] = common::free_ports();
     let mut victim = common::spawn_node(port, &survivor, &common::unique("victim"));
     common::wait_port(port).await;
     let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -308,7 +308,7 @@ async fn node_killed_mid_stream_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_will_survives_its_node() {
     let survivor = common::start(&[]).await;
-    let port = 19_000 + (std::process::id() % 500) as u16;
+    let [port] = common::free_ports();
     let mut victim = common::spawn_node(port, &survivor, &common::unique("victim"));
     common::wait_port(port).await;
     let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -316,7 +316,7 @@ async fn pump(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_streams_survive_sigkill_exactly_once() {
     let survivor = common::start(&[]).await;
-    let port = 30_000 + (std::process::id() % 2000) as u16;
+    let [port] = common::free_ports();
     let mut victim = common::spawn_node(port, &survivor, &common::unique("victim"));
     common::wait_port(port).await;
     let victim_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

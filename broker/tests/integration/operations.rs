@@ -55,7 +55,7 @@ async fn publish_rate_limit_slows_without_dropping() {
 async fn sigterm_disconnects_clients_with_0x8b_and_exits() {
     let first = common::start(&[]).await;
     let c = &first.node().config().kafka;
-    let port = 27000 + (std::process::id() % 4000) as u16;
+    let [port] = common::free_ports();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
         // $SYS off: its retained figures would land in the topic read below.
         .env("LODESTREAM_SYS__INTERVAL_S", "0")
@@ -125,8 +125,8 @@ fn publish(id: u16) -> Packet {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparse_publishers_coalesce_wake_ups_and_a_waiting_client_is_not_paused_for() {
     let first = common::start(&[]).await;
-    let port = 34_000 + (std::process::id() % 2000) as u16 * 2;
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", port + 1).parse().unwrap();
+    let [port, metrics_port] = common::free_ports();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
     let node_id = common::unique("coalesce");
     let _node = common::spawn_node_metrics(port, &metrics.to_string(), &first, &node_id, &[]);
     common::wait_port(port).await;

@@ -50,7 +50,7 @@ async fn a_dead_owners_write_landing_after_the_resume_is_not_duplicated() {
     // The bound the scan waits out: short, to keep the test quick.
     cfg.kafka.delivery_timeout_ms = 6_000;
     let b = common::start_with(cfg).await;
-    let port = 16600 + (std::process::id() % 300) as u16;
+    let [port] = common::free_ports();
     let mut a = common::spawn_node(port, &b, &common::unique("owner"));
     common::wait_port(port).await;
     let a_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

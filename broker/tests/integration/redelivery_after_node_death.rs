@@ -43,7 +43,7 @@ async fn bounded_node() -> common::Broker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_subscriber_sees_at_most_one_percent_again_after_its_node_is_killed() {
     let survivor = bounded_node().await;
-    let port = 16200 + (std::process::id() % 400) as u16;
+    let [port] = common::free_ports();
     let mut victim = common::spawn_node_env(
         port,
         &survivor,

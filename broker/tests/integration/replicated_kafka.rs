@@ -361,7 +361,7 @@ async fn broker_node_and_partition_leader_sigkilled_together_lose_nothing_acknow
     let _serial = SERIAL.lock().await;
     let _cluster = Cluster::up().await;
     let survivor = broker().await;
-    let port = 16300 + (std::process::id() % 300) as u16;
+    let [port] = common::free_ports();
     let mut victim = common::spawn_node_env(
         port,
         &survivor,

@@ -40,8 +40,7 @@ fn stop_gracefully(p: &mut common::Proc) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_of_broker_nodes_loses_nothing_and_clients_are_back_within_30s() {
     let anchor = common::start(&[]).await;
-    let base = 16400 + (std::process::id() % 100) as u16 * 3;
-    let ports = [base, base + 1, base + 2];
+    let ports: [u16; 3] = common::free_ports();
     let ids: Vec<String> = (0..3)
         .map(|i| common::unique(&format!("node{i}")))
         .collect();

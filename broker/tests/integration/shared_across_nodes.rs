@@ -153,8 +153,7 @@ async fn members_on_three_nodes_share_each_message_once_and_lose_nothing_to_a_ki
     let mut c = common::test_config(&[]);
     c.kafka.topic_partitions = PARTITIONS;
     let topics = common::start_with(c).await;
-    let base = 17400 + (std::process::id() % 200) as u16 * 3;
-    let (p1, p2, p3) = (base, base + 1, base + 2);
+    let [p1, p2, p3] = common::free_ports();
     let _n1 = common::spawn_node(p1, &topics, &common::unique("n1"));
     let _n2 = common::spawn_node(p2, &topics, &common::unique("n2"));
     let mut n3 = common::spawn_node(p3, &topics, &common::unique("n3"));

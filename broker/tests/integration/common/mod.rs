@@ -297,6 +297,31 @@ pub fn spawn_node_metrics(
     Proc(child)
 }
 
+/// `N` consecutive ports for nodes a test spawns, each free when checked.
+/// They lie below the kernel's ephemeral range (32768-60999 here): a port
+/// in it can be taken by any outgoing connection between the check and the
+/// node's bind (it was, in 28 runs of 121 beside the whole suite). A
+/// process-wide counter keeps this binary's tests apart, the pid other
+/// test processes; 19xxx is left to the tests' own Kafka instances.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let width = N as u32;
+    let origin = std::process::id().wrapping_mul(7_919);
+    for _ in 0..SPAN / width {
+        let k = NEXT.fetch_add(width, Ordering::Relaxed);
+        let start = LOW + origin.wrapping_add(k) % (SPAN - width);
+        let ports: [u16; N] = std::array::from_fn(|i| (start + i as u32) as u16);
+        let free = |p: &u16| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok();
+        if ports.iter().all(free) {
+            return ports;
+        }
+    }
+    panic!("no {N} consecutive free ports in {LOW}..{}", LOW + SPAN);
+}
+
 /// Waits until something listens on 127.0.0.1:`port`.
 pub async fn wait_port(port: u16) {
     for _ in 0..100 {
