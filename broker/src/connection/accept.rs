@@ -281,7 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             keep_alive: (o.keep_alive > 0)
                 .then(|| Duration::from_millis(o.keep_alive as u64 * 1500)),
             last_recv: Instant::now(),
-            acks: FuturesOrdered::new(),
+            acks: Acks::default(),
             lane: Default::default(),
             last_ack: None,
             last_publish: None,

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use lodestream_mqtt::codec::{reason_allowed_in, DecodeError, Decoder};
 use lodestream_mqtt::topic::SharedFilter;
@@ -58,6 +58,7 @@ use crate::subscriptions::SubEntry;
 use crate::transport::Transport;
 
 mod accept;
+mod acks;
 mod close;
 mod delivery;
 mod io;
@@ -69,6 +70,7 @@ mod subscribe;
 mod sync;
 mod timer;
 
+use acks::{AckDone, Acks};
 use io::*;
 
 /// Why a connection ends.
@@ -125,8 +127,6 @@ const PERSIST_EVERY: Duration = Duration::from_secs(5);
 /// overlap (numbers in docs/benchmarks.md).
 const PERSIST_AFTER_ACKS: usize = 16;
 
-type AckFuture = Pin<Box<dyn Future<Output = AckDone> + Send>>;
-
 /// A QoS 0 PUBLISH's Kafka write: the message once written.
 type Qos0Done = Result<Arc<Message>, ProduceError>;
 type Qos0Future = Pin<Box<dyn Future<Output = Qos0Done> + Send>>;
@@ -138,17 +138,6 @@ enum Slow {
     /// A write the producer has no room for yet.
     Write(publish::PendingWrite),
     Subscribe(Subscribe),
-}
-
-/// A QoS 1/2 PUBLISH whose Kafka write finished.
-struct AckDone {
-    packet_id: u16,
-    qos: QoS,
-    result: Result<(), ProduceError>,
-    msg: Arc<Message>,
-    started: Instant,
-    /// A retransmission found already written in Kafka: acknowledge only.
-    duplicate: bool,
 }
 
 /// At most this many packets wait for a session write (QoS 0 deliveries
@@ -256,7 +245,7 @@ struct Conn<S> {
     ctrl: crate::session::mailbox::Receiver<Control>,
     keep_alive: Option<Duration>,
     last_recv: Instant,
-    acks: FuturesOrdered<AckFuture>,
+    acks: Acks,
     /// The producer this connection's writes go through; changed only
     /// while none is in flight, so they reach Kafka in order
     /// (`kafka/lanes.rs`).

@@ -171,14 +171,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     timestamp_ms: now_ms(),
                 });
                 // Queued behind earlier acknowledgements [MQTT-4.6.0-2].
-                self.acks.push_back(Box::pin(std::future::ready(AckDone {
+                self.acks.push_done(AckDone {
                     packet_id,
                     qos: QoS::ExactlyOnce,
                     result: Ok(()),
                     msg,
                     started: Instant::now(),
                     duplicate: true,
-                })));
+                });
                 return Ok(None);
             }
         }
@@ -260,20 +260,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if qos == QoS::ExactlyOnce {
             self.rare().pending_qos2.insert(packet_id);
         }
-        self.acks.push_back(Box::pin(async move {
-            let result = match sent {
-                Ok(sent) => sent.delivered().await,
-                Err(e) => Err(e),
-            };
-            AckDone {
-                packet_id,
-                qos,
-                result,
-                msg,
-                started,
-                duplicate: false,
-            }
-        }));
+        let done = AckDone {
+            packet_id,
+            qos,
+            result: Ok(()),
+            msg,
+            started,
+            duplicate: false,
+        };
+        self.acks.push_sent(sent, done);
     }
 
     /// The lane of the next Kafka write: the current one while any write of
@@ -371,7 +366,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 
     /// Kafka answered for a QoS 1/2 PUBLISH: acknowledge it now, in the order
-    /// received [MQTT-4.6.0-2] (FuturesOrdered keeps that order).
+    /// received [MQTT-4.6.0-2] (`Acks` keeps that order).
     fn on_kafka_ack(&mut self, done: AckDone) -> Result<(), End> {
         let id = done.packet_id;
         if let (QoS::ExactlyOnce, Some(r)) = (done.qos, &mut self.rare) {

@@ -12,6 +12,7 @@
 //! 100 ms (about 1 % of a core per producer, two producers per node).
 
 use std::ffi::c_void;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,13 +58,27 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// Waits for every write; the first failure is the outcome.
-    pub async fn delivered(self) -> Result<(), ProduceError> {
-        Producer::delivered(self.record).await?;
-        if let Some(r) = self.retained {
-            Producer::delivered(r).await?;
+    /// Waits for every write; a failure is the outcome.
+    pub async fn delivered(mut self) -> Result<(), ProduceError> {
+        std::future::poll_fn(|cx| self.poll_delivered(cx)).await
+    }
+
+    /// `delivered` as a poll, for a queue of writes without a future each
+    /// (`connection/acks.rs`). Not to be polled again once ready.
+    pub fn poll_delivered(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProduceError>> {
+        use std::task::{ready, Poll};
+        if let Some(r) = self.retained.as_mut() {
+            let report = ready!(std::pin::Pin::new(r).poll(cx));
+            self.retained = None;
+            if let Err(e) = Producer::report(report) {
+                return Poll::Ready(Err(e));
+            }
         }
-        Ok(())
+        let report = ready!(std::pin::Pin::new(&mut self.record).poll(cx));
+        Poll::Ready(Producer::report(report).map(drop))
     }
 }
 
@@ -289,7 +304,14 @@ impl Producer {
 
     /// Awaits a delivery report.
     pub async fn delivered(f: DeliveryFuture) -> Result<Produced, ProduceError> {
-        match f.await {
+        Producer::report(f.await)
+    }
+
+    /// A `DeliveryFuture`'s outcome.
+    fn report(
+        r: Result<Result<Produced, ProduceError>, oneshot::error::RecvError>,
+    ) -> Result<Produced, ProduceError> {
+        match r {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ProduceError::Canceled),
