@@ -20,8 +20,6 @@
 //!   property (so plain Kafka producers can set user properties); a user
 //!   property whose name starts with `mqtt.` is escaped as `mqtt.user.<name>`.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use lodestream_mqtt::{Properties, QoS, TopicError};
 
@@ -98,9 +96,10 @@ pub struct Message {
     /// Only the properties that travel with a message: payload format,
     /// expiry, content type, response topic, correlation data, user properties.
     pub properties: MessageProperties,
-    /// Shared with the publishing connection's session: not copied per
-    /// message.
-    pub publisher: Option<Arc<str>>,
+    /// The publishing client's id (UTF-8), as the client-id header carries
+    /// it: a connection makes it once and shares it with each of its
+    /// messages' records (was copied into every record's header).
+    pub publisher: Option<Bytes>,
     /// Milliseconds since the epoch when the broker (or a Kafka producer)
     /// wrote the message; expiry counts from here.
     pub timestamp_ms: i64,
@@ -190,7 +189,7 @@ impl Message {
             h.push((H_RETAIN.into(), digit(1)));
         }
         if let Some(c) = &self.publisher {
-            h.push((H_CLIENT_ID.into(), Bytes::copy_from_slice(c.as_bytes())));
+            h.push((H_CLIENT_ID.into(), c.clone()));
         }
         let p = &self.properties;
         if let Some(v) = p.payload_format_indicator {
@@ -287,7 +286,7 @@ impl Message {
                     }
                 }
                 H_RETAIN => m.retain = raw == b"1",
-                H_CLIENT_ID => m.publisher = text.map(Arc::from),
+                H_CLIENT_ID => m.publisher = text.map(|t| Bytes::copy_from_slice(t.as_bytes())),
                 H_PAYLOAD_FORMAT => {
                     m.properties.payload_format_indicator =
                         text.and_then(|t| t.parse::<u8>().ok()).filter(|v| *v <= 1)
@@ -363,7 +362,7 @@ mod tests {
                 ..Properties::default()
             }
             .into(),
-            publisher: Some("pub-1".into()),
+            publisher: Some(Bytes::from_static(b"pub-1")),
             timestamp_ms: 1_000,
         }
     }

@@ -665,7 +665,7 @@ impl Node {
             qos: will.qos,
             retain: will.retain,
             properties: Message::forwardable_properties(&will.properties),
-            publisher: Some(Arc::from(client_id)),
+            publisher: Some(bytes::Bytes::copy_from_slice(client_id.as_bytes())),
             timestamp_ms: now_ms(),
         });
         // 10 tries over about a minute; a give-up is logged and counted.

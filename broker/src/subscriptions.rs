@@ -84,7 +84,7 @@ impl Grant {
         options: &SubscriptionOptions,
         identifier: Option<u32>,
     ) {
-        if options.no_local && msg.publisher.as_deref() == Some(client_id) {
+        if options.no_local && msg.publisher.as_deref() == Some(client_id.as_bytes()) {
             return;
         }
         let qos = msg.qos.min(options.qos);
@@ -332,7 +332,7 @@ mod tests {
             qos,
             retain: false,
             properties: Default::default(),
-            publisher: Some(publisher.into()),
+            publisher: Some(bytes::Bytes::copy_from_slice(publisher.as_bytes())),
             timestamp_ms: 0,
         })
     }

@@ -282,6 +282,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 .then(|| Duration::from_millis(o.keep_alive as u64 * 1500)),
             last_recv: Instant::now(),
             acks: Acks::default(),
+            publisher: None,
             lane: Default::default(),
             last_ack: None,
             last_publish: None,

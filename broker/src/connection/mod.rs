@@ -246,6 +246,9 @@ struct Conn<S> {
     keep_alive: Option<Duration>,
     last_recv: Instant,
     acks: Acks,
+    /// The client id for its messages' client-id header, made at the first
+    /// PUBLISH and shared by every record after (`Message::publisher`).
+    publisher: Option<bytes::Bytes>,
     /// The producer this connection's writes go through; changed only
     /// while none is in flight, so they reach Kafka in order
     /// (`kafka/lanes.rs`).

@@ -196,7 +196,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             payload: p.payload,
             qos: p.qos,
             retain: p.retain,
-            publisher: Some(self.session.client_id.clone()),
+            publisher: Some(
+                self.publisher
+                    .get_or_insert_with(|| {
+                        bytes::Bytes::copy_from_slice(self.session.client_id.as_bytes())
+                    })
+                    .clone(),
+            ),
             timestamp_ms: now_ms(),
         });
         let started = Instant::now();

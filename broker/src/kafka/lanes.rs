@@ -55,6 +55,11 @@ pub struct LanePolicy {
     /// Of `count`, the fast lane's.
     fast: AtomicU64,
     window: Mutex<Instant>,
+    /// When the window is due to close (nanoseconds after `epoch`): read
+    /// by every write, written once a window. Why: a `try_lock` by every
+    /// write was a compare-and-swap on a line both workers write.
+    closes_at: AtomicU64,
+    epoch: Instant,
     busy: AtomicBool,
     /// Decided at each window (`wake_pause.rs`).
     wake_pause: WakePause,
@@ -74,6 +79,8 @@ impl LanePolicy {
             count: AtomicU64::new(0),
             fast: AtomicU64::new(0),
             window: Mutex::new(now),
+            closes_at: AtomicU64::new(nanos_after(now, now + WINDOW)),
+            epoch: now,
             busy: AtomicBool::new(false),
             wake_pause: WakePause::new(wake_pause, WINDOW, now),
         }
@@ -94,6 +101,9 @@ impl LanePolicy {
             self.fast.fetch_add(1, Ordering::Relaxed);
             self.wake_pause.fast_write();
         }
+        if nanos_after(self.epoch, now) < self.closes_at.load(Ordering::Relaxed) {
+            return;
+        }
         // Once per window one caller does the sums; the others go on.
         let Ok(mut start) = self.window.try_lock() else {
             return;
@@ -105,6 +115,8 @@ impl LanePolicy {
         let n = self.count.swap(0, Ordering::Relaxed);
         let fast = self.fast.swap(0, Ordering::Relaxed);
         *start = now;
+        let closes_at = nanos_after(self.epoch, now + WINDOW);
+        self.closes_at.store(closes_at, Ordering::Relaxed);
         let rate = n.saturating_mul(1000) / (elapsed.as_millis().max(1) as u64);
         self.wake_pause.window(now, rate, fast);
         let busy = if self.busy.load(Ordering::Relaxed) {
@@ -148,6 +160,12 @@ impl LanePolicy {
             Lane::Batch
         }
     }
+}
+
+/// `t` in nanoseconds after `epoch` (0 before it).
+fn nanos_after(epoch: Instant, t: Instant) -> u64 {
+    let d = t.saturating_duration_since(epoch);
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Writes in flight from which a client counts as keeping a window full.
