@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::wake_pause::WakePause;
+use super::wake_pause::{nanos_after, WakePause};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Lane {
@@ -160,12 +160,6 @@ impl LanePolicy {
             Lane::Batch
         }
     }
-}
-
-/// `t` in nanoseconds after `epoch` (0 before it).
-fn nanos_after(epoch: Instant, t: Instant) -> u64 {
-    let d = t.saturating_duration_since(epoch);
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Writes in flight from which a client counts as keeping a window full.

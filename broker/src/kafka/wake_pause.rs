@@ -79,9 +79,15 @@ impl WakePause {
     }
 
     fn nanos(&self, now: Instant) -> u64 {
-        let d = now.saturating_duration_since(self.epoch);
-        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+        nanos_after(self.epoch, now)
     }
+}
+
+/// `t` in nanoseconds after `epoch` (0 before it): an instant kept in an
+/// atomic (here and in `lanes.rs`).
+pub(super) fn nanos_after(epoch: Instant, t: Instant) -> u64 {
+    let d = t.saturating_duration_since(epoch);
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
