@@ -40,6 +40,7 @@ pub enum Lane {
 
 /// Window over which the node's publish rate is measured.
 const WINDOW: Duration = Duration::from_millis(100);
+const WINDOW_NANOS: u64 = WINDOW.as_nanos() as u64;
 /// A client whose previous PUBLISH is older than this publishes sparsely.
 pub const SPARSE_GAP: Duration = Duration::from_secs(1);
 
@@ -127,15 +128,19 @@ impl LanePolicy {
         self.busy.store(busy, Ordering::Relaxed);
     }
 
-    /// Busy, unless no write closed a window for two (the node went quiet).
+    /// Busy, unless no write closed a window for two (the node went quiet):
+    /// the last window started two windows ago once its due close
+    /// (`closes_at`, one window after its start) is a window past. Read
+    /// without the window's lock, as `count` reads it.
     fn busy(&self, now: Instant) -> bool {
         if !self.busy.load(Ordering::Relaxed) {
             return false;
         }
-        match self.window.try_lock() {
-            Ok(start) => now.saturating_duration_since(*start) < 2 * WINDOW,
-            Err(_) => true,
-        }
+        let quiet_from = self
+            .closes_at
+            .load(Ordering::Relaxed)
+            .saturating_add(WINDOW_NANOS);
+        nanos_after(self.epoch, now) < quiet_from
     }
 
     /// The lane for a connection's next write when none of its writes is
